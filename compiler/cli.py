@@ -1,0 +1,112 @@
+"""`python -m compiler recipe=NAME [overrides]`: compose -> parse -> resolve -> plan -> store.
+
+Contract: on success stdout carries exactly one line, the absolute artifact directory; all logs go
+to stderr; on failure stdout is empty and the exit status is 2 for the user's errors (printed
+without a traceback; UIW_DEBUG=1 shows it), 1 otherwise.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import sys
+import time
+from importlib import metadata
+from pathlib import Path
+
+from compiler import COMPILER_REVISION
+from compiler.compose import compose
+from compiler.errors import UserError
+from compiler.plan import cache_key, make_plan
+from compiler.recipe import parse_recipe
+from compiler.sources import resolve
+from compiler.store import Store
+
+log = logging.getLogger("compiler")
+
+USAGE = """usage: python -m compiler recipe=NAME [key=value ...]
+
+Compiles recipes/NAME.yaml into an artifact and prints its directory.
+  recipe=NAME        the recipe to compile (recipes_dir=DIR or env UIW_RECIPES: where recipes live)
+  home=DIR           the store (env UIW_HOME, default ~/.cache/uiw)
+  precision=fp16     any recipe field; command-line values win over the recipe file
+"""
+
+
+def environment() -> dict[str, str]:
+    """Versions of what writes the artifact's bytes, read without importing torch."""
+    env = {"compiler_revision": COMPILER_REVISION}
+    for dist in ("torch", "diffusers", "transformers", "safetensors"):
+        env[dist] = metadata.version(dist)
+    return env
+
+
+def build(argv: list[str]) -> Path:
+    t0 = time.perf_counter()
+    composed = compose(argv)
+    recipe = parse_recipe(composed.name, composed.path, composed.fields)
+    base = resolve(recipe.base, f"{recipe.path}: base")
+    plan = make_plan(recipe, base)
+    env = environment()
+    key = cache_key(plan, env)
+    store = Store(composed.home)
+
+    hit = store.lookup(key)
+    if hit is not None:
+        _record(store, plan.recipe, key, hit)
+        log.info("cache hit %s (%.2f s)", key, time.perf_counter() - t0)
+        return hit
+
+    with store.building(key) as staging:
+        if staging is None:  # another compile finished it while we waited
+            hit = store.artifact_dir(key)
+        else:
+            log.info("building %s for recipe %s", key, plan.recipe)
+            # Imported here: torch and diffusers load only when something must be built.
+            from compiler.materialize import materialize
+            from compiler.package import package
+
+            components = materialize(plan, staging)
+            package(staging, plan, key, components, env)
+            hit = store.publish(staging, key)
+            log.info("built %s in %.1f s", hit, time.perf_counter() - t0)
+    _record(store, plan.recipe, key, hit)
+    return hit
+
+
+def _record(store: Store, name: str, key: str, artifact: Path) -> None:
+    from runtime.artifact import READY
+
+    import json
+
+    digest = json.loads((artifact / READY).read_text())["content_digest"]
+    store.record_name(name, key, digest)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if any(a in ("-h", "--help") for a in argv):
+        sys.stderr.write(USAGE)
+        return 0
+    logging.basicConfig(stream=sys.stderr, level=os.environ.get("UIW_LOG_LEVEL", "INFO"),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    debug = os.environ.get("UIW_DEBUG") == "1"
+    try:
+        # Libraries that print (progress bars, warnings) must not pollute the one-line stdout.
+        with contextlib.redirect_stdout(sys.stderr):
+            path = build(argv)
+    except UserError as e:
+        if debug:
+            log.exception("user error")
+        sys.stderr.write(f"error: {e}\n")
+        return 2
+    except KeyboardInterrupt:
+        sys.stderr.write("interrupted; nothing was published\n")
+        return 130
+    except Exception as e:
+        log.error("internal error: %s: %s", type(e).__name__, e, exc_info=True)
+        return 1
+    sys.stdout.write(f"{path}\n")
+    sys.stdout.flush()
+    return 0

@@ -1,0 +1,38 @@
+"""Literal registry of model families: what each needs to build and serve. Pure data.
+
+Only families the compiler can build today are listed; detection probes, config repos and
+CivitAI aliases join each entry as those features land.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Family:
+    id: str
+    pipelines: dict[str, str]  # task -> diffusers pipeline class name
+    native_size: tuple[int, int]  # (width, height) the family was trained at
+    default_scheduler: str  # worker-sdxl name
+    default_steps: int
+    default_guidance: float
+    # Request maxima when a recipe sets none: roomy enough for worker-sdxl's 1024x1024 request.
+    max_size: tuple[int, int]
+    max_steps: int
+    max_images: int
+
+
+FAMILIES: dict[str, Family] = {
+    "sd15": Family(
+        id="sd15",
+        pipelines={"txt2img": "StableDiffusionPipeline"},
+        native_size=(512, 512),
+        default_scheduler="PNDM",  # SD 1.5's own scheduler_config.json
+        default_steps=25,
+        default_guidance=7.5,
+        max_size=(1024, 1024),
+        max_steps=100,
+        max_images=4,
+    ),
+}

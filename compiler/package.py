@@ -1,0 +1,61 @@
+"""Staged pipeline folder -> finished artifact: hash every file, write manifest.json, READY last."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from compiler.plan import BuildPlan
+from compiler.store import utc_now
+from runtime.artifact import (
+    FORMAT_VERSION,
+    MANIFEST,
+    READY,
+    Capabilities,
+    FileEntry,
+    Manifest,
+    RuntimeOptions,
+    Serving,
+    content_digest,
+    sha256_file,
+    write_json_atomic,
+)
+
+
+def hash_tree(root: Path) -> tuple[FileEntry, ...]:
+    """Hash every file (and fsync it: READY promises the bytes are on disk, not in the page cache)."""
+    entries = []
+    for p in sorted(root.rglob("*")):
+        if p.is_file() and p.name not in (MANIFEST, READY):
+            fd = os.open(p, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            entries.append(FileEntry(path=p.relative_to(root).as_posix(), sha256=sha256_file(p), size=p.stat().st_size))
+    return tuple(entries)
+
+
+def package(staging: Path, plan: BuildPlan, key: str, components: dict[str, str],
+            environment: dict[str, str]) -> Manifest:
+    files = hash_tree(staging)
+    manifest = Manifest(
+        format_version=FORMAT_VERSION,
+        cache_key=key,
+        content_digest=content_digest(files),
+        recipe=plan.recipe,
+        family=plan.family,
+        pipeline_class=plan.pipeline_class,
+        components=components,
+        serving=Serving(scheduler=plan.scheduler, defaults=plan.defaults, limits=plan.limits),
+        capabilities=Capabilities(tasks=("txt2img",)),
+        runtime=RuntimeOptions(dtype=plan.precision),  # type: ignore[arg-type]
+        environment=environment,
+        provenance={"base": plan.base},
+        files=files,
+        created_at=utc_now(),
+    )
+    write_json_atomic(staging / MANIFEST, manifest.model_dump(mode="json"))
+    # READY last: its presence is the promise that everything above is complete and fsynced.
+    write_json_atomic(staging / READY, {"cache_key": key, "content_digest": manifest.content_digest})
+    return manifest

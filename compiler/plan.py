@@ -1,0 +1,93 @@
+"""Recipe + resolved sources -> BuildPlan and its cache_key. Pure: no I/O, no torch.
+
+The plan holds every decision that changes the artifact's bytes or behaviour, already normalised
+(family defaults filled in), so that two recipes that mean the same thing get the same key.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from compiler import COMPILER_REVISION
+from compiler.errors import Problem, UserError
+from compiler.families import FAMILIES
+from compiler.recipe import Recipe
+from compiler.sources.base import Resolved
+from runtime.artifact import Defaults, Limits
+
+
+@dataclass(frozen=True)
+class BuildPlan:
+    recipe: str
+    family: str
+    pipeline_class: str
+    base: str  # the pin
+    precision: str
+    scheduler: str
+    defaults: Defaults
+    limits: Limits
+    steps: tuple[str, ...]  # what materialize does, in order
+
+    def canonical(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["defaults"] = self.defaults.model_dump()
+        d["limits"] = self.limits.model_dump()
+        d["steps"] = list(self.steps)
+        return d
+
+
+def make_plan(recipe: Recipe, base: Resolved) -> BuildPlan:
+    family = FAMILIES[base.family]
+    d, lim = recipe.defaults, recipe.limits
+    w, h = base.native_size
+    defaults = Defaults(
+        width=d.width or w,
+        height=d.height or h,
+        steps=d.steps or family.default_steps,
+        guidance_scale=d.guidance_scale if d.guidance_scale is not None else family.default_guidance,
+        negative_prompt=d.negative_prompt,
+    )
+    limits = Limits(
+        max_width=lim.max_width or family.max_size[0],
+        max_height=lim.max_height or family.max_size[1],
+        max_steps=lim.max_steps or family.max_steps,
+        max_images=lim.max_images or family.max_images,
+    )
+    where = str(recipe.path)
+    problems = [
+        Problem(f"{where}: defaults.{field}", f"{value} exceeds limits.{limit} = {bound}",
+                f"lower defaults.{field} or raise limits.{limit}")
+        for field, value, limit, bound in (
+            ("width", defaults.width, "max_width", limits.max_width),
+            ("height", defaults.height, "max_height", limits.max_height),
+            ("steps", defaults.steps, "max_steps", limits.max_steps),
+        )
+        if value > bound
+    ]
+    if problems:
+        raise UserError(problems)
+    return BuildPlan(
+        recipe=recipe.name,
+        family=family.id,
+        pipeline_class=family.pipelines["txt2img"],
+        base=base.pin,
+        precision=recipe.precision,
+        scheduler=recipe.scheduler or family.default_scheduler,
+        defaults=defaults,
+        limits=limits,
+        steps=("load-base", "set-scheduler", f"cast-{recipe.precision}", "save"),
+    )
+
+
+def canonical_json(data: Any) -> str:
+    return json.dumps(data, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+
+
+def cache_key(plan: BuildPlan, environment: dict[str, str]) -> str:
+    """sha256 of everything that decides the artifact: the normalised plan, the compiler revision
+    and the library versions that write the bytes. Never hash()/repr()/pickle: stable across runs."""
+    payload = {"compiler_revision": COMPILER_REVISION, "plan": plan.canonical(), "environment": environment}
+    return hashlib.sha256(canonical_json(payload).encode()).hexdigest()

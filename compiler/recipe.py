@@ -1,0 +1,117 @@
+"""Plain dict -> typed, frozen Recipe. Pure: no I/O, no torch.
+
+Unknown keys are rejected (also ones a `+key=` override added), types are strict (YAML's "64" is
+not 64), and every problem is collected and reported at once with its field path and a hint.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from compiler import uri
+from compiler.errors import Problem, UserError
+from runtime.artifact import SCHEDULERS
+
+Precision = Literal["fp32", "fp16", "bf16"]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
+
+
+class RecipeDefaults(_Strict):
+    """What a request that omits a field gets; unset fields come from the model's family."""
+
+    width: int | None = Field(None, ge=64, multiple_of=8)
+    height: int | None = Field(None, ge=64, multiple_of=8)
+    steps: int | None = Field(None, ge=1)
+    guidance_scale: float | None = Field(None, ge=0)
+    negative_prompt: str | None = None
+
+
+class RecipeLimits(_Strict):
+    """Request bounds; unset fields come from the model's family."""
+
+    max_width: int | None = Field(None, ge=64, multiple_of=8)
+    max_height: int | None = Field(None, ge=64, multiple_of=8)
+    max_steps: int | None = Field(None, ge=1)
+    max_images: int | None = Field(None, ge=1)
+
+
+class _Fields(_Strict):
+    base: str
+    precision: Precision = "fp32"
+    scheduler: str | None = None
+    defaults: RecipeDefaults = Field(default_factory=RecipeDefaults)
+    limits: RecipeLimits = Field(default_factory=RecipeLimits)
+
+    @field_validator("scheduler")
+    @classmethod
+    def _known_scheduler(cls, v: str | None) -> str | None:
+        if v is not None and v not in SCHEDULERS:
+            raise ValueError(f"unknown scheduler {v!r}")
+        return v
+
+
+class Recipe(BaseModel):
+    model_config = ConfigDict(frozen=True, arbitrary_types_allowed=True)
+
+    name: str
+    path: Path
+    base: uri.Source
+    precision: Precision
+    scheduler: str | None
+    defaults: RecipeDefaults
+    limits: RecipeLimits
+
+
+_HINTS = {
+    "base": f"a model source; accepted: {'; '.join(uri.FORMS)}",
+    "precision": "one of fp32, fp16, bf16 (override with precision=fp16 on the command line)",
+    "scheduler": f"one of {', '.join(SCHEDULERS)} (worker-sdxl's names)",
+    "defaults.width": "a multiple of 8, at least 64",
+    "defaults.height": "a multiple of 8, at least 64",
+    "limits.max_width": "a multiple of 8, at least 64",
+    "limits.max_height": "a multiple of 8, at least 64",
+}
+_SECTIONS: dict[str, type[BaseModel]] = {"": _Fields, "defaults": RecipeDefaults, "limits": RecipeLimits}
+
+
+def _problem(where: str, err: Any) -> Problem:
+    loc = ".".join(str(p) for p in err["loc"])
+    kind = err["type"]
+    if kind == "extra_forbidden":
+        section, _, _ = loc.rpartition(".")
+        model = _SECTIONS.get(section)
+        known = ", ".join(model.model_fields) if model else "none"
+        return Problem(f"{where}: {loc}", "unknown key", f"valid keys here: {known}; check the spelling")
+    if kind == "missing":
+        return Problem(f"{where}: {loc}", "required field is missing", _HINTS.get(loc, "add it to the recipe"))
+    msg = err["msg"].removeprefix("Value error, ")
+    return Problem(f"{where}: {loc}", f"{msg}; found {err['input']!r}", _HINTS.get(loc, "fix the value"))
+
+
+def parse_recipe(name: str, path: Path, fields: dict[str, Any]) -> Recipe:
+    """Check every field; raise UserError listing all problems."""
+    where = str(path)
+    problems: list[Problem] = []
+    try:
+        checked = _Fields.model_validate(fields)
+    except ValidationError as e:
+        problems.extend(_problem(where, err) for err in e.errors())
+        checked = None
+    base: uri.Source | None = None
+    if isinstance(fields.get("base"), str):
+        try:
+            base = uri.parse(fields["base"])
+        except uri.SourceError as e:
+            problems.append(Problem(f"{where}: base", str(e), _HINTS["base"]))
+    if problems or checked is None or base is None:
+        raise UserError(problems)
+    return Recipe(
+        name=name, path=path, base=base, precision=checked.precision, scheduler=checked.scheduler,
+        defaults=checked.defaults, limits=checked.limits,
+    )

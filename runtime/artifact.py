@@ -1,0 +1,232 @@
+"""The artifact contract, owned here and imported by the compiler (its only runtime import).
+
+An artifact is a directory ``<store>/artifacts/v1/<cache_key>/`` holding ``manifest.json``, a
+``pipeline/`` folder in diffusers' ``save_pretrained`` layout (safetensors only) and ``READY``,
+written last. A directory without ``READY`` is not an artifact, whatever else it holds.
+
+``<store>/names/<recipe>.json`` maps a recipe name to its current artifact, with history. The
+runtime resolves names only through it.
+
+This module stays free of torch and diffusers so that the compiler's cache-hit path and the
+runtime's request validation never pay for importing them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+# Bump when a reader of the previous version could misread a new artifact.
+FORMAT_VERSION = 1
+ARTIFACTS_SUBDIR = "artifacts/v1"
+NAMES_SUBDIR = "names"
+MANIFEST = "manifest.json"
+READY = "READY"
+PIPELINE_DIR = "pipeline"
+
+Precision = Literal["fp32", "fp16", "bf16"]
+Task = Literal["txt2img"]
+
+# worker-sdxl's scheduler names -> diffusers class names. One table for the compiler (recipe
+# validation) and the runtime (per-request scheduler), kept as strings so neither imports diffusers
+# to check a name.
+SCHEDULERS: dict[str, str] = {
+    "PNDM": "PNDMScheduler",
+    "KLMS": "LMSDiscreteScheduler",
+    "DDIM": "DDIMScheduler",
+    "K_EULER": "EulerDiscreteScheduler",
+    "K_EULER_ANCESTRAL": "EulerAncestralDiscreteScheduler",
+    "DPMSolverMultistep": "DPMSolverMultistepScheduler",
+    "DPMSolverSinglestep": "DPMSolverSinglestepScheduler",
+}
+
+
+class ArtifactError(Exception):
+    """An artifact or name that cannot be used; the message says where, what and a hint."""
+
+
+class _Frozen(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class Defaults(_Frozen):
+    """Request defaults: what a request that omits a field gets."""
+
+    width: int
+    height: int
+    steps: int
+    guidance_scale: float
+    negative_prompt: str | None = None
+
+
+class Limits(_Frozen):
+    """Request bounds, checked before any model work."""
+
+    max_width: int
+    max_height: int
+    max_steps: int
+    max_images: int
+
+
+class Serving(_Frozen):
+    scheduler: str
+    defaults: Defaults
+    limits: Limits
+
+
+class Capabilities(_Frozen):
+    tasks: tuple[Task, ...] = ("txt2img",)
+
+
+class RuntimeOptions(_Frozen):
+    dtype: Precision
+    offload: Literal["none"] = "none"
+    compile: Literal["off"] = "off"
+
+
+class FileEntry(_Frozen):
+    path: str  # relative to the artifact directory, POSIX separators
+    sha256: str
+    size: int
+
+
+class Manifest(_Frozen):
+    format_version: int
+    cache_key: str
+    content_digest: str
+    recipe: str
+    family: str
+    pipeline_class: str
+    components: dict[str, str]
+    serving: Serving
+    capabilities: Capabilities = Field(default_factory=Capabilities)
+    runtime: RuntimeOptions
+    environment: dict[str, str]
+    provenance: dict[str, str]
+    files: tuple[FileEntry, ...]
+    created_at: str
+
+
+def content_digest(files: list[FileEntry] | tuple[FileEntry, ...]) -> str:
+    """sha256 over sorted ``"<sha256>  <path>\\n"`` lines: the output of ``sha256sum`` on the files,
+    sorted by path, hashed again. Checkable by hand with coreutils."""
+    lines = "".join(f"{f.sha256}  {f.path}\n" for f in sorted(files, key=lambda f: f.path))
+    return hashlib.sha256(lines.encode()).hexdigest()
+
+
+def sha256_file(path: Path, chunk: int = 8 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def read_manifest(artifact_dir: Path) -> Manifest:
+    """Read and check an artifact's manifest. Raises ArtifactError with a hint."""
+    artifact_dir = Path(artifact_dir)
+    if not (artifact_dir / READY).is_file():
+        raise ArtifactError(
+            f"{artifact_dir}: not a finished artifact (no {READY} file). "
+            "hint: compile it with `python -m compiler recipe=NAME`; a build that was interrupted "
+            "leaves no READY, and the next compile rebuilds it."
+        )
+    try:
+        raw = json.loads((artifact_dir / MANIFEST).read_text())
+    except (OSError, ValueError) as e:
+        raise ArtifactError(f"{artifact_dir / MANIFEST}: unreadable manifest ({e}). hint: recompile.") from e
+    version = raw.get("format_version") if isinstance(raw, dict) else None
+    if version != FORMAT_VERSION:
+        raise ArtifactError(
+            f"{artifact_dir / MANIFEST}: format_version {version!r}, this runtime reads {FORMAT_VERSION}. "
+            "hint: recompile the recipe with the compiler that matches this runtime."
+        )
+    try:
+        return Manifest.model_validate(raw)
+    except ValidationError as e:
+        raise ArtifactError(f"{artifact_dir / MANIFEST}: invalid manifest: {e}. hint: recompile.") from e
+
+
+def verify_files(artifact_dir: Path, manifest: Manifest) -> list[str]:
+    """Re-hash every file; return the problems (empty when the artifact is intact)."""
+    problems = []
+    for entry in manifest.files:
+        p = artifact_dir / entry.path
+        if not p.is_file():
+            problems.append(f"{entry.path}: missing")
+        elif (found := sha256_file(p)) != entry.sha256:
+            problems.append(f"{entry.path}: sha256 {found}, manifest says {entry.sha256}")
+    if content_digest(manifest.files) != manifest.content_digest:
+        problems.append("content_digest does not match the file list")
+    return problems
+
+
+# --- names: recipe name -> current artifact, with history -------------------------------------
+
+
+class NameRecord(_Frozen):
+    cache_key: str
+    content_digest: str
+    published_at: str
+
+
+class NameFile(_Frozen):
+    name: str
+    current: NameRecord
+    history: tuple[NameRecord, ...] = ()  # previous currents, newest first
+
+
+def names_path(home: Path, name: str) -> Path:
+    return Path(home) / NAMES_SUBDIR / f"{name}.json"
+
+
+def artifact_path(home: Path, cache_key: str) -> Path:
+    return Path(home) / ARTIFACTS_SUBDIR / cache_key
+
+
+def read_name(home: Path, name: str) -> NameFile | None:
+    p = names_path(home, name)
+    try:
+        return NameFile.model_validate_json(p.read_bytes())
+    except FileNotFoundError:
+        return None
+    except (OSError, ValidationError) as e:
+        raise ArtifactError(f"{p}: unreadable name file ({e}). hint: recompile the recipe to rewrite it.") from e
+
+
+def write_json_atomic(path: Path, data: object) -> None:
+    """Write JSON to a temp file in the same folder, fsync, then rename: readers see the old or the
+    new file, never half of one."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(data, f, indent=2, sort_keys=True)
+            f.write("\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def resolve_artifact(entry: str, home: Path) -> Path:
+    """An entry of UIW_ARTIFACTS: an artifact directory, or a recipe name looked up in names/."""
+    p = Path(entry).expanduser()
+    if p.is_dir() or os.sep in entry or entry.startswith("."):
+        return p.resolve()
+    record = read_name(home, entry)
+    if record is None:
+        raise ArtifactError(
+            f"UIW_ARTIFACTS: {entry!r} is neither an artifact directory nor a compiled recipe name "
+            f"(no {names_path(home, entry)}). hint: run `python -m compiler recipe={entry}` with the same "
+            "UIW_HOME, or give the artifact directory that the compiler printed."
+        )
+    return artifact_path(home, record.current.cache_key)
