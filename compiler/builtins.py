@@ -55,7 +55,8 @@ def tiny_clip_tokenizer() -> Any:
         vocab.setdefault(a + b, len(vocab))
     for special in ("<|startoftext|>", "<|endoftext|>"):
         vocab[special] = len(vocab)
-    return CLIPTokenizer(vocab=vocab, merges=list(_MERGES), model_max_length=77)
+    # merges as (a, b) tuples: the tokenizers backend wants pairs, whatever the type hints say.
+    return CLIPTokenizer(vocab=vocab, merges=list(_MERGES), model_max_length=77)  # type: ignore[arg-type]
 
 
 def _build_tiny_sd15() -> Any:
@@ -69,9 +70,15 @@ def _build_tiny_sd15() -> Any:
     torch.manual_seed(1501)
     text_encoder = CLIPTextModel(
         CLIPTextConfig(
-            vocab_size=len(vocab), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-            num_attention_heads=2, max_position_embeddings=77, projection_dim=32,
-            bos_token_id=vocab["<|startoftext|>"], eos_token_id=vocab["<|endoftext|>"],
+            vocab_size=len(vocab),
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            max_position_embeddings=77,
+            projection_dim=32,
+            bos_token_id=vocab["<|startoftext|>"],
+            eos_token_id=vocab["<|endoftext|>"],
             pad_token_id=vocab["<|endoftext|>"],
         )
     )
@@ -80,29 +87,64 @@ def _build_tiny_sd15() -> Any:
     # same key names as the real model) at tiny widths. The first block is narrow and single-head
     # because its attention runs over every latent pixel: 16k tokens at 1024x1024.
     unet = UNet2DConditionModel(
-        sample_size=8, in_channels=4, out_channels=4, layers_per_block=2,
+        sample_size=8,
+        in_channels=4,
+        out_channels=4,
+        layers_per_block=2,
         block_out_channels=(8, 16, 32, 32),
         down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
         up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
-        cross_attention_dim=32, attention_head_dim=(1, 2, 4, 4), norm_num_groups=8,
+        cross_attention_dim=32,
+        attention_head_dim=(1, 2, 4, 4),
+        norm_num_groups=8,
     )
     torch.manual_seed(1503)
     vae = AutoencoderKL(
-        in_channels=3, out_channels=3, latent_channels=4, layers_per_block=2,
-        down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
-        block_out_channels=(8, 16, 32, 32), norm_num_groups=8, sample_size=64, scaling_factor=0.18215,
+        in_channels=3,
+        out_channels=3,
+        latent_channels=4,
+        layers_per_block=2,
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
+        block_out_channels=(8, 16, 32, 32),
+        norm_num_groups=8,
+        sample_size=64,
+        scaling_factor=0.18215,
     )
-    # SD 1.5's scheduler_config.json (runwayml/stable-diffusion-v1-5), verbatim.
-    scheduler = PNDMScheduler.from_config({
-        "beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear", "clip_sample": False,
-        "num_train_timesteps": 1000, "set_alpha_to_one": False, "skip_prk_steps": True, "steps_offset": 1,
-        "trained_betas": None,
-    })
+    # SD 1.5's scheduler_config.json (runwayml/stable-diffusion-v1-5), verbatim, plus explicit values
+    # for the settings it omits. Keys PNDM does not take (clip_sample) stay in the config on purpose:
+    # switching to DDIM reads clip_sample=false from there, as with the real model. Omitted settings
+    # would be marked "defaults", which another scheduler's from_config replaces with its own (Euler:
+    # timestep_spacing "linspace") while the same config read back from disk has them explicit
+    # ("leading"); explicit values make the in-memory model behave exactly like its saved folder.
+    scheduler = PNDMScheduler.from_config(
+        {
+            "_class_name": "PNDMScheduler",
+            "beta_end": 0.012,
+            "beta_schedule": "scaled_linear",
+            "beta_start": 0.00085,
+            "clip_sample": False,
+            "num_train_timesteps": 1000,
+            "set_alpha_to_one": False,
+            "skip_prk_steps": True,
+            "steps_offset": 1,
+            "trained_betas": None,
+            "prediction_type": "epsilon",
+            "timestep_spacing": "leading",
+        }
+    )
+    module: Any
     for module in (text_encoder, unet, vae):
         module.eval()  # built from configs they start in training mode (dropout): outputs would vary
     return StableDiffusionPipeline(
-        vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=scheduler,
-        safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        unet=unet,
+        scheduler=scheduler,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
     )
 
 

@@ -8,6 +8,7 @@ without a traceback; UIW_DEBUG=1 shows it), 1 otherwise.
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import os
 import sys
@@ -22,6 +23,7 @@ from compiler.plan import cache_key, make_plan
 from compiler.recipe import parse_recipe
 from compiler.sources import resolve
 from compiler.store import Store
+from runtime.artifact import READY, read_name
 
 log = logging.getLogger("compiler")
 
@@ -76,10 +78,9 @@ def build(argv: list[str]) -> Path:
 
 
 def _record(store: Store, name: str, key: str, artifact: Path) -> None:
-    from runtime.artifact import READY
-
-    import json
-
+    current = read_name(store.home, name)
+    if current is not None and current.current.cache_key == key:
+        return  # already current: a cache hit writes nothing
     digest = json.loads((artifact / READY).read_text())["content_digest"]
     store.record_name(name, key, digest)
 
@@ -89,8 +90,11 @@ def main(argv: list[str] | None = None) -> int:
     if any(a in ("-h", "--help") for a in argv):
         sys.stderr.write(USAGE)
         return 0
-    logging.basicConfig(stream=sys.stderr, level=os.environ.get("UIW_LOG_LEVEL", "INFO"),
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        stream=sys.stderr,
+        level=os.environ.get("UIW_LOG_LEVEL", "INFO"),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
     debug = os.environ.get("UIW_DEBUG") == "1"
     try:
         # Libraries that print (progress bars, warnings) must not pollute the one-line stdout.

@@ -22,7 +22,7 @@ from hydra.errors import HydraException
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from compiler.errors import Problem, UserError
+from compiler.errors import UserError
 
 # Compiler settings: read here, never part of the Recipe.
 SETTINGS = ("recipe", "recipes_dir", "home")
@@ -74,7 +74,7 @@ def compose(argv: list[str], conf_dir: Path = CONF_DIR) -> Composed:
 
     try:
         with initialize_config_dir(config_dir=str(conf_dir), version_base="1.3"):
-            cfg = hydra_compose(config_name="config", overrides=[o.input_line for o in group_overrides])
+            cfg = hydra_compose(config_name="config", overrides=[str(o.input_line) for o in group_overrides])
     except HydraException as e:
         cause = f": {e.__cause__}" if e.__cause__ else ""
         raise UserError.one(_CLI, f"{e}{cause}", f"config groups live in {conf_dir}") from e
@@ -117,8 +117,13 @@ def compose(argv: list[str], conf_dir: Path = CONF_DIR) -> Composed:
         raise UserError.one(str(path), f"cannot resolve an interpolation: {e}", "check ${...} expressions") from e
     assert isinstance(data, dict)
     fields = {str(k): v for k, v in data.items() if k not in SETTINGS}
-    return Composed(name=name, path=path, fields=fields, recipes_dir=recipes_dir,
-                    home=Path(os.path.expanduser(str(settings["home"]))).resolve())
+    return Composed(
+        name=name,
+        path=path,
+        fields=fields,
+        recipes_dir=recipes_dir,
+        home=Path(os.path.expanduser(str(settings["home"]))).resolve(),
+    )
 
 
 def _apply(cfg: DictConfig, o: Any) -> None:
@@ -149,6 +154,9 @@ def _load_recipe(path: Path, recipes_dir: Path) -> DictConfig:
     except Exception as e:  # yaml.YAMLError and OmegaConf's own errors
         raise UserError.one(str(path), f"not valid YAML: {e}", "check indentation and quoting") from e
     if not isinstance(loaded, DictConfig):
-        raise UserError.one(str(path), "expected a mapping of recipe fields at the top level",
-                            "write `base: builtin:tiny-sd15` and other fields as top-level keys")
+        raise UserError.one(
+            str(path),
+            "expected a mapping of recipe fields at the top level",
+            "write `base: builtin:tiny-sd15` and other fields as top-level keys",
+        )
     return loaded

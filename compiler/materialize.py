@@ -34,8 +34,11 @@ def materialize(plan: BuildPlan, out: Path) -> dict[str, str]:
     pipe = load_base(plan.base)
     if type(pipe).__name__ != plan.pipeline_class:
         raise ValueError(f"{plan.base} built {type(pipe).__name__}, the plan expects {plan.pipeline_class}")
-    scheduler_cls = getattr(diffusers, SCHEDULERS[plan.scheduler])
-    pipe.scheduler = scheduler_cls.from_config(pipe.scheduler.config)
+    # The base's own scheduler config is kept as it is: the runtime derives the recipe's default
+    # scheduler and every per-request one from it, as a plain diffusers user would
+    # (`EulerDiscreteScheduler.from_config(pipe.scheduler.config)`). Converting here and again per
+    # request would chain conversions, and each one fills in defaults of its own.
+    getattr(diffusers, SCHEDULERS[plan.scheduler])  # the name maps to a class of this diffusers
     pipe.to(dtype=getattr(torch, DTYPES[plan.precision]))
     pipe.save_pretrained(out / PIPELINE_DIR, safe_serialization=True)
     log.info("materialized %s (%s, %s)", plan.base, plan.precision, plan.scheduler)

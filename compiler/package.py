@@ -36,8 +36,9 @@ def hash_tree(root: Path) -> tuple[FileEntry, ...]:
     return tuple(entries)
 
 
-def package(staging: Path, plan: BuildPlan, key: str, components: dict[str, str],
-            environment: dict[str, str]) -> Manifest:
+def package(
+    staging: Path, plan: BuildPlan, key: str, components: dict[str, str], environment: dict[str, str]
+) -> Manifest:
     files = hash_tree(staging)
     manifest = Manifest(
         format_version=FORMAT_VERSION,
@@ -49,7 +50,7 @@ def package(staging: Path, plan: BuildPlan, key: str, components: dict[str, str]
         components=components,
         serving=Serving(scheduler=plan.scheduler, defaults=plan.defaults, limits=plan.limits),
         capabilities=Capabilities(tasks=("txt2img",)),
-        runtime=RuntimeOptions(dtype=plan.precision),  # type: ignore[arg-type]
+        runtime=RuntimeOptions(dtype=plan.precision),
         environment=environment,
         provenance={"base": plan.base},
         files=files,

@@ -58,8 +58,11 @@ def make_plan(recipe: Recipe, base: Resolved) -> BuildPlan:
     )
     where = str(recipe.path)
     problems = [
-        Problem(f"{where}: defaults.{field}", f"{value} exceeds limits.{limit} = {bound}",
-                f"lower defaults.{field} or raise limits.{limit}")
+        Problem(
+            f"{where}: defaults.{field}",
+            f"{value} exceeds limits.{limit} = {bound}",
+            f"lower defaults.{field} or raise limits.{limit}",
+        )
         for field, value, limit, bound in (
             ("width", defaults.width, "max_width", limits.max_width),
             ("height", defaults.height, "max_height", limits.max_height),
@@ -78,7 +81,7 @@ def make_plan(recipe: Recipe, base: Resolved) -> BuildPlan:
         scheduler=recipe.scheduler or family.default_scheduler,
         defaults=defaults,
         limits=limits,
-        steps=("load-base", "set-scheduler", f"cast-{recipe.precision}", "save"),
+        steps=("load-base", f"cast-{recipe.precision}", "save"),
     )
 
 

@@ -112,6 +112,11 @@ def parse_recipe(name: str, path: Path, fields: dict[str, Any]) -> Recipe:
     if problems or checked is None or base is None:
         raise UserError(problems)
     return Recipe(
-        name=name, path=path, base=base, precision=checked.precision, scheduler=checked.scheduler,
-        defaults=checked.defaults, limits=checked.limits,
+        name=name,
+        path=path,
+        base=base,
+        precision=checked.precision,
+        scheduler=checked.scheduler,
+        defaults=checked.defaults,
+        limits=checked.limits,
     )

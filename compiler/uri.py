@@ -12,9 +12,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-FORMS = (
-    "builtin:NAME[@REVISION]   e.g. builtin:tiny-sd15",
-)
+FORMS = ("builtin:NAME[@REVISION]   e.g. builtin:tiny-sd15",)
 _BUILTIN = re.compile(r"^builtin:(?P<name>[a-z0-9][a-z0-9-]*)(?:@(?P<rev>[0-9]+))?$")
 _LATER = ("hf://", "civitai://", "urn:air:", "https://", "http://")
 

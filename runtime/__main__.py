@@ -10,8 +10,11 @@ import runpod
 from runtime.handler import handler
 from runtime.service import get_service
 
-logging.basicConfig(stream=sys.stderr, level=os.environ.get("UIW_LOG_LEVEL", "INFO"),
-                    format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+logging.basicConfig(
+    stream=sys.stderr,
+    level=os.environ.get("UIW_LOG_LEVEL", "INFO"),
+    format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+)
 
 if os.environ.get("UIW_PRELOAD", "1") == "1":
     # Load before taking jobs, so that the first request pays no load; a failure here still lets

@@ -55,6 +55,12 @@ def load(artifact_dir: Path, device: str | None = None) -> Loaded:
     pipe.to(device)
     pipe.set_progress_bar_config(disable=True)
     seconds = time.perf_counter() - t0
-    log.info("loaded %s (%s, %s) on %s in %.2f s", manifest.recipe, manifest.cache_key[:12],
-             manifest.runtime.dtype, device, seconds)
+    log.info(
+        "loaded %s (%s, %s) on %s in %.2f s",
+        manifest.recipe,
+        manifest.cache_key[:12],
+        manifest.runtime.dtype,
+        device,
+        seconds,
+    )
     return Loaded(Path(artifact_dir), manifest, pipe, device, seconds)

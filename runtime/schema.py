@@ -62,7 +62,7 @@ def request_model(lim: Limits) -> type[BaseModel]:
         "width": (int | None, Field(None, ge=MIN_SIZE, le=lim.max_width, multiple_of=8)),
         "height": (int | None, Field(None, ge=MIN_SIZE, le=lim.max_height, multiple_of=8)),
         "seed": (int | None, Field(None, ge=0, le=MAX_SEED)),
-        "scheduler": (Literal[tuple(SCHEDULERS)] | None, None),  # type: ignore[valid-type]
+        "scheduler": (Literal[tuple(SCHEDULERS)] | None, None),
         "num_inference_steps": (int | None, Field(None, ge=1, le=lim.max_steps)),
         "refiner_inference_steps": (int | None, Field(None, ge=1, le=lim.max_steps)),
         "guidance_scale": (float | None, Field(None, ge=0, le=MAX_GUIDANCE)),
@@ -72,7 +72,7 @@ def request_model(lim: Limits) -> type[BaseModel]:
         "num_images": (int | None, Field(None, ge=1, le=lim.max_images)),
         "high_noise_frac": (float | None, Field(None, ge=0, le=1)),
     }
-    return create_model(  # type: ignore[no-any-return, call-overload]
+    return create_model(
         "Request", __config__=ConfigDict(extra="forbid", strict=True, frozen=True), **fields
     )
 
@@ -113,7 +113,9 @@ def validate(raw: Any, manifest: Manifest) -> tuple[GenerationRequest, list[str]
     supported = manifest.capabilities.tasks
     for field, task in (("image_url", "img2img"), ("mask_url", "inpaint")):
         if values[field] is not None:
-            errors.append(f"{field}: the {task} task is not supported by this artifact; it supports: {', '.join(supported)}")
+            errors.append(
+                f"{field}: the {task} task is not supported by this artifact; it supports: {', '.join(supported)}"
+            )
     if errors:
         raise RequestError(errors)
 

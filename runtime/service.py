@@ -68,8 +68,16 @@ class Service:
             return {"error": f"generation failed: {type(e).__name__}: {e}", "refresh_worker": True}
         t1 = time.perf_counter()
         encoded = [data_uri(im) for im in images]
-        log.info("request %s: %dx%d, %d steps, %d image(s): generate %.2f s, encode %.3f s", request_id,
-                 request.width, request.height, request.steps, len(images), t1 - t0, time.perf_counter() - t1)
+        log.info(
+            "request %s: %dx%d, %d steps, %d image(s): generate %.2f s, encode %.3f s",
+            request_id,
+            request.width,
+            request.height,
+            request.steps,
+            len(images),
+            t1 - t0,
+            time.perf_counter() - t1,
+        )
         reply: dict[str, Any] = {"images": encoded, "image_url": encoded[0], "seed": request.seed}
         if warnings:
             reply["warnings"] = warnings

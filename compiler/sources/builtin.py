@@ -11,11 +11,15 @@ from compiler.sources.base import Resolved
 def resolve(source: uri.BuiltinSource, where: str) -> Resolved:
     model = BUILTINS.get(source.name)
     if model is None:
-        raise UserError.one(where, f"no built-in model {source.name!r}",
-                            f"built-in models: {', '.join('builtin:' + n for n in BUILTINS)}")
+        raise UserError.one(
+            where,
+            f"no built-in model {source.name!r}",
+            f"built-in models: {', '.join('builtin:' + n for n in BUILTINS)}",
+        )
     if source.revision is not None and source.revision != model.revision:
         raise UserError.one(
-            where, f"builtin:{source.name} revision {source.revision} is not available; this compiler has {model.revision}",
+            where,
+            f"builtin:{source.name} revision {source.revision} is not available; this compiler has {model.revision}",
             f"write builtin:{source.name} (current) or builtin:{source.name}@{model.revision}",
         )
     return Resolved(pin=model.pin, family=model.family, native_size=model.native_size)

@@ -1,0 +1,77 @@
+"""Shared fixtures: one compiled demo artifact per session, a loaded service, subprocess helpers."""
+
+from __future__ import annotations
+
+import base64
+import io
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+PY = sys.executable
+
+
+def run_compiler(
+    *args: str, home: Path, cwd: Path = REPO, env: dict[str, str] | None = None, timeout: float = 300
+) -> subprocess.CompletedProcess[str]:
+    full_env = {k: v for k, v in os.environ.items() if k != "UIW_RECIPES"}
+    full_env.update({"UIW_HOME": str(home), **(env or {})})
+    return subprocess.run(
+        [PY, "-m", "compiler", *args], cwd=cwd, env=full_env, capture_output=True, text=True, timeout=timeout
+    )
+
+
+def decode_image(data_uri: str) -> np.ndarray:
+    from PIL import Image
+
+    header, _, payload = data_uri.partition(",")
+    assert header == "data:image/png;base64"
+    return np.array(Image.open(io.BytesIO(base64.b64decode(payload))))
+
+
+@pytest.fixture(scope="session")
+def home(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("uiw-home")
+
+
+@pytest.fixture(scope="session")
+def demo_artifact(home: Path) -> Path:
+    proc = run_compiler("recipe=demo", home=home)
+    assert proc.returncode == 0, proc.stderr
+    return Path(proc.stdout.strip())
+
+
+@pytest.fixture(scope="session")
+def service_env(home: Path, demo_artifact: Path):
+    """The in-process runtime serving the demo artifact through its recipe name."""
+    import runtime.service as service
+
+    saved = {k: os.environ.get(k) for k in ("UIW_ARTIFACTS", "UIW_HOME")}
+    os.environ["UIW_ARTIFACTS"] = "demo"
+    os.environ["UIW_HOME"] = str(home)
+    service._service = None
+    yield service.get_service()
+    service._service = None
+    for k, v in saved.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+
+
+@pytest.fixture()
+def call(service_env):
+    """Run the real handler on one job input, as the SDK would (a fresh event loop each call)."""
+    import asyncio
+
+    from runtime.handler import handler
+
+    def _call(job_input: object) -> dict:
+        return asyncio.run(handler({"id": "test", "input": job_input}))
+
+    return _call
