@@ -15,13 +15,17 @@ import sys
 import time
 from importlib import metadata
 from pathlib import Path
+from urllib.parse import urlsplit
 
 from compiler import COMPILER_REVISION
 from compiler.compose import compose
 from compiler.errors import UserError
+from compiler.fetch import fetch_entry
+from compiler.locking import lock_sources
 from compiler.plan import cache_key, make_plan
 from compiler.recipe import parse_recipe
-from compiler.sources import resolve
+from compiler.sources import Context, describe_pipeline
+from compiler.sources.hf import diffusers_variant
 from compiler.store import Store
 from runtime.artifact import READY, read_name
 
@@ -32,6 +36,7 @@ USAGE = """usage: python -m compiler recipe=NAME [key=value ...]
 Compiles recipes/NAME.yaml into an artifact and prints its directory.
   recipe=NAME        the recipe to compile (recipes_dir=DIR or env UIW_RECIPES: where recipes live)
   home=DIR           the store (env UIW_HOME, default ~/.cache/uiw)
+  lock=MODE          auto (default), locked, frozen or update: how recipes/NAME.lock.json is used
   precision=fp16     any recipe field; command-line values win over the recipe file
 """
 
@@ -44,15 +49,25 @@ def environment() -> dict[str, str]:
     return env
 
 
+def civitai_hosts() -> tuple[str, ...]:
+    """A configured CivitAI mirror's URLs are CivitAI URLs too."""
+    host = urlsplit(os.environ.get("CIVITAI_BASE_URL", "")).hostname
+    return (host,) if host else ()
+
+
 def build(argv: list[str]) -> Path:
     t0 = time.perf_counter()
     composed = compose(argv)
-    recipe = parse_recipe(composed.name, composed.path, composed.fields)
-    base = resolve(recipe.base, f"{recipe.path}: base")
-    plan = make_plan(recipe, base)
+    recipe = parse_recipe(composed.name, composed.path, composed.fields, civitai_hosts())
+    store = Store(composed.home)
+    ctx = Context.from_env(store)
+    lock = lock_sources(recipe, composed.lock, ctx)
+    where = f"{recipe.path}: base"
+    base_entry = lock.sources[str(recipe.base)]
+    base = describe_pipeline(base_entry, where, recipe.precision)
+    plan = make_plan(recipe, base, diffusers_variant(base_entry, recipe.precision))
     env = environment()
     key = cache_key(plan, env)
-    store = Store(composed.home)
 
     hit = store.lookup(key)
     if hit is not None:
@@ -69,7 +84,8 @@ def build(argv: list[str]) -> Path:
             from compiler.materialize import materialize
             from compiler.package import package
 
-            components = materialize(plan, staging)
+            fetched = fetch_entry(base_entry, where, ctx, recipe.precision)
+            components = materialize(plan, staging, fetched, store.scratch())
             package(staging, plan, key, components, env)
             hit = store.publish(staging, key)
             log.info("built %s in %.1f s", hit, time.perf_counter() - t0)

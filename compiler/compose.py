@@ -25,7 +25,8 @@ from omegaconf.errors import OmegaConfBaseException
 from compiler.errors import UserError
 
 # Compiler settings: read here, never part of the Recipe.
-SETTINGS = ("recipe", "recipes_dir", "home")
+SETTINGS = ("recipe", "recipes_dir", "home", "lock")
+LOCK_MODES = ("auto", "locked", "frozen", "update")
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 _CLI = "command line"
 
@@ -49,6 +50,7 @@ class Composed:
     fields: dict[str, Any]  # recipe fields, plain data, not yet checked
     recipes_dir: Path
     home: Path
+    lock: str  # one of LOCK_MODES
 
 
 def _groups(conf_dir: Path) -> set[str]:
@@ -98,6 +100,13 @@ def compose(argv: list[str], conf_dir: Path = CONF_DIR) -> Composed:
         recipes_dir = BUNDLED_RECIPES  # an installed copy run outside the checkout
     path = (recipes_dir / f"{name}.yaml").resolve()
     recipe_cfg = _load_recipe(path, recipes_dir)
+    lock = str(settings["lock"])
+    if lock not in LOCK_MODES:
+        raise UserError.one(
+            f"{_CLI}: lock",
+            f"unknown lock mode {lock!r}",
+            "lock=auto (pin what changed), locked (fail on drift), frozen (no metadata calls) or update (re-resolve)",
+        )
 
     for key in recipe_cfg:
         if key in SETTINGS:
@@ -123,6 +132,7 @@ def compose(argv: list[str], conf_dir: Path = CONF_DIR) -> Composed:
         fields=fields,
         recipes_dir=recipes_dir,
         home=Path(os.path.expanduser(str(settings["home"]))).resolve(),
+        lock=lock,
     )
 
 

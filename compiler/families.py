@@ -36,3 +36,20 @@ FAMILIES: dict[str, Family] = {
         max_images=4,
     ),
 }
+
+
+def family_of_pipeline(pipeline_class: str | None, where: str) -> str:
+    """The family a diffusers repo's model_index.json class names. Several families share a class
+    (SD 1.x and SD 2.x both use StableDiffusionPipeline); until detection reads the weights, the
+    registry lists only families it can tell apart this way."""
+    from compiler.errors import UserError
+
+    matches = [f.id for f in FAMILIES.values() if pipeline_class in f.pipelines.values()]
+    if len(matches) == 1:
+        return matches[0]
+    known = sorted({c for f in FAMILIES.values() for c in f.pipelines.values()})
+    raise UserError.one(
+        where,
+        f"pipeline class {pipeline_class!r} " + ("matches " + ", ".join(matches) if matches else "is not supported"),
+        f"supported pipeline classes: {', '.join(known)}",
+    )

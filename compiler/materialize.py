@@ -1,4 +1,5 @@
-"""BuildPlan -> pipeline folder on disk (diffusers save_pretrained layout, safetensors only).
+"""BuildPlan + fetched inputs -> pipeline folder on disk (diffusers save_pretrained layout,
+safetensors only).
 
 The only compiler stage that imports torch and diffusers; everything before it is pure, so a
 cache hit never pays for them.
@@ -7,11 +8,15 @@ cache hit never pays for them.
 from __future__ import annotations
 
 import logging
+import os
+import shutil
 from pathlib import Path
 from typing import Any
 
+from compiler import uri
 from compiler.builtins import BUILTINS
 from compiler.plan import BuildPlan
+from compiler.sources import Fetched
 from runtime.artifact import PIPELINE_DIR, SCHEDULERS
 
 log = logging.getLogger(__name__)
@@ -19,27 +24,49 @@ log = logging.getLogger(__name__)
 DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
 
 
-def load_base(pin: str) -> Any:
-    scheme, _, rest = pin.partition(":")
-    if scheme == "builtin":
-        return BUILTINS[rest.partition("@")[0]].build()
-    raise ValueError(f"no materializer for pin {pin!r}")  # the resolver only pins what we can load
+def snapshot(fetched: Fetched, scratch: Path) -> Path:
+    """The fetched files laid out as the repo had them (symlinks into the blob store), so that
+    diffusers reads a plain local folder and nothing is copied."""
+    root = scratch / "snapshot"
+    for rel, blob in fetched.files.items():
+        link = root / rel
+        link.parent.mkdir(parents=True, exist_ok=True)
+        os.symlink(blob.resolve(), link)
+    return root
 
 
-def materialize(plan: BuildPlan, out: Path) -> dict[str, str]:
+def load_base(plan: BuildPlan, fetched: Fetched, scratch: Path) -> Any:
+    import diffusers
+    import torch
+
+    if fetched.kind == "builtin":
+        src = uri.parse(fetched.source)
+        assert isinstance(src, uri.BuiltinSource)
+        return BUILTINS[src.name].build()
+    cls = getattr(diffusers, plan.pipeline_class)
+    folder = snapshot(fetched, scratch)
+    dtype = getattr(torch, DTYPES[plan.precision])
+    # use_safetensors: never fall back to a pickle; the lock holds no .bin files anyway.
+    return cls.from_pretrained(folder, dtype=dtype, variant=plan.variant, use_safetensors=True)
+
+
+def materialize(plan: BuildPlan, out: Path, fetched: Fetched, scratch: Path) -> dict[str, str]:
     """Build the plan's pipeline and save it under ``out/pipeline``. Returns component classes."""
     import diffusers
     import torch
 
-    pipe = load_base(plan.base)
-    if type(pipe).__name__ != plan.pipeline_class:
-        raise ValueError(f"{plan.base} built {type(pipe).__name__}, the plan expects {plan.pipeline_class}")
-    # The base's own scheduler config is kept as it is: the runtime derives the recipe's default
-    # scheduler and every per-request one from it, as a plain diffusers user would
-    # (`EulerDiscreteScheduler.from_config(pipe.scheduler.config)`). Converting here and again per
-    # request would chain conversions, and each one fills in defaults of its own.
-    getattr(diffusers, SCHEDULERS[plan.scheduler])  # the name maps to a class of this diffusers
-    pipe.to(dtype=getattr(torch, DTYPES[plan.precision]))
-    pipe.save_pretrained(out / PIPELINE_DIR, safe_serialization=True)
+    try:
+        pipe = load_base(plan, fetched, scratch)
+        if type(pipe).__name__ != plan.pipeline_class:
+            raise ValueError(f"{plan.base} built {type(pipe).__name__}, the plan expects {plan.pipeline_class}")
+        # The base's own scheduler config is kept as it is: the runtime derives the recipe's default
+        # scheduler and every per-request one from it, as a plain diffusers user would
+        # (`EulerDiscreteScheduler.from_config(pipe.scheduler.config)`). Converting here and again per
+        # request would chain conversions, and each one fills in defaults of its own.
+        getattr(diffusers, SCHEDULERS[plan.scheduler])  # the name maps to a class of this diffusers
+        pipe.to(dtype=getattr(torch, DTYPES[plan.precision]))
+        pipe.save_pretrained(out / PIPELINE_DIR, safe_serialization=True)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
     log.info("materialized %s (%s, %s)", plan.base, plan.precision, plan.scheduler)
     return {name: type(c).__name__ for name, c in pipe.components.items() if c is not None}

@@ -24,7 +24,9 @@ class BuildPlan:
     recipe: str
     family: str
     pipeline_class: str
-    base: str  # the pin
+    base: str  # the source and its pin
+    base_inputs: tuple[tuple[str, str], ...]  # (path, sha256) of every file the build reads
+    variant: str | None  # the diffusers weight variant loaded (fp16 files for an fp16 build)
     precision: str
     scheduler: str
     defaults: Defaults
@@ -36,10 +38,11 @@ class BuildPlan:
         d["defaults"] = self.defaults.model_dump()
         d["limits"] = self.limits.model_dump()
         d["steps"] = list(self.steps)
+        d["base_inputs"] = [list(i) for i in self.base_inputs]
         return d
 
 
-def make_plan(recipe: Recipe, base: Resolved) -> BuildPlan:
+def make_plan(recipe: Recipe, base: Resolved, variant: str | None = None) -> BuildPlan:
     family = FAMILIES[base.family]
     d, lim = recipe.defaults, recipe.limits
     w, h = base.native_size
@@ -77,6 +80,8 @@ def make_plan(recipe: Recipe, base: Resolved) -> BuildPlan:
         family=family.id,
         pipeline_class=family.pipelines["txt2img"],
         base=base.pin,
+        base_inputs=base.inputs,
+        variant=variant,
         precision=recipe.precision,
         scheduler=recipe.scheduler or family.default_scheduler,
         defaults=defaults,

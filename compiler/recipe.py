@@ -67,6 +67,10 @@ class Recipe(BaseModel):
     defaults: RecipeDefaults
     limits: RecipeLimits
 
+    def sources(self) -> dict[str, uri.Source]:
+        """Every source the recipe names, by field path (what the lock pins)."""
+        return {"base": self.base}
+
 
 _HINTS = {
     "base": f"a model source; accepted: {'; '.join(uri.FORMS)}",
@@ -94,7 +98,7 @@ def _problem(where: str, err: Any) -> Problem:
     return Problem(f"{where}: {loc}", f"{msg}; found {err['input']!r}", _HINTS.get(loc, "fix the value"))
 
 
-def parse_recipe(name: str, path: Path, fields: dict[str, Any]) -> Recipe:
+def parse_recipe(name: str, path: Path, fields: dict[str, Any], civitai_hosts: tuple[str, ...] = ()) -> Recipe:
     """Check every field; raise UserError listing all problems."""
     where = str(path)
     problems: list[Problem] = []
@@ -106,7 +110,7 @@ def parse_recipe(name: str, path: Path, fields: dict[str, Any]) -> Recipe:
     base: uri.Source | None = None
     if isinstance(fields.get("base"), str):
         try:
-            base = uri.parse(fields["base"])
+            base = uri.parse(fields["base"], base_dir=path.parent, civitai_hosts=civitai_hosts)
         except uri.SourceError as e:
             problems.append(Problem(f"{where}: base", str(e), _HINTS["base"]))
     if problems or checked is None or base is None:

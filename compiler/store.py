@@ -42,6 +42,30 @@ class Store:
         self.artifacts = self.home / ARTIFACTS_SUBDIR
         self.locks = self.home / "locks"
 
+    # --- blobs: blobs/sha256/<hex>, shared by every recipe -------------------------------------
+
+    def blob_path(self, hex_digest: str) -> Path:
+        return self.home / "blobs" / "sha256" / hex_digest
+
+    def partial_path(self, name: str) -> Path:
+        """Where an interrupted download keeps its bytes until it resumes (same filesystem as the
+        blobs, so the final rename is atomic)."""
+        return self.home / "blobs" / "partial" / f"{name}.part"
+
+    @contextlib.contextmanager
+    def blob_lock(self, name: str) -> Iterator[None]:
+        """Held while a blob is fetched: a second compile wanting the same bytes waits, then finds
+        the blob in place instead of downloading it again."""
+        self.locks.mkdir(parents=True, exist_ok=True)
+        with FileLock(str(self.locks / f"blob-{name}.lock")):
+            yield
+
+    def scratch(self) -> Path:
+        """A fresh private folder for build inputs (symlinked snapshots); the caller removes it."""
+        d = self.home / "tmp" / f"{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        d.mkdir(parents=True)
+        return d
+
     def artifact_dir(self, key: str) -> Path:
         return artifact_path(self.home, key)
 

@@ -5,8 +5,7 @@ Serve time only: offline (never fetches weights), never imports the compiler, Hy
 
 import os
 
-# Artifacts are complete: nothing at serve time may reach the Hub. Set before diffusers or
-# huggingface_hub are imported anywhere in the process.
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# HF_HUB_OFFLINE is set by runtime.loader, not here: the compiler imports runtime.artifact (the
+# artifact contract) and must keep its Hub access.
 os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")

@@ -201,14 +201,17 @@ def read_name(home: Path, name: str) -> NameFile | None:
 
 
 def write_json_atomic(path: Path, data: object) -> None:
-    """Write JSON to a temp file in the same folder, fsync, then rename: readers see the old or the
-    new file, never half of one."""
+    write_text_atomic(path, json.dumps(data, indent=2, sort_keys=True) + "\n")
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    """Write to a temp file in the same folder, fsync, then rename: readers see the old or the new
+    file, never half of one."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "w") as f:
-            json.dump(data, f, indent=2, sort_keys=True)
-            f.write("\n")
+            f.write(text)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)

@@ -3,12 +3,17 @@
 from __future__ import annotations
 
 import logging
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from runtime.artifact import PIPELINE_DIR, Manifest, read_manifest
+
+# Artifacts are complete: nothing at serve time may reach the Hub. Set before diffusers or
+# huggingface_hub are imported (the loader imports them lazily, after this line).
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 log = logging.getLogger(__name__)
 

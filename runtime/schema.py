@@ -72,9 +72,7 @@ def request_model(lim: Limits) -> type[BaseModel]:
         "num_images": (int | None, Field(None, ge=1, le=lim.max_images)),
         "high_noise_frac": (float | None, Field(None, ge=0, le=1)),
     }
-    return create_model(
-        "Request", __config__=ConfigDict(extra="forbid", strict=True, frozen=True), **fields
-    )
+    return create_model("Request", __config__=ConfigDict(extra="forbid", strict=True, frozen=True), **fields)
 
 
 def _message(err: Any) -> str:

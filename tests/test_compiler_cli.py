@@ -131,7 +131,7 @@ def test_overrides_change_the_artifact_and_names_keep_history(tmp_path: Path):
     m = read_manifest(art)
     assert (m.runtime.dtype, m.serving.scheduler, m.serving.defaults.steps) == ("fp16", "DDIM", 3)
     with safe_open(str(art / "pipeline" / "unet" / "diffusion_pytorch_model.safetensors"), "pt") as f:
-        assert {str(f.get_slice(k).get_dtype()) for k in f.keys()} == {"F16"}
+        assert {str(f.get_slice(k).get_dtype()) for k in f.keys()} == {"F16"}  # noqa: SIM118 (safe_open is not iterable)
     # Without the overrides the recipe's own values hold, and it is another artifact.
     plain = run_compiler("recipe=mine", home=home, env={"UIW_RECIPES": str(recipes)})
     m2 = read_manifest(Path(plain.stdout.strip()))

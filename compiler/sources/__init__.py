@@ -1,21 +1,69 @@
-"""Source resolution: a parsed source -> an immutable pin. One module per scheme, dispatched from
-one literal table (no discovery). Only these modules may reach the network."""
+"""Sources: a parsed source -> a lock entry (pinned), and a lock entry -> local files (fetched).
+
+One module per scheme, dispatched from literal tables (no discovery). Only these modules reach the
+network. ``describe`` turns a lock entry into what the plan needs, without any I/O, so that a
+frozen lock plans offline.
+"""
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 from compiler import uri
-from compiler.sources import builtin
-from compiler.sources.base import Resolved
+from compiler.errors import UserError
+from compiler.families import FAMILIES, family_of_pipeline
+from compiler.lock import LockEntry
+from compiler.sources import builtin, civitai, hf, local, url
+from compiler.sources.base import Context, Fetched, Resolved
 
-RESOLVERS: dict[type, Callable[..., Resolved]] = {
-    uri.BuiltinSource: builtin.resolve,
+INVENTORY: dict[type, Callable[[Any, str, Context], LockEntry]] = {
+    uri.BuiltinSource: builtin.inventory,
+    uri.HfSource: hf.inventory,
+    uri.CivitaiSource: civitai.inventory,
+    uri.UrlSource: url.inventory,
+    uri.LocalSource: local.inventory,
+}
+FETCH: dict[type, Callable[[LockEntry, str, Context, tuple[str, ...]], Fetched]] = {
+    uri.BuiltinSource: builtin.fetch,
+    uri.HfSource: hf.fetch,
+    uri.CivitaiSource: civitai.fetch,
+    uri.UrlSource: url.fetch,
+    uri.LocalSource: local.fetch,
 }
 
 
-def resolve(source: uri.Source, where: str) -> Resolved:
-    return RESOLVERS[type(source)](source, where)
+def inventory(source: uri.Source, where: str, ctx: Context) -> LockEntry:
+    return INVENTORY[type(source)](source, where, ctx)
 
 
-__all__ = ["RESOLVERS", "Resolved", "resolve"]
+def wanted(entry: LockEntry, precision: str) -> tuple[str, ...]:
+    """The locked files a build at this precision reads (all of them but unused variants)."""
+    if entry.kind in ("repo", "folder"):
+        return hf.wanted(entry, precision)
+    return tuple(f.path for f in entry.files)
+
+
+def fetch(entry: LockEntry, where: str, ctx: Context, precision: str) -> Fetched:
+    return FETCH[type(uri.parse(entry.source))](entry, where, ctx, wanted(entry, precision))
+
+
+def describe_pipeline(entry: LockEntry, where: str, precision: str) -> Resolved:
+    """A locked pipeline source (builtin, diffusers repo or folder) -> what the plan needs."""
+    if entry.kind == "file":
+        raise UserError.one(
+            where,
+            f"{entry.source} is a single file, not a diffusers pipeline",
+            "single-file checkpoints (CivitAI-style) compile through `checkpoint:` (model detection); "
+            "`base:` takes builtin:NAME, hf://ORG/REPO or a local diffusers folder",
+        )
+    meta = entry.meta
+    family = meta.get("family") or family_of_pipeline(meta.get("pipeline_class"), where)
+    size = meta.get("native_size") or FAMILIES[family].native_size
+    inputs = tuple((f.path, f.sha256) for f in entry.files if f.path in wanted(entry, precision))
+    return Resolved(
+        pin=f"{entry.source} {entry.pin}", family=family, native_size=(int(size[0]), int(size[1])), inputs=inputs
+    )
+
+
+__all__ = ["Context", "Fetched", "Resolved", "describe_pipeline", "fetch", "inventory", "wanted"]

@@ -5,10 +5,12 @@ from __future__ import annotations
 from compiler import uri
 from compiler.builtins import BUILTINS
 from compiler.errors import UserError
-from compiler.sources.base import Resolved
+from compiler.families import FAMILIES
+from compiler.lock import LockEntry
+from compiler.sources.base import Context, Fetched
 
 
-def resolve(source: uri.BuiltinSource, where: str) -> Resolved:
+def inventory(source: uri.BuiltinSource, where: str, ctx: Context) -> LockEntry:
     model = BUILTINS.get(source.name)
     if model is None:
         raise UserError.one(
@@ -22,4 +24,17 @@ def resolve(source: uri.BuiltinSource, where: str) -> Resolved:
             f"builtin:{source.name} revision {source.revision} is not available; this compiler has {model.revision}",
             f"write builtin:{source.name} (current) or builtin:{source.name}@{model.revision}",
         )
-    return Resolved(pin=model.pin, family=model.family, native_size=model.native_size)
+    return LockEntry(
+        source=str(source),
+        kind="builtin",
+        pin=model.pin,
+        meta={
+            "family": model.family,
+            "native_size": list(model.native_size),
+            "pipeline_class": FAMILIES[model.family].pipelines["txt2img"],
+        },
+    )
+
+
+def fetch(entry: LockEntry, where: str, ctx: Context, paths: tuple[str, ...]) -> Fetched:
+    return Fetched(source=entry.source, kind=entry.kind, files={})
