@@ -24,7 +24,7 @@ from compiler.fetch import fetch_entry
 from compiler.locking import lock_sources
 from compiler.plan import cache_key, make_plan
 from compiler.recipe import parse_recipe
-from compiler.sources import Context, describe_pipeline
+from compiler.sources import Context, describe_file, describe_pipeline
 from compiler.sources.hf import diffusers_variant
 from compiler.store import Store
 from runtime.artifact import READY, read_name
@@ -64,8 +64,13 @@ def build(argv: list[str]) -> Path:
     lock = lock_sources(recipe, composed.lock, ctx)
     where = f"{recipe.path}: base"
     base_entry = lock.sources[str(recipe.base)]
-    base = describe_pipeline(base_entry, where, recipe.precision)
-    plan = make_plan(recipe, base, diffusers_variant(base_entry, recipe.precision))
+    ckpt_where = f"{recipe.path}: checkpoint"
+    ckpt_entry = lock.sources[str(recipe.checkpoint)] if recipe.checkpoint is not None else None
+    base = describe_pipeline(base_entry, where, recipe.precision, configs_only=ckpt_entry is not None)
+    ckpt = describe_file(ckpt_entry, ckpt_where) if ckpt_entry is not None else None
+    # With a checkpoint the base only gives configs and tokenizers: its weights are never read.
+    variant = None if ckpt else diffusers_variant(base_entry, recipe.precision)
+    plan = make_plan(recipe, base, variant, ckpt)
     env = environment()
     key = cache_key(plan, env)
 
@@ -84,9 +89,14 @@ def build(argv: list[str]) -> Path:
             from compiler.materialize import materialize
             from compiler.package import package
 
-            fetched = fetch_entry(base_entry, where, ctx, recipe.precision)
-            components = materialize(plan, staging, fetched, store.scratch())
-            package(staging, plan, key, components, env)
+            fetched = fetch_entry(base_entry, where, ctx, recipe.precision, configs_only=ckpt_entry is not None)
+            fetched_ckpt = fetch_entry(ckpt_entry, ckpt_where, ctx, recipe.precision) if ckpt_entry else None
+            components = materialize(plan, staging, fetched, store.scratch(), fetched_ckpt)
+            provenance = {
+                role: f"{lock.sources[str(src)].source} {lock.sources[str(src)].pin}"
+                for role, src in recipe.sources().items()
+            }
+            package(staging, plan, key, components, env, provenance)
             hit = store.publish(staging, key)
             log.info("built %s in %.1f s", hit, time.perf_counter() - t0)
     _record(store, plan.recipe, key, hit)

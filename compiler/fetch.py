@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from compiler.errors import UserError
 from compiler.lock import LockEntry
 from compiler.sources import Context, Fetched, fetch
 from compiler.sources.download import DiskFull, HashMismatch
 
 
-def fetch_entry(entry: LockEntry, where: str, ctx: Context, precision: str) -> Fetched:
+def fetch_entry(entry: LockEntry, where: str, ctx: Context, precision: str, configs_only: bool = False) -> Fetched:
     try:
-        return fetch(entry, where, ctx, precision)
+        fetched = fetch(entry, where, ctx, precision, configs_only)
     except HashMismatch as e:
         raise UserError.one(
             where,
@@ -22,3 +24,25 @@ def fetch_entry(entry: LockEntry, where: str, ctx: Context, precision: str) -> F
         raise UserError.one(
             where, str(e), "free space under the store (UIW_HOME) or run `python -m compiler.store gc`"
         ) from None
+    if entry.kind == "file":
+        for name, path in fetched.files.items():
+            require_safetensors(path, name, where)
+    return fetched
+
+
+def require_safetensors(path: Path, name: str, where: str) -> None:
+    """Refuse anything but safetensors before any loader sees it: a pickle (.ckpt, .pt, .bin) can
+    run code when loaded. Reads the 8-byte header length and the header's first byte only."""
+    with path.open("rb") as f:
+        head = f.read(9)
+    size = path.stat().st_size
+    n = int.from_bytes(head[:8], "little") if len(head) == 9 else 0
+    if len(head) < 9 or head[8:9] != b"{" or n + 8 > size:
+        pickle = head[:2] == b"PK" or head[:1] == b"\x80"
+        kind = "a pickle (PyTorch .ckpt/.pt/.bin)" if pickle else "not a safetensors file"
+        raise UserError.one(
+            where,
+            f"{name} is {kind}; only safetensors files are loaded",
+            "pickled checkpoints can run code when loaded: use the model's .safetensors file "
+            "(most CivitAI and Hub models offer one)",
+        )

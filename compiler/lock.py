@@ -73,13 +73,15 @@ def loads(text: str) -> Lock:
 class Drift:
     added: tuple[str, ...]  # in the recipe, not in the lock
     removed: tuple[str, ...]  # in the lock, not in the recipe
+    changed: tuple[str, ...] = ()  # local sources whose bytes are no longer the locked ones
 
     def __bool__(self) -> bool:
-        return bool(self.added or self.removed)
+        return bool(self.added or self.removed or self.changed)
 
     def describe(self) -> str:
         lines = [f"  + {s} (in the recipe, not locked)" for s in self.added]
         lines += [f"  - {s} (locked, no longer in the recipe)" for s in self.removed]
+        lines += [f"  ~ {s} (its bytes changed since they were locked)" for s in self.changed]
         return "\n".join(lines)
 
 

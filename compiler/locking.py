@@ -49,6 +49,15 @@ def lock_sources(recipe: Recipe, mode: str, ctx: Context) -> Lock:
     keys = tuple(sorted(where))
     old = read_lock(path)
     drift = lockfile.drift(old, keys)
+    if mode == "locked" and old is not None and not drift:
+        # A local file can change under the same path: that is drift too (memoised hashes, cheap).
+        changed = tuple(
+            k
+            for k in keys
+            if isinstance(src := uri.parse(k), uri.LocalSource)
+            and inventory(src, where[k], ctx).pin != old.sources[k].pin
+        )
+        drift = lockfile.Drift(added=(), removed=(), changed=changed)
     if mode == "locked" and drift:
         raise UserError.one(
             str(path),

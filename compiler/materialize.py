@@ -7,6 +7,7 @@ cache hit never pays for them.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import shutil
@@ -35,28 +36,58 @@ def snapshot(fetched: Fetched, scratch: Path) -> Path:
     return root
 
 
-def load_base(plan: BuildPlan, fetched: Fetched, scratch: Path) -> Any:
+def _builtin(fetched: Fetched) -> Any:
+    src = uri.parse(fetched.source)
+    assert isinstance(src, uri.BuiltinSource)
+    return BUILTINS[src.name].build()
+
+
+def load_base(plan: BuildPlan, fetched: Fetched, scratch: Path, checkpoint: Fetched | None) -> Any:
     import diffusers
     import torch
 
-    if fetched.kind == "builtin":
-        src = uri.parse(fetched.source)
-        assert isinstance(src, uri.BuiltinSource)
-        return BUILTINS[src.name].build()
     cls = getattr(diffusers, plan.pipeline_class)
-    folder = snapshot(fetched, scratch)
     dtype = getattr(torch, DTYPES[plan.precision])
+    if checkpoint is not None:
+        return load_checkpoint(cls, fetched, scratch, checkpoint)
+    if fetched.kind == "builtin":
+        return _builtin(fetched)
     # use_safetensors: never fall back to a pickle; the lock holds no .bin files anyway.
-    return cls.from_pretrained(folder, dtype=dtype, variant=plan.variant, use_safetensors=True)
+    return cls.from_pretrained(snapshot(fetched, scratch), dtype=dtype, variant=plan.variant, use_safetensors=True)
 
 
-def materialize(plan: BuildPlan, out: Path, fetched: Fetched, scratch: Path) -> dict[str, str]:
+def load_checkpoint(cls: Any, base: Fetched, scratch: Path, checkpoint: Fetched) -> Any:
+    """A single-file checkpoint through diffusers' own converter, with the base's configs and
+    tokenizer (``config=`` a local folder, so nothing reaches the Hub)."""
+    import diffusers
+
+    if base.kind == "builtin":
+        folder = scratch / "configs"
+        _builtin(base).save_pretrained(folder)
+    else:
+        folder = snapshot(base, scratch)
+    (blob,) = checkpoint.files.values()
+    # diffusers picks the reader by file extension; blobs have none (fetch checked the format).
+    path = scratch / "checkpoint" / "model.safetensors"
+    path.parent.mkdir()
+    os.symlink(blob.resolve(), path)
+    pipe = cls.from_single_file(str(path), config=str(folder), local_files_only=True)
+    # from_single_file builds its scheduler from defaults; the base's own scheduler config is the
+    # one the recipe's scheduler and every per-request one derive from.
+    sched = json.loads((folder / "scheduler" / "scheduler_config.json").read_text())
+    pipe.scheduler = getattr(diffusers, sched["_class_name"]).from_pretrained(folder, subfolder="scheduler")
+    return pipe
+
+
+def materialize(
+    plan: BuildPlan, out: Path, fetched: Fetched, scratch: Path, checkpoint: Fetched | None = None
+) -> dict[str, str]:
     """Build the plan's pipeline and save it under ``out/pipeline``. Returns component classes."""
     import diffusers
     import torch
 
     try:
-        pipe = load_base(plan, fetched, scratch)
+        pipe = load_base(plan, fetched, scratch, checkpoint)
         if type(pipe).__name__ != plan.pipeline_class:
             raise ValueError(f"{plan.base} built {type(pipe).__name__}, the plan expects {plan.pipeline_class}")
         # The base's own scheduler config is kept as it is: the runtime derives the recipe's default

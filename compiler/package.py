@@ -37,7 +37,12 @@ def hash_tree(root: Path) -> tuple[FileEntry, ...]:
 
 
 def package(
-    staging: Path, plan: BuildPlan, key: str, components: dict[str, str], environment: dict[str, str]
+    staging: Path,
+    plan: BuildPlan,
+    key: str,
+    components: dict[str, str],
+    environment: dict[str, str],
+    provenance: dict[str, str],
 ) -> Manifest:
     files = hash_tree(staging)
     manifest = Manifest(
@@ -52,7 +57,8 @@ def package(
         capabilities=Capabilities(tasks=("txt2img",)),
         runtime=RuntimeOptions(dtype=plan.precision),
         environment=environment,
-        provenance={"base": plan.base},
+        provenance=dict(provenance),
+        inputs=tuple(sorted({sha.removeprefix("sha256:") for _, sha in (*plan.base_inputs, *plan.checkpoint_inputs)})),
         files=files,
         created_at=utc_now(),
     )

@@ -27,6 +27,8 @@ class BuildPlan:
     base: str  # the source and its pin
     base_inputs: tuple[tuple[str, str], ...]  # (path, sha256) of every file the build reads
     variant: str | None  # the diffusers weight variant loaded (fp16 files for an fp16 build)
+    checkpoint: str | None  # a single-file checkpoint's source and pin: weights from it, configs from base
+    checkpoint_inputs: tuple[tuple[str, str], ...]
     precision: str
     scheduler: str
     defaults: Defaults
@@ -39,10 +41,13 @@ class BuildPlan:
         d["limits"] = self.limits.model_dump()
         d["steps"] = list(self.steps)
         d["base_inputs"] = [list(i) for i in self.base_inputs]
+        d["checkpoint_inputs"] = [list(i) for i in self.checkpoint_inputs]
         return d
 
 
-def make_plan(recipe: Recipe, base: Resolved, variant: str | None = None) -> BuildPlan:
+def make_plan(
+    recipe: Recipe, base: Resolved, variant: str | None = None, checkpoint: Resolved | None = None
+) -> BuildPlan:
     family = FAMILIES[base.family]
     d, lim = recipe.defaults, recipe.limits
     w, h = base.native_size
@@ -82,11 +87,17 @@ def make_plan(recipe: Recipe, base: Resolved, variant: str | None = None) -> Bui
         base=base.pin,
         base_inputs=base.inputs,
         variant=variant,
+        checkpoint=checkpoint.pin if checkpoint else None,
+        checkpoint_inputs=checkpoint.inputs if checkpoint else (),
         precision=recipe.precision,
         scheduler=recipe.scheduler or family.default_scheduler,
         defaults=defaults,
         limits=limits,
-        steps=("load-base", f"cast-{recipe.precision}", "save"),
+        steps=(
+            *(("load-configs", "load-checkpoint") if checkpoint else ("load-base",)),
+            f"cast-{recipe.precision}",
+            "save",
+        ),
     )
 
 

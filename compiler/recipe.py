@@ -43,6 +43,7 @@ class RecipeLimits(_Strict):
 
 class _Fields(_Strict):
     base: str
+    checkpoint: str | None = None
     precision: Precision = "fp32"
     scheduler: str | None = None
     defaults: RecipeDefaults = Field(default_factory=RecipeDefaults)
@@ -62,6 +63,7 @@ class Recipe(BaseModel):
     name: str
     path: Path
     base: uri.Source
+    checkpoint: uri.Source | None = None
     precision: Precision
     scheduler: str | None
     defaults: RecipeDefaults
@@ -69,11 +71,16 @@ class Recipe(BaseModel):
 
     def sources(self) -> dict[str, uri.Source]:
         """Every source the recipe names, by field path (what the lock pins)."""
-        return {"base": self.base}
+        out: dict[str, uri.Source] = {"base": self.base}
+        if self.checkpoint is not None:
+            out["checkpoint"] = self.checkpoint
+        return out
 
 
 _HINTS = {
     "base": f"a model source; accepted: {'; '.join(uri.FORMS)}",
+    "checkpoint": "a single .safetensors file (CivitAI, hf://ORG/REPO/FILE, https://…, a local path); "
+    "its configs and tokenizer come from `base:`",
     "precision": "one of fp32, fp16, bf16 (override with precision=fp16 on the command line)",
     "scheduler": f"one of {', '.join(SCHEDULERS)} (worker-sdxl's names)",
     "defaults.width": "a multiple of 8, at least 64",
@@ -107,18 +114,24 @@ def parse_recipe(name: str, path: Path, fields: dict[str, Any], civitai_hosts: t
     except ValidationError as e:
         problems.extend(_problem(where, err) for err in e.errors())
         checked = None
-    base: uri.Source | None = None
-    if isinstance(fields.get("base"), str):
-        try:
-            base = uri.parse(fields["base"], base_dir=path.parent, civitai_hosts=civitai_hosts)
-        except uri.SourceError as e:
-            problems.append(Problem(f"{where}: base", str(e), _HINTS["base"]))
+    parsed: dict[str, uri.Source] = {}
+    for field in ("base", "checkpoint"):
+        if isinstance(fields.get(field), str):
+            try:
+                parsed[field] = uri.parse(fields[field], base_dir=path.parent, civitai_hosts=civitai_hosts)
+            except uri.SourceError as e:
+                problems.append(Problem(f"{where}: {field}", str(e), _HINTS[field]))
+    checkpoint = parsed.get("checkpoint")
+    if checkpoint is not None and uri.is_single_file(checkpoint) is False:
+        problems.append(Problem(f"{where}: checkpoint", f"{checkpoint} names a whole pipeline", _HINTS["checkpoint"]))
+    base = parsed.get("base")
     if problems or checked is None or base is None:
         raise UserError(problems)
     return Recipe(
         name=name,
         path=path,
         base=base,
+        checkpoint=checkpoint,
         precision=checked.precision,
         scheduler=checked.scheduler,
         defaults=checked.defaults,

@@ -189,7 +189,8 @@ def _parse_url(text: str, civitai_hosts: tuple[str, ...]) -> Source:
             return CivitaiSource(int(segments[1]), _int(version))
         if segments[:3] == ["api", "download", "models"] and len(segments) == 4 and segments[3].isdigit():
             return CivitaiSource(None, int(segments[3]))
-        raise SourceError(f"{text!r}: not a CivitAI model page or download URL; {ACCEPTED}")
+        if host in CIVITAI_HOSTS:  # a configured mirror may serve other files too: those are plain URLs
+            raise SourceError(f"{text!r}: not a CivitAI model page or download URL; {ACCEPTED}")
     if host in HF_HOSTS and len(segments) >= 5 and segments[2] in ("resolve", "blob"):
         return HfSource(f"{segments[0]}/{segments[1]}", "/".join(segments[4:]), segments[3])
     sha = None

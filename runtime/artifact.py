@@ -108,7 +108,8 @@ class Manifest(_Frozen):
     capabilities: Capabilities = Field(default_factory=Capabilities)
     runtime: RuntimeOptions
     environment: dict[str, str]
-    provenance: dict[str, str]
+    provenance: dict[str, str]  # recipe field -> "SOURCE PIN" (e.g. "hf://org/repo@main commit:…")
+    inputs: tuple[str, ...] = ()  # sha256 of every store blob the build read (gc keeps them)
     files: tuple[FileEntry, ...]
     created_at: str
 

@@ -15,7 +15,10 @@ def test_gpu_check_quick_mode_runs_on_cpu(home: Path, demo_artifact: Path, tmp_p
     out = tmp_path / "r.json"
     proc = subprocess.run(
         [sys.executable, "scripts/gpu_check.py", "--home", str(home), "--out", str(out), "--quick", "--warm", "2"],
-        cwd=REPO, capture_output=True, text=True, timeout=300,
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads(out.read_text())

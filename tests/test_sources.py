@@ -74,7 +74,9 @@ def compile_recipe(
     recipes = tmp / "recipes"
     recipes.mkdir(exist_ok=True)
     (recipes / f"{name}.yaml").write_text(text.format(base=base))
-    base_env = {k: v for k, v in os.environ.items() if k not in ("HF_TOKEN", "CIVITAI_TOKEN", "UIW_LOCK")}
+    # HF_HUB_OFFLINE: set in this process by the in-process runtime (runtime.loader), never meant for the compiler.
+    drop = ("HF_TOKEN", "CIVITAI_TOKEN", "UIW_LOCK", "HF_HUB_OFFLINE")
+    base_env = {k: v for k, v in os.environ.items() if k not in drop}
     full = {
         **base_env,
         "HF_ENDPOINT": hub.url,
@@ -276,7 +278,7 @@ def test_two_recipes_sharing_a_base_download_it_once(tmp_path, hub):
     for name, steps in (("one", 3), ("two", 5)):
         (recipes / f"{name}.yaml").write_text(f"base: hf://uiw-test/shared\ndefaults:\n  steps: {steps}\n")
     env = {
-        **{k: v for k, v in os.environ.items() if k not in ("HF_TOKEN", "UIW_RECIPES")},
+        **{k: v for k, v in os.environ.items() if k not in ("HF_TOKEN", "UIW_RECIPES", "HF_HUB_OFFLINE")},
         "HF_ENDPOINT": hub.url,
         "HF_HOME": str(tmp_path / "hf"),
         "UIW_HOME": str(tmp_path / "home"),
@@ -298,3 +300,142 @@ def test_two_recipes_sharing_a_base_download_it_once(tmp_path, hub):
     for path in ("unet/diffusion_pytorch_model.safetensors", "vae/diffusion_pytorch_model.safetensors"):
         fetched = [r for r in gets(hub, "/uiw-test/shared/resolve/") if r.path.endswith(path)]
         assert len(fetched) == 1, fetched
+
+
+# --- single-file checkpoints from every scheme -----------------------------------------------
+
+CKPT_RECIPE = RECIPE.replace("base: {base}", "base: builtin:tiny-sd15\ncheckpoint: {base}")
+
+
+@pytest.fixture(scope="session")
+def ldm_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> bytes:
+    """The builtin's weights as a CivitAI-style single file (original LDM key layout)."""
+    from safetensors.torch import save
+
+    from compiler.builtins import BUILTINS
+    from tests.ldm import pipeline_to_ldm
+
+    return save(pipeline_to_ldm(BUILTINS["tiny-sd15"].build()))
+
+
+@pytest.fixture(scope="session")
+def demo_image(home: Path, demo_artifact: Path) -> np.ndarray:
+    return serve(home, demo_artifact, REQ)
+
+
+def _ckpt_compile(tmp_path: Path, hub: FakeHub, source: str, *args: str, env: dict[str, str] | None = None):
+    return compile_recipe(tmp_path, tmp_path / "home", hub, source, *args, env=env, text=CKPT_RECIPE)
+
+
+def test_civitai_checkpoint_resolve_lock_fetch_compile_serve(tmp_path, hub, ldm_checkpoint, demo_image):
+    hub.add_civitai(4201, 130071, b"an older upload", "old.safetensors")
+    hub.add_civitai(4201, 130072, ldm_checkpoint, "tinyRealism_v51.safetensors", needs_token=True)
+    before = len(hub.log)
+    denied = _ckpt_compile(tmp_path, hub, "civitai://models/4201@130072")
+    assert denied.returncode == 2 and "CIVITAI_TOKEN" in denied.stderr and "HTTP 401" in denied.stderr
+
+    proc = _ckpt_compile(tmp_path, hub, "civitai://models/4201@130072", env={"CIVITAI_TOKEN": hub.civitai_token})
+    assert proc.returncode == 0, proc.stderr
+    lock = json.loads((tmp_path / "recipes" / "r.lock.json").read_text())
+    entry = lock["sources"]["civitai://models/4201@130072"]
+    assert entry["pin"] == "civitai-version:130072"
+    assert entry["files"][0]["sha256"] == sha(ldm_checkpoint)
+    assert (
+        entry["meta"]["base_model"] == "SD 1.5" and entry["meta"]["air"] == "urn:air:sd1:checkpoint:civitai:4201@130072"
+    )
+    assert entry["files"][0]["url"] == "/api/download/models/130072", "the site is a setting, not part of the lock"
+    paths = [r.path for r in hub.log[before:]]
+    assert "/api/v1/model-versions/130072" in paths and "/api/download/models/130072" in paths
+    assert any(p.startswith("/storage/130072/") for p in paths), "followed the redirect to storage"
+    assert np.array_equal(serve(tmp_path / "home", Path(proc.stdout.strip()), REQ), demo_image)
+
+    # Every spelling of the same version is the same source: same lock key, same artifact.
+    for spelling in (
+        "urn:air:sd1:checkpoint:civitai:4201@130072",
+        f"{hub.url}/models/4201/tiny-realism?modelVersionId=130072",
+    ):
+        again = _ckpt_compile(tmp_path, hub, spelling, env={"CIVITAI_TOKEN": hub.civitai_token})
+        assert again.returncode == 0 and again.stdout == proc.stdout, again.stderr
+    written = [p for root in (tmp_path / "home", tmp_path / "recipes") for p in root.rglob("*") if p.is_file()]
+    assert not [p for p in written if hub.civitai_token.encode() in p.read_bytes()]
+    assert hub.civitai_token not in proc.stderr
+
+
+def test_civitai_latest_version_is_pinned_and_errors_list_alternatives(tmp_path, hub, ldm_checkpoint):
+    hub.add_civitai(777, 7001, ldm_checkpoint, "a.safetensors")
+    proc = _ckpt_compile(tmp_path, hub, "civitai://models/777")
+    assert proc.returncode == 0, proc.stderr
+    lock = json.loads((tmp_path / "recipes" / "r.lock.json").read_text())
+    assert lock["sources"]["civitai://models/777"]["pin"] == "civitai-version:7001"
+    hub.add_civitai(777, 7002, b"a newer upload", "b.safetensors")
+    same = _ckpt_compile(tmp_path, hub, "civitai://models/777")
+    assert same.stdout == proc.stdout, "a newer version does not move the lock until lock=update"
+
+    missing = _ckpt_compile(tmp_path, hub, "civitai://models/777@9999")
+    assert missing.returncode == 2 and "has no version 9999" in missing.stderr
+    assert "7002 (v7002)" in missing.stderr and "7001 (v7001)" in missing.stderr
+    wrong_model = _ckpt_compile(tmp_path, hub, "civitai://models/1@7001")
+    assert wrong_model.returncode == 2 and "civitai://models/777@7001" in wrong_model.stderr
+    hub.add_civitai(778, 7801, b"PK\x03\x04 a zipped pickle", "old.ckpt")
+    hub.versions[7801].files[0]["metadata"]["format"] = "PickleTensor"
+    pickle = _ckpt_compile(tmp_path, hub, "civitai://models/778@7801")
+    assert pickle.returncode == 2 and "no safetensors weights" in pickle.stderr
+
+
+def test_https_hf_file_and_local_checkpoints_compile_to_the_same_model(tmp_path, hub, ldm_checkpoint, demo_image):
+    hub.files["models/tiny.safetensors"] = ldm_checkpoint
+    digest = hashlib.sha256(ldm_checkpoint).hexdigest()
+    hub.repo("uiw-test/single").push({"tiny-ldm.safetensors": ldm_checkpoint, "README.md": b"x"})
+    local = tmp_path / "recipes" / "weights" / "tiny.safetensors"
+    local.parent.mkdir(parents=True)
+    local.write_bytes(ldm_checkpoint)
+    outputs = set()
+    for source in (
+        f"{hub.url}/files/models/tiny.safetensors#sha256={digest}",  # pinned: no call at lock time
+        f"{hub.url}/files/models/tiny.safetensors",  # unpinned: hashed when locked
+        "hf://uiw-test/single/tiny-ldm.safetensors",
+        "./weights/tiny.safetensors",
+    ):
+        proc = _ckpt_compile(tmp_path, hub, source)
+        assert proc.returncode == 0, proc.stderr[-600:]
+        lock = json.loads((tmp_path / "recipes" / "r.lock.json").read_text())
+        (entry,) = (
+            lock["sources"].values() if False else [e for k, e in lock["sources"].items() if k != "builtin:tiny-sd15"]
+        )
+        assert entry["files"][0]["sha256"] == f"sha256:{digest}", source
+        outputs.add(proc.stdout)
+    assert len(outputs) == 1, "same bytes, same artifact, whatever the scheme"
+    assert np.array_equal(serve(tmp_path / "home", Path(outputs.pop().strip()), REQ), demo_image)
+
+    # The lock pins the local file's bytes: a changed file is drift for lock=locked...
+    local.write_bytes(ldm_checkpoint + b"")  # same bytes, new mtime: the memo rehashes, nothing changes
+    assert _ckpt_compile(tmp_path, hub, "./weights/tiny.safetensors", "lock=locked").returncode == 0
+    local.write_bytes(b"\x80\x04 a pickle now")
+    changed = _ckpt_compile(tmp_path, hub, "./weights/tiny.safetensors", "lock=locked")
+    assert changed.returncode == 2 and "~ " + str(local) + " (its bytes changed" in changed.stderr
+    # ...and lock=auto relocks it, then refuses the pickle before any loader sees it.
+    relock = _ckpt_compile(tmp_path, hub, "./weights/tiny.safetensors")
+    assert relock.returncode == 2 and "is a pickle" in relock.stderr
+
+
+def test_local_hash_memo_makes_a_no_op_recompile_cheap(tmp_path):
+    """A multi-GB local file is hashed once; the memo answers by (path, size, mtime_ns, inode)."""
+    from compiler.sources.local import HashMemo
+
+    big = tmp_path / "big.safetensors"
+    with big.open("wb") as f:  # sparse: 2 GiB on paper, nothing on disk
+        f.truncate(2 * 1024**3)
+    memo_path = tmp_path / "memo.json"
+    t0 = time.perf_counter()
+    first = HashMemo(memo_path)
+    digest = first.sha256(big)
+    first.save()
+    cold = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    assert HashMemo(memo_path).sha256(big) == digest
+    warm = time.perf_counter() - t0
+    assert warm < 0.5 < cold, (cold, warm)
+    os.utime(big, ns=(time.time_ns(), time.time_ns()))  # touched: hashed again
+    again = HashMemo(memo_path)
+    again.sha256(big)
+    assert again._dirty

@@ -7,6 +7,7 @@ frozen lock plans offline.
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Callable
 from typing import Any
 
@@ -37,18 +38,29 @@ def inventory(source: uri.Source, where: str, ctx: Context) -> LockEntry:
     return INVENTORY[type(source)](source, where, ctx)
 
 
-def wanted(entry: LockEntry, precision: str) -> tuple[str, ...]:
-    """The locked files a build at this precision reads (all of them but unused variants)."""
+def wanted(entry: LockEntry, precision: str, configs_only: bool = False) -> tuple[str, ...]:
+    """The locked files a build at this precision reads (all of them but unused variants; with
+    ``configs_only``, when a checkpoint brings the weights, no weights at all)."""
     if entry.kind in ("repo", "folder"):
-        return hf.wanted(entry, precision)
+        return hf.wanted(entry, precision, configs_only)
     return tuple(f.path for f in entry.files)
 
 
-def fetch(entry: LockEntry, where: str, ctx: Context, precision: str) -> Fetched:
-    return FETCH[type(uri.parse(entry.source))](entry, where, ctx, wanted(entry, precision))
+def fetch(entry: LockEntry, where: str, ctx: Context, precision: str, configs_only: bool = False) -> Fetched:
+    return FETCH[type(uri.parse(entry.source))](entry, where, ctx, wanted(entry, precision, configs_only))
 
 
-def describe_pipeline(entry: LockEntry, where: str, precision: str) -> Resolved:
+def content_pin(entry: LockEntry, inputs: tuple[tuple[str, str], ...]) -> str:
+    """What the plan (and so the cache key) knows of a source: its bytes, not its name, so the
+    same file from CivitAI, the Hub, a URL or a disk builds one artifact. Where it came from is
+    provenance, recorded in the manifest."""
+    if entry.kind == "builtin":
+        return entry.pin
+    files = "\n".join(f"{sha}  {path}" for path, sha in sorted(inputs))
+    return "files:sha256:" + hashlib.sha256(files.encode()).hexdigest()
+
+
+def describe_pipeline(entry: LockEntry, where: str, precision: str, configs_only: bool = False) -> Resolved:
     """A locked pipeline source (builtin, diffusers repo or folder) -> what the plan needs."""
     if entry.kind == "file":
         raise UserError.one(
@@ -60,10 +72,27 @@ def describe_pipeline(entry: LockEntry, where: str, precision: str) -> Resolved:
     meta = entry.meta
     family = meta.get("family") or family_of_pipeline(meta.get("pipeline_class"), where)
     size = meta.get("native_size") or FAMILIES[family].native_size
-    inputs = tuple((f.path, f.sha256) for f in entry.files if f.path in wanted(entry, precision))
+    inputs = tuple((f.path, f.sha256) for f in entry.files if f.path in wanted(entry, precision, configs_only))
+    # A single file's name differs between sources (CivitAI's, the Hub's, yours); its bytes do not.
+    inputs = tuple(("file", f.sha256) for f in entry.files)
     return Resolved(
-        pin=f"{entry.source} {entry.pin}", family=family, native_size=(int(size[0]), int(size[1])), inputs=inputs
+        pin=content_pin(entry, inputs), family=family, native_size=(int(size[0]), int(size[1])), inputs=inputs
     )
 
 
-__all__ = ["Context", "Fetched", "Resolved", "describe_pipeline", "fetch", "inventory", "wanted"]
+def describe_file(entry: LockEntry, where: str) -> Resolved:
+    """A locked single file (a checkpoint) -> its pin and bytes; its family comes from the base
+    until detection reads it."""
+    if entry.kind != "file":
+        raise UserError.one(where, f"{entry.source} is a {entry.kind}, not a single file", "name one .safetensors file")
+    # A single file's name differs between sources (CivitAI's, the Hub's, yours); its bytes do not.
+    inputs = tuple(("file", f.sha256) for f in entry.files)
+    return Resolved(
+        pin=content_pin(entry, inputs),
+        family="",
+        native_size=(0, 0),
+        inputs=inputs,
+    )
+
+
+__all__ = ["Context", "Fetched", "Resolved", "describe_file", "describe_pipeline", "fetch", "inventory", "wanted"]

@@ -72,7 +72,7 @@ def select_files(index: dict[str, Any], names: Iterable[str], where: str) -> lis
     return sorted(set(chosen))
 
 
-def wanted(entry: LockEntry, precision: str) -> tuple[str, ...]:
+def wanted(entry: LockEntry, precision: str, configs_only: bool = False) -> tuple[str, ...]:
     """The locked files a build at ``precision`` reads: a component's variant weights where the
     precision has a variant and the component ships it, its plain weights otherwise."""
     if entry.kind == "file":
@@ -85,7 +85,7 @@ def wanted(entry: LockEntry, precision: str) -> tuple[str, ...]:
     for files in by_comp.values():
         has_variant = variant is not None and any(f.variant == variant for f in files)
         for f in files:
-            if not _WEIGHTS.search(f.path) or f.variant == (variant if has_variant else None):
+            if not _WEIGHTS.search(f.path) or (not configs_only and f.variant == (variant if has_variant else None)):
                 out.append(f.path)
     return tuple(sorted(out))
 
@@ -100,6 +100,12 @@ def _user_error(e: Exception, where: str, src: uri.HfSource, endpoint: str) -> U
     errors = _hf().errors
     name = type(e).__name__
     page = f"{endpoint}/{src.repo}"
+    if isinstance(e, errors.OfflineModeIsEnabled):
+        return UserError.one(
+            where,
+            f"HF_HUB_OFFLINE is set, so {src} cannot be locked or fetched",
+            "unset HF_HUB_OFFLINE to compile, or use lock=frozen with the blobs already in the store",
+        )
     if isinstance(e, errors.GatedRepoError):
         return UserError.one(where, f"{src.repo} is gated", f"accept its terms at {page}, then set HF_TOKEN")
     if isinstance(e, errors.RevisionNotFoundError):

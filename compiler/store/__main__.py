@@ -1,0 +1,12 @@
+"""`python -m compiler.store ls|show|verify|gc`: look into and tidy the store.
+
+Hydra owns `python -m compiler`'s arguments, so the store's commands live here, with argparse.
+"""
+
+from __future__ import annotations
+
+import sys
+
+from compiler.store.commands import main
+
+sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,291 @@
+"""The store's commands: list, show a recipe's lock and plan, verify hashes, collect garbage.
+
+What is kept by ``gc``: every artifact a name points at (current or in its history, so rollbacks
+keep working), every blob such an artifact was built from (``manifest.inputs``), and every blob a
+lockfile in the given recipe folders pins. Everything else under ``artifacts/``, ``blobs/``,
+``tmp/`` and stale partial downloads goes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import shutil
+import sys
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from compiler.errors import UserError
+from runtime.artifact import (
+    NAMES_SUBDIR,
+    READY,
+    ArtifactError,
+    Manifest,
+    NameFile,
+    content_digest,
+    read_manifest,
+    sha256_file,
+)
+
+log = logging.getLogger("compiler.store")
+PARTIAL_MAX_AGE_S = 24 * 3600  # younger partial downloads may belong to a running compile
+
+
+def default_home() -> Path:
+    return Path(os.path.expanduser(os.environ.get("UIW_HOME", "~/.cache/uiw")))
+
+
+@dataclass(frozen=True)
+class Inventory:
+    artifacts: dict[str, Path]  # cache key -> folder (READY ones)
+    names: dict[str, NameFile]
+    blobs: dict[str, Path]  # sha256 hex -> file
+
+    @classmethod
+    def read(cls, home: Path) -> Inventory:
+        arts = home / "artifacts" / "v1"
+        artifacts = {p.name: p for p in sorted(arts.iterdir()) if (p / READY).is_file()} if arts.is_dir() else {}
+        names = {}
+        for p in sorted((home / NAMES_SUBDIR).glob("*.json")):
+            try:
+                names[p.stem] = NameFile.model_validate_json(p.read_text())
+            except ValueError as e:
+                log.warning("%s: unreadable name file (%s)", p, e)
+        bdir = home / "blobs" / "sha256"
+        blobs = {p.name: p for p in sorted(bdir.iterdir()) if p.is_file()} if bdir.is_dir() else {}
+        return cls(artifacts, names, blobs)
+
+
+def _size(path: Path) -> int:
+    if path.is_file():
+        return path.stat().st_size
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+
+
+def _manifest(path: Path) -> Manifest | None:
+    try:
+        return read_manifest(path)
+    except ArtifactError as e:
+        log.warning("%s", e)
+        return None
+
+
+def cmd_ls(home: Path, as_json: bool) -> int:
+    inv = Inventory.read(home)
+    named: dict[str, list[str]] = {}
+    for name, nf in inv.names.items():
+        named.setdefault(nf.current.cache_key, []).append(name)
+    rows = []
+    for key, path in inv.artifacts.items():
+        m = _manifest(path)
+        rows.append(
+            {
+                "cache_key": key,
+                "recipe": m.recipe if m else None,
+                "family": m.family if m else None,
+                "dtype": m.runtime.dtype if m else None,
+                "bytes": _size(path),
+                "created_at": m.created_at if m else None,
+                "names": sorted(named.get(key, [])),
+            }
+        )
+    names = {
+        n: {"current": nf.current.cache_key, "history": [h.cache_key for h in nf.history]}
+        for n, nf in inv.names.items()
+    }
+    blob_bytes = sum(p.stat().st_size for p in inv.blobs.values())
+    if as_json:
+        print(
+            json.dumps(
+                {
+                    "home": str(home),
+                    "artifacts": rows,
+                    "names": names,
+                    "blobs": {"count": len(inv.blobs), "bytes": blob_bytes},
+                },
+                indent=2,
+            )
+        )
+        return 0
+    print(f"store {home}")
+    print(f"artifacts ({len(rows)}):")
+    for r in rows:
+        print(
+            f"  {r['cache_key'][:16]}  {r['recipe'] or '?':<20} {r['family'] or '?':<6} {r['dtype'] or '?':<5} "
+            f"{r['bytes'] / 2**20:9.1f} MiB  {r['created_at'] or ''}  {' '.join(r['names'])}"
+        )
+    print(f"names ({len(names)}):")
+    for n, v in names.items():
+        print(f"  {n} -> {v['current'][:16]}" + (f"  (history: {len(v['history'])})" if v["history"] else ""))
+    print(f"blobs: {len(inv.blobs)} files, {blob_bytes / 2**20:.1f} MiB")
+    return 0
+
+
+def cmd_show(overrides: list[str]) -> int:
+    """The recipe's lock and build plan as the compiler would use them, without any network call
+    (lock=frozen semantics) and without building anything."""
+    from compiler.cli import civitai_hosts, environment
+    from compiler.compose import compose
+    from compiler.locking import lock_path, read_lock
+    from compiler.plan import cache_key, make_plan
+    from compiler.recipe import parse_recipe
+    from compiler.sources import describe_file, describe_pipeline
+    from compiler.sources.hf import diffusers_variant
+    from compiler.store import Store
+
+    composed = compose(overrides)
+    recipe = parse_recipe(composed.name, composed.path, composed.fields, civitai_hosts())
+    lock = read_lock(lock_path(recipe.path))
+    out: dict[str, Any] = {"recipe": recipe.name, "file": str(recipe.path), "lockfile": str(lock_path(recipe.path))}
+    out["lock"] = lock.model_dump(mode="json") if lock else None
+    missing = [str(s) for s in recipe.sources().values() if lock is None or str(s) not in lock.sources]
+    if missing or lock is None:
+        out["plan"] = None
+        out["note"] = f"not locked yet: {', '.join(missing)}; compile once (lock=auto) to pin"
+    else:
+        base_entry = lock.sources[str(recipe.base)]
+        ckpt_entry = lock.sources[str(recipe.checkpoint)] if recipe.checkpoint is not None else None
+        base = describe_pipeline(base_entry, f"{recipe.path}: base", recipe.precision, configs_only=bool(ckpt_entry))
+        ckpt = describe_file(ckpt_entry, f"{recipe.path}: checkpoint") if ckpt_entry else None
+        plan = make_plan(recipe, base, None if ckpt else diffusers_variant(base_entry, recipe.precision), ckpt)
+        key = cache_key(plan, environment())
+        out["plan"] = plan.canonical()
+        out["cache_key"] = key
+        built = Store(composed.home).lookup(key)
+        out["built"] = str(built) if built else None
+    print(json.dumps(out, indent=2, sort_keys=True))
+    return 0
+
+
+def cmd_verify(home: Path, keys: list[str]) -> int:
+    inv = Inventory.read(home)
+    bad: list[str] = []
+    targets = {k: inv.artifacts[k] for k in keys} if keys else inv.artifacts
+    for key, path in targets.items():
+        m = _manifest(path)
+        if m is None:
+            bad.append(f"artifact {key}: unreadable manifest")
+            continue
+        for f in m.files:
+            p = path / f.path
+            if not p.is_file():
+                bad.append(f"artifact {key}: missing {f.path}")
+            elif sha256_file(p) != f.sha256:
+                bad.append(f"artifact {key}: {f.path} does not hash to {f.sha256}")
+        if content_digest(m.files) != m.content_digest:
+            bad.append(f"artifact {key}: content digest mismatch")
+    if not keys:
+        for digest, p in inv.blobs.items():
+            if sha256_file(p) != digest:
+                bad.append(f"blob {digest}: bytes hash to something else")
+    for line in bad:
+        print(f"BAD {line}")
+    checked = f"{len(targets)} artifacts" + ("" if keys else f", {len(inv.blobs)} blobs")
+    print(f"verified {checked}: {'all good' if not bad else f'{len(bad)} problems'}")
+    if bad:
+        print("hint: delete the bad artifact or blob (or run gc) and compile again; it is rebuilt or refetched")
+    return 1 if bad else 0
+
+
+def _lock_blobs(dirs: Iterable[Path]) -> set[str]:
+    from compiler.lock import loads
+
+    keep: set[str] = set()
+    for d in dirs:
+        for p in sorted(d.glob("*.lock.json")):
+            try:
+                lock = loads(p.read_text())
+            except ValueError:
+                log.warning("%s: not a lockfile; its blobs are not protected", p)
+                continue
+            keep |= {f.hex for e in lock.sources.values() for f in e.files}
+    return keep
+
+
+def cmd_gc(home: Path, recipe_dirs: list[Path], dry_run: bool) -> int:
+    inv = Inventory.read(home)
+    keep_art = {nf.current.cache_key for nf in inv.names.values()}
+    keep_art |= {h.cache_key for nf in inv.names.values() for h in nf.history}
+    keep_blobs = _lock_blobs(recipe_dirs)
+    for key in keep_art & set(inv.artifacts):
+        m = _manifest(inv.artifacts[key])
+        keep_blobs |= set(m.inputs) if m else set()
+    doomed: list[Path] = [p for k, p in inv.artifacts.items() if k not in keep_art]
+    doomed += [p for h, p in inv.blobs.items() if h not in keep_blobs]
+    arts = home / "artifacts" / "v1"
+    if arts.is_dir():  # unfinished builds: no READY (a running build holds its key's lock)
+        doomed += [p for p in arts.iterdir() if p.is_dir() and not (p / READY).is_file() and not _busy(home, p)]
+    now = time.time()
+    for sub in ("blobs/partial", "tmp"):
+        d = home / sub
+        if d.is_dir():
+            doomed += [p for p in d.iterdir() if now - p.stat().st_mtime > PARTIAL_MAX_AGE_S]
+    freed = 0
+    for p in doomed:
+        size = _size(p)
+        freed += size
+        print(f"{'would remove' if dry_run else 'removed'} {p} ({size / 2**20:.1f} MiB)")
+        if not dry_run:
+            shutil.rmtree(p) if p.is_dir() else p.unlink()
+    print(
+        f"{'would free' if dry_run else 'freed'} {freed / 2**20:.1f} MiB; kept {len(keep_art & set(inv.artifacts))} "
+        f"artifacts and {len(keep_blobs & set(inv.blobs))} blobs"
+    )
+    return 0
+
+
+def _busy(home: Path, staging: Path) -> bool:
+    """A staging folder whose key's build lock is held belongs to a running compile."""
+    from filelock import FileLock, Timeout
+
+    key = staging.name.removeprefix(".staging-").split("-")[0]
+    try:
+        with FileLock(str(home / "locks" / f"{key}.lock"), timeout=0):
+            return False
+    except Timeout:
+        return True
+
+
+def main(argv: list[str]) -> int:
+    ap = argparse.ArgumentParser(prog="python -m compiler.store", description=__doc__.splitlines()[0])
+    ap.add_argument("--home", type=Path, default=None, help="the store (default: env UIW_HOME or ~/.cache/uiw)")
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    p_ls = sub.add_parser("ls", help="list artifacts, names and blobs")
+    p_ls.add_argument("--json", action="store_true")
+    p_show = sub.add_parser("show", help="a recipe's lock and build plan: show recipe=NAME [overrides]")
+    p_show.add_argument("overrides", nargs="+")
+    p_verify = sub.add_parser("verify", help="re-hash artifacts (and blobs) against their manifests and names")
+    p_verify.add_argument("keys", nargs="*")
+    p_gc = sub.add_parser("gc", help="remove what no name, artifact or lockfile references")
+    p_gc.add_argument(
+        "--recipes",
+        type=Path,
+        action="append",
+        default=None,
+        help="folders whose *.lock.json pins are kept (default: env UIW_RECIPES or ./recipes)",
+    )
+    p_gc.add_argument("--dry-run", action="store_true")
+    args = ap.parse_args(argv)
+    logging.basicConfig(stream=sys.stderr, level=os.environ.get("UIW_LOG_LEVEL", "WARNING"))
+    home = (args.home or default_home()).expanduser().resolve()
+    try:
+        if args.cmd == "ls":
+            return cmd_ls(home, args.json)
+        if args.cmd == "show":
+            overrides = args.overrides + ([f"home={args.home}"] if args.home else [])
+            return cmd_show(overrides)
+        if args.cmd == "verify":
+            return cmd_verify(home, args.keys)
+        dirs = args.recipes or [Path(os.environ.get("UIW_RECIPES", "recipes"))]
+        return cmd_gc(home, [d for d in dirs if d.is_dir()], args.dry_run)
+    except UserError as e:
+        sys.stderr.write(f"error: {e}\n")
+        return 2
+    except KeyError as e:
+        sys.stderr.write(f"error: no artifact {e} in {home}\n  hint: python -m compiler.store ls\n")
+        return 2
