@@ -13,6 +13,7 @@ import logging
 import os
 import sys
 import time
+from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
 from urllib.parse import urlsplit
@@ -21,10 +22,11 @@ from compiler import COMPILER_REVISION
 from compiler.compose import compose
 from compiler.errors import UserError
 from compiler.fetch import fetch_entry
+from compiler.lock import Lock, LockEntry
 from compiler.locking import lock_sources
-from compiler.plan import cache_key, make_plan
-from compiler.recipe import parse_recipe
-from compiler.sources import Context, describe_file, describe_pipeline
+from compiler.plan import BuildPlan, cache_key, make_plan
+from compiler.recipe import Recipe, parse_recipe
+from compiler.sources import Context, Fetched, describe_file, describe_pipeline
 from compiler.sources.hf import diffusers_variant
 from compiler.store import Store
 from runtime.artifact import READY, read_name
@@ -55,25 +57,53 @@ def civitai_hosts() -> tuple[str, ...]:
     return (host,) if host else ()
 
 
-def build(argv: list[str]) -> Path:
-    t0 = time.perf_counter()
+@dataclass(frozen=True)
+class Prepared:
+    """Everything decided before a build: the recipe, its lock, the plan and its cache key."""
+
+    recipe: Recipe
+    store: Store
+    ctx: Context
+    lock: Lock
+    base: LockEntry
+    checkpoint: LockEntry | None
+    plan: BuildPlan
+    key: str
+    environment: dict[str, str]
+
+    def where(self, role: str) -> str:
+        return f"{self.recipe.path}: {role}"
+
+    def fetch(self) -> tuple[Fetched, Fetched | None]:
+        """The build's inputs as local files (downloading what the store lacks)."""
+        r = self.recipe
+        # With a checkpoint the base only gives configs and tokenizers: its weights are never read.
+        base = fetch_entry(self.base, self.where("base"), self.ctx, r.precision, configs_only=bool(self.checkpoint))
+        ckpt = self.checkpoint and fetch_entry(self.checkpoint, self.where("checkpoint"), self.ctx, r.precision)
+        return base, ckpt or None
+
+
+def prepare(argv: list[str]) -> Prepared:
     composed = compose(argv)
     recipe = parse_recipe(composed.name, composed.path, composed.fields, civitai_hosts())
     store = Store(composed.home)
     ctx = Context.from_env(store)
     lock = lock_sources(recipe, composed.lock, ctx)
-    where = f"{recipe.path}: base"
     base_entry = lock.sources[str(recipe.base)]
-    ckpt_where = f"{recipe.path}: checkpoint"
     ckpt_entry = lock.sources[str(recipe.checkpoint)] if recipe.checkpoint is not None else None
-    base = describe_pipeline(base_entry, where, recipe.precision, configs_only=ckpt_entry is not None)
-    ckpt = describe_file(ckpt_entry, ckpt_where) if ckpt_entry is not None else None
-    # With a checkpoint the base only gives configs and tokenizers: its weights are never read.
+    where = f"{recipe.path}: "
+    base = describe_pipeline(base_entry, where + "base", recipe.precision, configs_only=ckpt_entry is not None)
+    ckpt = describe_file(ckpt_entry, where + "checkpoint") if ckpt_entry is not None else None
     variant = None if ckpt else diffusers_variant(base_entry, recipe.precision)
     plan = make_plan(recipe, base, variant, ckpt)
     env = environment()
-    key = cache_key(plan, env)
+    return Prepared(recipe, store, ctx, lock, base_entry, ckpt_entry, plan, cache_key(plan, env), env)
 
+
+def build(argv: list[str]) -> Path:
+    t0 = time.perf_counter()
+    p = prepare(argv)
+    store, plan, key = p.store, p.plan, p.key
     hit = store.lookup(key)
     if hit is not None:
         _record(store, plan.recipe, key, hit)
@@ -85,22 +115,22 @@ def build(argv: list[str]) -> Path:
             hit = store.artifact_dir(key)
         else:
             log.info("building %s for recipe %s", key, plan.recipe)
+            base, ckpt = p.fetch()  # before torch loads: a failed download costs no import
             # Imported here: torch and diffusers load only when something must be built.
             from compiler.materialize import materialize
             from compiler.package import package
 
-            fetched = fetch_entry(base_entry, where, ctx, recipe.precision, configs_only=ckpt_entry is not None)
-            fetched_ckpt = fetch_entry(ckpt_entry, ckpt_where, ctx, recipe.precision) if ckpt_entry else None
-            components = materialize(plan, staging, fetched, store.scratch(), fetched_ckpt)
-            provenance = {
-                role: f"{lock.sources[str(src)].source} {lock.sources[str(src)].pin}"
-                for role, src in recipe.sources().items()
-            }
-            package(staging, plan, key, components, env, provenance)
+            components = materialize(plan, staging, base, store.scratch(), ckpt)
+            provenance = {role: _provenance(p.lock.sources[str(src)]) for role, src in p.recipe.sources().items()}
+            package(staging, plan, key, components, p.environment, provenance)
             hit = store.publish(staging, key)
             log.info("built %s in %.1f s", hit, time.perf_counter() - t0)
     _record(store, plan.recipe, key, hit)
     return hit
+
+
+def _provenance(entry: LockEntry) -> str:
+    return entry.pin if entry.kind == "builtin" else f"{entry.source} {entry.pin}"
 
 
 def _record(store: Store, name: str, key: str, artifact: Path) -> None:

@@ -17,14 +17,19 @@ PY = sys.executable
 
 
 def run_compiler(
-    *args: str, home: Path, cwd: Path = REPO, env: dict[str, str] | None = None, timeout: float = 300
+    *args: str,
+    home: Path,
+    cwd: Path = REPO,
+    env: dict[str, str] | None = None,
+    timeout: float = 300,
+    module: str = "compiler",
 ) -> subprocess.CompletedProcess[str]:
     # HF_HUB_OFFLINE: the in-process runtime (runtime.loader) sets it in this process; the compiler
     # must not inherit it.
     full_env = {k: v for k, v in os.environ.items() if k not in ("UIW_RECIPES", "HF_HUB_OFFLINE")}
     full_env.update({"UIW_HOME": str(home), **(env or {})})
     return subprocess.run(
-        [PY, "-m", "compiler", *args], cwd=cwd, env=full_env, capture_output=True, text=True, timeout=timeout
+        [PY, "-m", module, *args], cwd=cwd, env=full_env, capture_output=True, text=True, timeout=timeout
     )
 
 

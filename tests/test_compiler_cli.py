@@ -145,13 +145,13 @@ def test_overrides_change_the_artifact_and_names_keep_history(tmp_path: Path):
 @pytest.mark.parametrize(
     ("recipe", "args", "expected"),
     [
-        (DEMO_FIELDS + "colour: red\n", [], ["colour: unknown key", "valid keys here: base, precision"]),
+        (DEMO_FIELDS + "colour: red\n", [], ["colour: unknown key", "valid keys here: base, checkpoint, precision"]),
         (DEMO_FIELDS, ["+extra=1"], ["extra: unknown key"]),
         (DEMO_FIELDS, ["+defaults.sharpness=2"], ["defaults.sharpness: unknown key", "valid keys here: width"]),
         (DEMO_FIELDS, ["precision=fp8"], ["precision:", "fp8", "hint: one of fp32, fp16, bf16"]),
         (DEMO_FIELDS, ["scheduler=EULER"], ["scheduler: unknown scheduler 'EULER'", "K_EULER"]),
         ("precision: fp32\n", [], ["base: required field is missing"]),
-        (DEMO_FIELDS, ["base=hf://org/repo"], ["base:", "not implemented yet"]),
+        (DEMO_FIELDS, ["base=hf://org/repo"], ["base:", "cannot reach http://127.0.0.1:9", "HF_ENDPOINT"]),
         (DEMO_FIELDS, ["base=builtin:nope"], ["no built-in model 'nope'", "builtin:tiny-sd15"]),
         (DEMO_FIELDS, ["base=builtin:tiny-sd15@7"], ["revision 7 is not available"]),
         (DEMO_FIELDS, ["defaults.width=100"], ["defaults.width", "multiple of 8"]),
@@ -166,7 +166,9 @@ def test_overrides_change_the_artifact_and_names_keep_history(tmp_path: Path):
 def test_user_errors_exit_2_with_where_what_hint(tmp_path: Path, recipe: str, args: list[str], expected: list[str]):
     recipes = tmp_path / "recipes"
     path = write_recipe(recipes, "bad", recipe)
-    proc = run_compiler("recipe=bad", f"recipes_dir={recipes}", *args, home=tmp_path / "home")
+    # A closed loopback port as the Hub: a source that needs it fails fast and offline.
+    offline = {"HF_ENDPOINT": "http://127.0.0.1:9", "UIW_HTTP_RETRIES": "0"}
+    proc = run_compiler("recipe=bad", f"recipes_dir={recipes}", *args, home=tmp_path / "home", env=offline)
     assert proc.returncode == 2, proc.stderr
     assert proc.stdout == ""
     assert "Traceback" not in proc.stderr

@@ -70,12 +70,16 @@ def compile_recipe(
     env: dict[str, str] | None = None,
     name: str = "r",
     text: str = RECIPE,
+    fetch_only: bool = False,
 ) -> subprocess.CompletedProcess[str]:
+    """`python -m compiler recipe=…`, or with ``fetch_only`` `python -m compiler.store fetch recipe=…`
+    (lock and download without building: the same fetch path, without the build's seconds)."""
     recipes = tmp / "recipes"
     recipes.mkdir(exist_ok=True)
     (recipes / f"{name}.yaml").write_text(text.format(base=base))
     # HF_HUB_OFFLINE: set in this process by the in-process runtime (runtime.loader), never meant for the compiler.
-    drop = ("HF_TOKEN", "CIVITAI_TOKEN", "UIW_LOCK", "HF_HUB_OFFLINE")
+    # UIW_HOME/UIW_ARTIFACTS: set in this process by the session's in-process service fixture.
+    drop = ("HF_TOKEN", "CIVITAI_TOKEN", "UIW_LOCK", "HF_HUB_OFFLINE", "UIW_HOME", "UIW_ARTIFACTS")
     base_env = {k: v for k, v in os.environ.items() if k not in drop}
     full = {
         **base_env,
@@ -87,7 +91,9 @@ def compile_recipe(
         **(env or {}),
     }
     os.environ.pop("UIW_RECIPES", None)
-    return run_compiler(f"recipe={name}", f"recipes_dir={recipes}", *args, home=home, env=full)
+    cmd = ("fetch",) if fetch_only else ()
+    module = "compiler.store" if fetch_only else "compiler"
+    return run_compiler(*cmd, f"recipe={name}", f"recipes_dir={recipes}", *args, home=home, env=full, module=module)
 
 
 def serve(home: Path, artifact: Path, request: dict) -> np.ndarray:
@@ -137,6 +143,13 @@ def test_hf_repo_resolve_lock_fetch_compile_serve(tmp_path, hub, tiny_tree, demo
     assert gets(hub, "unet/diffusion_pytorch_model.fp16.safetensors")
     manifest = json.loads((Path(proc.stdout.strip()) / "manifest.json").read_text())
     assert manifest["runtime"]["dtype"] == "fp16"
+    # The build read (and the cache key hashed) exactly the files of its precision.
+    plain, half = (
+        hashlib.sha256(tiny_tree[f"unet/diffusion_pytorch_model{v}.safetensors"]).hexdigest() for v in ("", ".fp16")
+    )
+    assert half in manifest["inputs"] and plain not in manifest["inputs"]
+    fp32_inputs = json.loads((artifact / "manifest.json").read_text())["inputs"]
+    assert plain in fp32_inputs and half not in fp32_inputs
 
 
 def test_a_moved_branch_keeps_the_locked_commit_until_relocked(tmp_path, hub, tiny_tree):
@@ -193,7 +206,7 @@ def test_resume_after_a_dropped_connection_and_retry_after_500(tmp_path, hub, ti
     hub.fault(path, "drop", arg=10_000)
     hub.fault("vae/diffusion_pytorch_model.safetensors", "status", arg=500)
     before = len(hub.log)
-    proc = compile_recipe(tmp_path, tmp_path / "home", hub, f"hf://{TINY}")
+    proc = compile_recipe(tmp_path, tmp_path / "home", hub, f"hf://{TINY}", fetch_only=True)
     assert proc.returncode == 0, proc.stderr
     unet = [r for r in hub.log[before:] if r.path.endswith(path) and r.method == "GET"]
     assert [r.range for r in unet] == [None, "bytes=10000-"], unet
@@ -209,7 +222,7 @@ def test_corrupted_bytes_are_refused_and_nothing_is_kept(tmp_path, hub, tiny_tre
     path = "text_encoder/model.safetensors"
     hub.fault(path, "corrupt", times=10)
     h = tmp_path / "home"
-    proc = compile_recipe(tmp_path, h, hub, f"hf://{TINY}")
+    proc = compile_recipe(tmp_path, h, hub, f"hf://{TINY}", fetch_only=True)
     hub.faults.clear()
     assert proc.returncode == 2, proc.stderr
     expected = hashlib.sha256(tiny_tree[path]).hexdigest()
@@ -217,15 +230,21 @@ def test_corrupted_bytes_are_refused_and_nothing_is_kept(tmp_path, hub, tiny_tre
     assert not (h / "blobs" / "sha256" / expected).exists()
     assert not list((h / "blobs" / "partial").glob("*.part"))
     assert not (h / "artifacts" / "v1").exists() or not any((h / "artifacts" / "v1").glob("*/READY"))
-    again = compile_recipe(tmp_path, h, hub, f"hf://{TINY}")
+    again = compile_recipe(tmp_path, h, hub, f"hf://{TINY}", fetch_only=True)
     assert again.returncode == 0, again.stderr
+    assert f"text_encoder/model.safetensors  {h / 'blobs' / 'sha256' / expected}" in again.stdout
 
 
 def test_a_stalled_server_hits_the_timeout(tmp_path, hub):
     hub.fault("unet/diffusion_pytorch_model.safetensors", "stall", arg=4, times=3)
     t0 = time.monotonic()
     proc = compile_recipe(
-        tmp_path, tmp_path / "home", hub, f"hf://{TINY}", env={"UIW_HTTP_TIMEOUT": "1", "UIW_HTTP_RETRIES": "1"}
+        tmp_path,
+        tmp_path / "home",
+        hub,
+        f"hf://{TINY}",
+        env={"UIW_HTTP_TIMEOUT": "1", "UIW_HTTP_RETRIES": "1"},
+        fetch_only=True,
     )
     hub.faults.clear()
     assert proc.returncode == 2, proc.stderr
@@ -439,3 +458,48 @@ def test_local_hash_memo_makes_a_no_op_recompile_cheap(tmp_path):
     again = HashMemo(memo_path)
     again.sha256(big)
     assert again._dirty
+
+
+def test_local_diffusers_folder_is_pinned_file_by_file(tmp_path, hub, tiny_tree, demo_image):
+    folder = tmp_path / "recipes" / "tiny"
+    for rel, data in tiny_tree.items():
+        (folder / rel).parent.mkdir(parents=True, exist_ok=True)
+        (folder / rel).write_bytes(data)
+    proc = compile_recipe(tmp_path, tmp_path / "home", hub, "./tiny")
+    assert proc.returncode == 0, proc.stderr
+    lock = json.loads((tmp_path / "recipes" / "r.lock.json").read_text())
+    entry = lock["sources"][str(folder)]
+    assert entry["kind"] == "folder" and entry["pin"].startswith("sha256:")
+    assert {f["path"]: f["sha256"] for f in entry["files"]} == {
+        p: sha(d) for p, d in tiny_tree.items() if p.endswith((".json", ".txt", ".safetensors"))
+    }
+    assert np.array_equal(serve(tmp_path / "home", Path(proc.stdout.strip()), REQ), demo_image)
+
+
+def test_disk_full_leaves_nothing_partial(tmp_path, hub, monkeypatch):
+    import errno
+
+    from compiler.sources import download
+
+    hub.files["big.safetensors"] = b"x" * 100_000
+    real = download._write
+
+    def full(r, part, bar):  # some bytes land, then the disk is full
+        real(r, part, bar)
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(download, "_write", full)
+    partial = tmp_path / "partial" / "x.part"
+    with pytest.raises(download.DiskFull, match="disk full") as e:
+        download.download(
+            f"{hub.url}/files/big.safetensors",
+            {},
+            tmp_path / "blob",
+            partial,
+            expected_sha256=None,
+            expected_size=None,
+            label="big",
+            policy=download.Policy(),
+        )
+    assert "nothing partial was kept" in str(e.value)
+    assert not partial.exists() and not (tmp_path / "blob").exists()

@@ -72,9 +72,8 @@ def describe_pipeline(entry: LockEntry, where: str, precision: str, configs_only
     meta = entry.meta
     family = meta.get("family") or family_of_pipeline(meta.get("pipeline_class"), where)
     size = meta.get("native_size") or FAMILIES[family].native_size
-    inputs = tuple((f.path, f.sha256) for f in entry.files if f.path in wanted(entry, precision, configs_only))
-    # A single file's name differs between sources (CivitAI's, the Hub's, yours); its bytes do not.
-    inputs = tuple(("file", f.sha256) for f in entry.files)
+    needed = set(wanted(entry, precision, configs_only))
+    inputs = tuple((f.path, f.sha256) for f in entry.files if f.path in needed)
     return Resolved(
         pin=content_pin(entry, inputs), family=family, native_size=(int(size[0]), int(size[1])), inputs=inputs
     )

@@ -199,8 +199,9 @@ def download(
         found = part.hasher.hexdigest()
         wrong_size = expected_size is not None and part.size != expected_size
         if wrong_size or (expected_sha256 is not None and found != expected_sha256):
+            got = f"{found} ({part.size} bytes)"
             part.reset()
-            raise HashMismatch(label, expected_sha256, found)
+            raise HashMismatch(label, expected_sha256 or f"{expected_size} bytes", got)
         _fsync(partial)
         dest.parent.mkdir(parents=True, exist_ok=True)
         os.replace(partial, dest)

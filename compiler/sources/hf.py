@@ -132,6 +132,12 @@ def _user_error(e: Exception, where: str, src: uri.HfSource, endpoint: str) -> U
     )
 
 
+def _is_transport_error(e: Exception) -> bool:
+    """huggingface_hub 2.x talks through its own HTTP stack (httpx2/httpcore2 here), whose transport
+    errors are not OSErrors; recognise them by module rather than pin a private package."""
+    return type(e).__module__.split(".")[0] in ("httpx", "httpx2", "httpcore", "httpcore2", "requests", "urllib3")
+
+
 def _pin_file(ctx: Context, repo: str, commit: str, sibling: Any, where: str) -> LockedFile:
     path = sibling.rfilename
     variant = variant_of(path)
@@ -196,6 +202,14 @@ def inventory(src: uri.HfSource, where: str, ctx: Context) -> LockEntry:
         raise
     except (HttpStatusError, TransferError, hf.errors.HfHubHTTPError, OSError) as e:
         raise _user_error(e, where, src, ctx.hf_endpoint) from None
+    except Exception as e:
+        if not _is_transport_error(e):
+            raise
+        raise UserError.one(
+            where,
+            f"cannot reach {ctx.hf_endpoint}: {type(e).__name__}: {e}",
+            "check the network and HF_ENDPOINT (a mirror's URL, or unset for huggingface.co)",
+        ) from None
     configs = {
         f.path: json.loads(ctx.store.blob_path(f.hex).read_text()) for f in files if f.path.endswith("config.json")
     }

@@ -68,7 +68,7 @@ def memo(ctx: Context) -> HashMemo:
 
 
 def _listing(root: Path) -> list[Path]:
-    out = []
+    out: list[Path] = []
     for dirpath, dirnames, filenames in os.walk(root):
         dirnames[:] = sorted(d for d in dirnames if d not in SKIP_DIRS)
         out.extend(Path(dirpath) / f for f in sorted(filenames) if not f.startswith("."))

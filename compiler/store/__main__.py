@@ -1,4 +1,4 @@
-"""`python -m compiler.store ls|show|verify|gc`: look into and tidy the store.
+"""`python -m compiler.store ls|show|fetch|verify|gc`: look into and tidy the store.
 
 Hydra owns `python -m compiler`'s arguments, so the store's commands live here, with argparse.
 """

@@ -80,7 +80,7 @@ def cmd_ls(home: Path, as_json: bool) -> int:
     named: dict[str, list[str]] = {}
     for name, nf in inv.names.items():
         named.setdefault(nf.current.cache_key, []).append(name)
-    rows = []
+    rows: list[dict[str, Any]] = []
     for key, path in inv.artifacts.items():
         m = _manifest(path)
         rows.append(
@@ -128,37 +128,43 @@ def cmd_ls(home: Path, as_json: bool) -> int:
 
 def cmd_show(overrides: list[str]) -> int:
     """The recipe's lock and build plan as the compiler would use them, without any network call
-    (lock=frozen semantics) and without building anything."""
-    from compiler.cli import civitai_hosts, environment
+    (lock=frozen) and without building anything."""
+    from compiler.cli import prepare
     from compiler.compose import compose
     from compiler.locking import lock_path, read_lock
-    from compiler.plan import cache_key, make_plan
-    from compiler.recipe import parse_recipe
-    from compiler.sources import describe_file, describe_pipeline
-    from compiler.sources.hf import diffusers_variant
-    from compiler.store import Store
 
     composed = compose(overrides)
-    recipe = parse_recipe(composed.name, composed.path, composed.fields, civitai_hosts())
-    lock = read_lock(lock_path(recipe.path))
-    out: dict[str, Any] = {"recipe": recipe.name, "file": str(recipe.path), "lockfile": str(lock_path(recipe.path))}
+    lock = read_lock(lock_path(composed.path))
+    out: dict[str, Any] = {
+        "recipe": composed.name,
+        "file": str(composed.path),
+        "lockfile": str(lock_path(composed.path)),
+    }
     out["lock"] = lock.model_dump(mode="json") if lock else None
-    missing = [str(s) for s in recipe.sources().values() if lock is None or str(s) not in lock.sources]
-    if missing or lock is None:
-        out["plan"] = None
-        out["note"] = f"not locked yet: {', '.join(missing)}; compile once (lock=auto) to pin"
+    try:
+        p = prepare([*overrides, "lock=frozen"])
+    except UserError as e:
+        if "lock=frozen" not in str(e):
+            raise
+        out.update(plan=None, cache_key=None, built=None, note="not fully locked yet; compile once (lock=auto) to pin")
     else:
-        base_entry = lock.sources[str(recipe.base)]
-        ckpt_entry = lock.sources[str(recipe.checkpoint)] if recipe.checkpoint is not None else None
-        base = describe_pipeline(base_entry, f"{recipe.path}: base", recipe.precision, configs_only=bool(ckpt_entry))
-        ckpt = describe_file(ckpt_entry, f"{recipe.path}: checkpoint") if ckpt_entry else None
-        plan = make_plan(recipe, base, None if ckpt else diffusers_variant(base_entry, recipe.precision), ckpt)
-        key = cache_key(plan, environment())
-        out["plan"] = plan.canonical()
-        out["cache_key"] = key
-        built = Store(composed.home).lookup(key)
-        out["built"] = str(built) if built else None
+        built = p.store.lookup(p.key)
+        out.update(plan=p.plan.canonical(), cache_key=p.key, built=str(built) if built else None)
     print(json.dumps(out, indent=2, sort_keys=True))
+    return 0
+
+
+def cmd_fetch(overrides: list[str]) -> int:
+    """Lock the recipe and download what a build at its precision reads, without building: a
+    Docker layer or a CI cache can hold the weights before any compile runs."""
+    from compiler.cli import prepare
+
+    p = prepare(overrides)
+    base, ckpt = p.fetch()
+    for f in (base, ckpt):
+        if f is not None:
+            for name, path in f.files.items():
+                print(f"{f.source}  {name}  {path}")
     return 0
 
 
@@ -259,6 +265,8 @@ def main(argv: list[str]) -> int:
     p_ls.add_argument("--json", action="store_true")
     p_show = sub.add_parser("show", help="a recipe's lock and build plan: show recipe=NAME [overrides]")
     p_show.add_argument("overrides", nargs="+")
+    p_fetch = sub.add_parser("fetch", help="lock a recipe and download its inputs without building: fetch recipe=NAME")
+    p_fetch.add_argument("overrides", nargs="+")
     p_verify = sub.add_parser("verify", help="re-hash artifacts (and blobs) against their manifests and names")
     p_verify.add_argument("keys", nargs="*")
     p_gc = sub.add_parser("gc", help="remove what no name, artifact or lockfile references")
@@ -279,6 +287,9 @@ def main(argv: list[str]) -> int:
         if args.cmd == "show":
             overrides = args.overrides + ([f"home={args.home}"] if args.home else [])
             return cmd_show(overrides)
+        if args.cmd == "fetch":
+            logging.getLogger("compiler").setLevel(logging.INFO)
+            return cmd_fetch(args.overrides + ([f"home={args.home}"] if args.home else []))
         if args.cmd == "verify":
             return cmd_verify(home, args.keys)
         dirs = args.recipes or [Path(os.environ.get("UIW_RECIPES", "recipes"))]

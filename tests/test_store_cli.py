@@ -1,0 +1,92 @@
+"""`python -m compiler.store ls|show|verify|gc` on a real store, as a user runs it."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import subprocess
+from pathlib import Path
+
+from tests.conftest import PY, REPO, run_compiler
+
+
+def store(home: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    env = {k: v for k, v in os.environ.items() if k not in ("UIW_RECIPES", "HF_HUB_OFFLINE")}
+    return subprocess.run(
+        [PY, "-m", "compiler.store", "--home", str(home), *args],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+
+
+def test_ls_show_verify_gc(tmp_path: Path) -> None:
+    home = tmp_path / "home"
+    fp32 = run_compiler("recipe=demo", home=home)
+    fp16 = run_compiler("recipe=demo", "precision=fp16", home=home)
+    assert fp32.returncode == 0 and fp16.returncode == 0, fp32.stderr + fp16.stderr
+    k32, k16 = Path(fp32.stdout.strip()).name, Path(fp16.stdout.strip()).name
+
+    listing = json.loads(store(home, "ls", "--json").stdout)
+    assert {a["cache_key"] for a in listing["artifacts"]} == {k32, k16}
+    assert listing["names"]["demo"] == {"current": k16, "history": [k32]}
+    human = store(home, "ls").stdout
+    assert "demo -> " + k16[:16] in human and "(history: 1)" in human
+
+    shown = store(home, "show", "recipe=demo", "precision=fp16")
+    assert shown.returncode == 0, shown.stderr
+    plan = json.loads(shown.stdout)
+    assert plan["cache_key"] == k16 and plan["built"] == fp16.stdout.strip()
+    assert plan["lock"]["sources"]["builtin:tiny-sd15"]["pin"] == "builtin:tiny-sd15@1"
+    assert plan["plan"]["precision"] == "fp16"
+
+    assert store(home, "verify").returncode == 0
+    victim = home / "artifacts" / "v1" / k32 / "pipeline" / "model_index.json"
+    original = victim.read_bytes()
+    victim.write_bytes(original + b" ")
+    bad = store(home, "verify")
+    assert bad.returncode == 1 and f"artifact {k32}: pipeline/model_index.json does not hash" in bad.stdout
+    victim.write_bytes(original)
+
+    # gc: an artifact no name points at and a blob nothing pins go; a blob a lockfile pins stays.
+    # Rolling the name's history back to fp16 alone orphans the fp32 artifact.
+    ko = k32
+    name_file = home / "names" / "demo.json"
+    name_file.write_text(json.dumps({**json.loads(name_file.read_text()), "history": []}))
+    blobs = home / "blobs" / "sha256"
+    blobs.mkdir(parents=True)
+    loose, pinned = b"nobody wants me", b"a lockfile pins me"
+    for data in (loose, pinned):
+        (blobs / hashlib.sha256(data).hexdigest()).write_bytes(data)
+    recipes = tmp_path / "recipes"
+    recipes.mkdir()
+    (recipes / "x.lock.json").write_text(
+        json.dumps(
+            {
+                "recipe": "x",
+                "sources": {
+                    "https://e.org/m": {
+                        "source": "https://e.org/m",
+                        "kind": "file",
+                        "pin": "sha256:" + hashlib.sha256(pinned).hexdigest(),
+                        "files": [
+                            {"path": "m", "sha256": "sha256:" + hashlib.sha256(pinned).hexdigest(), "size": len(pinned)}
+                        ],
+                    }
+                },
+            }
+        )
+    )
+
+    dry = store(home, "gc", "--recipes", str(recipes), "--dry-run")
+    assert dry.returncode == 0 and f"would remove {home / 'artifacts' / 'v1' / ko}" in dry.stdout
+    assert (home / "artifacts" / "v1" / ko).exists()
+    gc = store(home, "gc", "--recipes", str(recipes))
+    assert gc.returncode == 0, gc.stderr
+    assert not (home / "artifacts" / "v1" / ko).exists()
+    assert (home / "artifacts" / "v1" / k16).exists()
+    assert not (blobs / hashlib.sha256(loose).hexdigest()).exists()
+    assert (blobs / hashlib.sha256(pinned).hexdigest()).exists()
