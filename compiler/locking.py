@@ -18,7 +18,7 @@ from compiler import uri
 from compiler.errors import UserError
 from compiler.lock import Lock, LockEntry
 from compiler.recipe import Recipe
-from compiler.sources import Context, inventory
+from compiler.sources import Context, enrich, inventory
 from runtime.artifact import write_text_atomic
 
 log = logging.getLogger(__name__)
@@ -78,10 +78,15 @@ def lock_sources(recipe: Recipe, mode: str, ctx: Context) -> Lock:
     for key in keys:
         src = uri.parse(key)
         if mode == "update" or key in drift.added or isinstance(src, uri.LocalSource):
-            fresh[key] = inventory(src, where[key], ctx)
+            entry = inventory(src, where[key], ctx)
             before = old.sources.get(key) if old else None
-            if before is not None and before.pin != fresh[key].pin:
-                log.info("relocked %s: %s -> %s", key, before.pin, fresh[key].pin)
+            if before is not None and before.pin == entry.pin:
+                entry = before  # unchanged (a re-checked local file): keep what was recorded
+            else:
+                entry = enrich(entry, ctx)
+                if before is not None:
+                    log.info("relocked %s: %s -> %s", key, before.pin, entry.pin)
+            fresh[key] = entry
     new = lockfile.with_entries(old, recipe.name, fresh, keys)
     if new != old:
         _write(path, new)

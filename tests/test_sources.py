@@ -180,15 +180,15 @@ def test_a_moved_branch_keeps_the_locked_commit_until_relocked(tmp_path, hub, ti
 
 def test_lock_modes_locked_fails_on_drift_and_frozen_makes_no_metadata_calls(tmp_path, hub):
     h = tmp_path / "home"
-    ok = compile_recipe(tmp_path, h, hub, f"hf://{TINY}")
+    ok = compile_recipe(tmp_path, h, hub, f"hf://{TINY}", fetch_only=True)
     assert ok.returncode == 0, ok.stderr
     lock_file = tmp_path / "recipes" / "r.lock.json"
     locked = lock_file.read_bytes()
 
     before = len(hub.log)
-    frozen = compile_recipe(tmp_path, h, hub, f"hf://{TINY}", "lock=frozen")
+    frozen = compile_recipe(tmp_path, h, hub, f"hf://{TINY}", "lock=frozen", fetch_only=True)
     assert frozen.returncode == 0, frozen.stderr
-    assert frozen.stdout == ok.stdout
+    assert frozen.stdout == ok.stdout, "the same blobs"
     assert hub.log[before:] == [], "frozen trusts the lock: no call at all when the blobs are here"
 
     drift = compile_recipe(tmp_path, h, hub, f"hf://{TINY}@other-branch", "lock=locked")
@@ -342,8 +342,12 @@ def demo_image(home: Path, demo_artifact: Path) -> np.ndarray:
     return serve(home, demo_artifact, REQ)
 
 
-def _ckpt_compile(tmp_path: Path, hub: FakeHub, source: str, *args: str, env: dict[str, str] | None = None):
-    return compile_recipe(tmp_path, tmp_path / "home", hub, source, *args, env=env, text=CKPT_RECIPE)
+def _ckpt_compile(
+    tmp_path: Path, hub: FakeHub, source: str, *args: str, env: dict[str, str] | None = None, fetch_only: bool = False
+):
+    return compile_recipe(
+        tmp_path, tmp_path / "home", hub, source, *args, env=env, text=CKPT_RECIPE, fetch_only=fetch_only
+    )
 
 
 def test_civitai_checkpoint_resolve_lock_fetch_compile_serve(tmp_path, hub, ldm_checkpoint, demo_image):
@@ -382,13 +386,16 @@ def test_civitai_checkpoint_resolve_lock_fetch_compile_serve(tmp_path, hub, ldm_
 
 def test_civitai_latest_version_is_pinned_and_errors_list_alternatives(tmp_path, hub, ldm_checkpoint):
     hub.add_civitai(777, 7001, ldm_checkpoint, "a.safetensors")
-    proc = _ckpt_compile(tmp_path, hub, "civitai://models/777")
+    proc = _ckpt_compile(tmp_path, hub, "civitai://models/777", fetch_only=True)
     assert proc.returncode == 0, proc.stderr
-    lock = json.loads((tmp_path / "recipes" / "r.lock.json").read_text())
-    assert lock["sources"]["civitai://models/777"]["pin"] == "civitai-version:7001"
+    lock_file = tmp_path / "recipes" / "r.lock.json"
+    assert json.loads(lock_file.read_text())["sources"]["civitai://models/777"]["pin"] == "civitai-version:7001"
     hub.add_civitai(777, 7002, b"a newer upload", "b.safetensors")
-    same = _ckpt_compile(tmp_path, hub, "civitai://models/777")
+    same = _ckpt_compile(tmp_path, hub, "civitai://models/777", fetch_only=True)
     assert same.stdout == proc.stdout, "a newer version does not move the lock until lock=update"
+    newer = _ckpt_compile(tmp_path, hub, "civitai://models/777", "lock=update", fetch_only=True)
+    assert json.loads(lock_file.read_text())["sources"]["civitai://models/777"]["pin"] == "civitai-version:7002"
+    assert newer.returncode == 2 and "not a safetensors file" in newer.stderr  # b"a newer upload"
 
     missing = _ckpt_compile(tmp_path, hub, "civitai://models/777@9999")
     assert missing.returncode == 2 and "has no version 9999" in missing.stderr
@@ -403,6 +410,7 @@ def test_civitai_latest_version_is_pinned_and_errors_list_alternatives(tmp_path,
 
 def test_https_hf_file_and_local_checkpoints_compile_to_the_same_model(tmp_path, hub, ldm_checkpoint, demo_image):
     hub.files["models/tiny.safetensors"] = ldm_checkpoint
+    hub.add_civitai(4203, 140003, ldm_checkpoint, "tiny.safetensors")
     digest = hashlib.sha256(ldm_checkpoint).hexdigest()
     hub.repo("uiw-test/single").push({"tiny-ldm.safetensors": ldm_checkpoint, "README.md": b"x"})
     local = tmp_path / "recipes" / "weights" / "tiny.safetensors"
@@ -415,13 +423,21 @@ def test_https_hf_file_and_local_checkpoints_compile_to_the_same_model(tmp_path,
         "hf://uiw-test/single/tiny-ldm.safetensors",
         "./weights/tiny.safetensors",
     ):
-        proc = _ckpt_compile(tmp_path, hub, source)
+        # The local file is also looked up on CivitAI by its hash (opt-in), as a user who
+        # downloaded it there by hand would want: the lock then records its baseModel and AIR.
+        lookup = {"UIW_CIVITAI_LOOKUP": "1"} if source.startswith("./") else {}
+        proc = _ckpt_compile(tmp_path, hub, source, env=lookup)
         assert proc.returncode == 0, proc.stderr[-600:]
         lock = json.loads((tmp_path / "recipes" / "r.lock.json").read_text())
-        (entry,) = (
-            lock["sources"].values() if False else [e for k, e in lock["sources"].items() if k != "builtin:tiny-sd15"]
-        )
+        (entry,) = [e for k, e in lock["sources"].items() if k != "builtin:tiny-sd15"]
         assert entry["files"][0]["sha256"] == f"sha256:{digest}", source
+        if lookup:
+            assert entry["meta"]["civitai"]["base_model"] == "SD 1.5", entry["meta"]
+            found = hub.versions[entry["meta"]["civitai"]["version_id"]]  # the API record of these bytes
+            assert found.files[0]["hashes"]["SHA256"] == digest.upper()
+            assert entry["meta"]["civitai"]["air"] == f"urn:air:sd1:checkpoint:civitai:{found.model_id}@{found.id}"
+        else:
+            assert "civitai" not in entry["meta"], "no lookup unless asked: it tells CivitAI your file's hash"
         outputs.add(proc.stdout)
     assert len(outputs) == 1, "same bytes, same artifact, whatever the scheme"
     assert np.array_equal(serve(tmp_path / "home", Path(outputs.pop().strip()), REQ), demo_image)

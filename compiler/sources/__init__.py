@@ -38,6 +38,14 @@ def inventory(source: uri.Source, where: str, ctx: Context) -> LockEntry:
     return INVENTORY[type(source)](source, where, ctx)
 
 
+def enrich(entry: LockEntry, ctx: Context) -> LockEntry:
+    """A single file from outside CivitAI, with what CivitAI knows of its bytes (opt-in lookup)."""
+    if entry.kind != "file" or isinstance(uri.parse(entry.source), uri.CivitaiSource):
+        return entry
+    found = civitai.lookup_by_hash(ctx, entry.files[0].hex)
+    return entry.model_copy(update={"meta": {**entry.meta, "civitai": found}}) if found else entry
+
+
 def wanted(entry: LockEntry, precision: str, configs_only: bool = False) -> tuple[str, ...]:
     """The locked files a build at this precision reads (all of them but unused variants; with
     ``configs_only``, when a checkpoint brings the weights, no weights at all)."""
@@ -94,4 +102,14 @@ def describe_file(entry: LockEntry, where: str) -> Resolved:
     )
 
 
-__all__ = ["Context", "Fetched", "Resolved", "describe_file", "describe_pipeline", "fetch", "inventory", "wanted"]
+__all__ = [
+    "Context",
+    "Fetched",
+    "Resolved",
+    "describe_file",
+    "describe_pipeline",
+    "enrich",
+    "fetch",
+    "inventory",
+    "wanted",
+]

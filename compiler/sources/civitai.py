@@ -9,6 +9,7 @@ download path relative to the site root, so a mirror set through the env var ser
 
 from __future__ import annotations
 
+import logging
 import os
 from typing import Any
 from urllib.parse import urlsplit
@@ -19,6 +20,8 @@ from compiler.lock import LockedFile, LockEntry
 from compiler.sources.base import Context, Fetched
 from compiler.sources.blobs import fetch_pinned
 from compiler.sources.download import HttpStatusError, TransferError, get_json
+
+log = logging.getLogger(__name__)
 
 TOKEN_ENV = "CIVITAI_TOKEN"
 WEIGHT_TYPES = ("Model", "Pruned Model")
@@ -44,6 +47,34 @@ def _status_error(e: HttpStatusError, where: str, what: str) -> UserError:
     if e.status == 404:
         return UserError.one(where, f"CivitAI has no {what} (HTTP 404)", "check the id on the model's page")
     return UserError.one(where, f"CivitAI answered HTTP {e.status} for {what}", "retry later; the site may be down")
+
+
+def version_meta(version: dict[str, Any]) -> dict[str, Any]:
+    """What the lock records of a CivitAI version (detection cross-checks `base_model`)."""
+    model = version.get("model") or {}
+    return {
+        "model_id": version.get("modelId"),
+        "version_id": version.get("id"),
+        "base_model": version.get("baseModel"),
+        "model_type": model.get("type"),
+        "air": version.get("air"),
+        "name": f"{model.get('name', '')} {version.get('name', '')}".strip(),
+    }
+
+
+def lookup_by_hash(ctx: Context, sha256_hex: str) -> dict[str, Any] | None:
+    """CivitAI's record of a file found elsewhere (a URL, a local disk), by its SHA256. Opt-in
+    (UIW_CIVITAI_LOOKUP=1): it tells CivitAI the hash of your file. None when CivitAI does not know
+    it or cannot be reached; a lookup never fails a compile."""
+    if os.environ.get("UIW_CIVITAI_LOOKUP") != "1":
+        return None
+    try:
+        version = _api(ctx, f"model-versions/by-hash/{sha256_hex.upper()}")
+    except (HttpStatusError, TransferError) as e:
+        if not (isinstance(e, HttpStatusError) and e.status == 404):
+            log.warning("CivitAI lookup of %s failed: %s", sha256_hex[:12], e)
+        return None
+    return version_meta(version)
 
 
 def choose_file(files: list[dict[str, Any]], where: str, what: str) -> dict[str, Any]:
@@ -114,18 +145,7 @@ def inventory(src: uri.CivitaiSource, where: str, ctx: Context) -> LockEntry:
             f"CivitAI lists no SHA256 for {chosen.get('name')}",
             "pick another version or use its download URL with #sha256=",
         )
-    model_id = int(version.get("modelId") or src.model_id or 0)
-    size_kb = chosen.get("sizeKB")
-    meta = {
-        "model_id": model_id,
-        "version_id": version_id,
-        "base_model": version.get("baseModel"),
-        "model_type": (version.get("model") or {}).get("type"),
-        "air": version.get("air"),
-        "name": f"{(version.get('model') or {}).get('name', '')} {version.get('name', '')}".strip(),
-        "file_id": chosen.get("id"),
-        "size_kb": size_kb,
-    }
+    meta = {**version_meta(version), "file_id": chosen.get("id"), "size_kb": chosen.get("sizeKB")}
     download = str(chosen.get("downloadUrl") or f"{ctx.civitai_base}/api/download/models/{version_id}")
     parts = urlsplit(download)
     relative = parts._replace(scheme="", netloc="").geturl()  # the site is a setting, not part of the pin

@@ -242,6 +242,10 @@ def fetch(entry: LockEntry, where: str, ctx: Context, paths: tuple[str, ...]) ->
     try:
         for p in paths:
             f = entry.file(p)
+            have = ctx.store.blob_path(f.hex)
+            if have.is_file():  # no URL, no headers: huggingface_hub is not even imported (lock=frozen: no call)
+                out[p] = have
+                continue
             out[p] = fetch_pinned(ctx, f, file_url(ctx, src.repo, p, commit), _headers(), f"{src.repo}/{p}")
     except (HttpStatusError, TransferError) as e:
         raise _user_error(e, where, src, ctx.hf_endpoint) from None
