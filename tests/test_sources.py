@@ -218,6 +218,20 @@ def test_resume_after_a_dropped_connection_and_retry_after_500(tmp_path, hub, ti
     assert not list((tmp_path / "home" / "blobs" / "partial").iterdir())
 
 
+def test_a_partial_download_left_by_a_killed_run_resumes(tmp_path, hub, tiny_tree):
+    path = "vae/diffusion_pytorch_model.safetensors"
+    digest = hashlib.sha256(tiny_tree[path]).hexdigest()
+    partial = tmp_path / "home" / "blobs" / "partial" / f"{digest}.part"
+    partial.parent.mkdir(parents=True)
+    partial.write_bytes(tiny_tree[path][:5000])  # what a SIGKILLed compile leaves behind
+    before = len(hub.log)
+    proc = compile_recipe(tmp_path, tmp_path / "home", hub, f"hf://{TINY}", fetch_only=True)
+    assert proc.returncode == 0, proc.stderr
+    assert [r.range for r in hub.log[before:] if r.path.endswith(path) and r.method == "GET"] == ["bytes=5000-"]
+    assert (tmp_path / "home" / "blobs" / "sha256" / digest).read_bytes() == tiny_tree[path]
+    assert not partial.exists()
+
+
 def test_corrupted_bytes_are_refused_and_nothing_is_kept(tmp_path, hub, tiny_tree):
     path = "text_encoder/model.safetensors"
     hub.fault(path, "corrupt", times=10)

@@ -4,10 +4,8 @@ from __future__ import annotations
 
 import hashlib
 import os
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from pathlib import Path
-
-import httpx
 
 from compiler.lock import LockedFile
 from compiler.sources.base import Context
@@ -20,7 +18,6 @@ def fetch_pinned(
     url: str,
     headers: Mapping[str, str],
     label: str,
-    on_response: Callable[[httpx.Response], None] | None = None,
 ) -> Path:
     """The blob for a locked file, downloading it under the blob's lock if it is not there yet."""
     dest = ctx.store.blob_path(locked.hex)
@@ -37,7 +34,6 @@ def fetch_pinned(
                 expected_size=locked.size,
                 label=label,
                 policy=ctx.policy,
-                on_response=on_response,
             )
     return dest
 
@@ -47,6 +43,9 @@ def fetch_unpinned(ctx: Context, url: str, headers: Mapping[str, str], label: st
     them as a blob and return (sha256 hex, size, blob path)."""
     name = "url-" + hashlib.sha256(url.encode()).hexdigest()
     with ctx.store.blob_lock(name):
+        # No resume across runs here: with no pin to check against, bytes left by an earlier run
+        # might be of another version of the file and would poison the pin.
+        ctx.store.partial_path(name).unlink(missing_ok=True)
         tmp = ctx.store.partial_path(name).with_suffix(".done")
         found = download(
             url,

@@ -16,7 +16,7 @@ import os
 import shutil
 import sys
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -145,7 +145,6 @@ def download(
     expected_size: int | None,
     label: str,
     policy: Policy,
-    on_response: Callable[[httpx.Response], None] | None = None,
 ) -> str:
     """Fetch ``url`` into ``dest`` (atomically) and return the sha256 hex of its bytes.
 
@@ -170,8 +169,6 @@ def download(
                     req_headers["Range"] = f"bytes={part.size}-"
                 try:
                     with c.stream("GET", url, headers=req_headers) as r:
-                        if on_response is not None:
-                            on_response(r)
                         if r.status_code == 416 and part.size:  # nothing after our offset: restart clean
                             part.reset()
                             raise _Retry(f"HTTP 416 at offset {part.size}")
@@ -185,7 +182,7 @@ def download(
                             part.reset()
                         if r.status_code == 206:
                             log.info("%s: resuming at byte %d", label, part.size)
-                        total = _total(r, part.size)
+                        total = _total(r)
                         _write(r, part, bar)
                         if total is not None and part.size < total:
                             raise _Retry(f"connection closed at byte {part.size} of {total}")
@@ -225,7 +222,7 @@ class _Retry(Exception):
     pass
 
 
-def _total(r: httpx.Response, offset: int) -> int | None:
+def _total(r: httpx.Response) -> int | None:
     if r.status_code == 206:
         cr = r.headers.get("Content-Range", "")  # bytes START-END/TOTAL
         tail = cr.rpartition("/")[2]
