@@ -1,0 +1,383 @@
+"""What a model file is, from its safetensors header alone: no tensor is read, nothing executes.
+
+``detect(header)`` is pure: names, shapes and dtypes in, a ``Detection`` out, with the keys and
+shapes that decided (``evidence``). It never guesses a family: when the header cannot tell (an SD
+and an SDXL VAE share a layout) ``family`` is None and ``candidates`` lists what it could be.
+``read_header(path)`` reads the 8-byte length and the JSON header, nothing more.
+
+The rules follow the layouts of real files (../shared/fixtures/model-keys/, from sd-mecha's model
+configs) and the checks diffusers' and ComfyUI's loaders make: the UNet's cross-attention width
+tells SD 1.x (768) from SD 2.x (1024), SDXL (2048) and the SDXL refiner (1280); SDXL's ADM input
+(label_emb, 2816 vs 2560) confirms base vs refiner; the first conv's input channels tell an
+inpaint model (9) or a depth model (5); FLUX dev has ``guidance_in``, schnell has not; SD3.5
+medium adds a second attention to its x blocks and SD3.5 large is 2432 wide.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import struct
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+Shape = tuple[int, ...]
+
+CONTEXT_FAMILY = {768: "sd15", 1024: "sd2", 2048: "sdxl", 1280: "sdxl-refiner"}
+SD_LATENT_FAMILIES = ("sd15", "sd2", "sdxl")  # 4-channel latents: VAEs share one layout
+FLOW_LATENT_FAMILIES = ("sd3", "flux-dev")  # 16-channel latents
+MAX_HEADER = 100 << 20  # a header larger than this is not a model file's
+
+
+@dataclass(frozen=True)
+class Detection:
+    kind: str  # checkpoint, unet, transformer, vae, text-encoder, lora, embedding, controlnet, unknown
+    family: str | None
+    format: str | None  # ldm, sgm, diffusers, bfl, comfyui, kohya, peft, lycoris, a1111
+    variant: str = "normal"  # normal, inpaint, depth, control, ema
+    prediction: str | None = None  # eps, v, flow; None when the header cannot tell
+    candidates: tuple[str, ...] = ()
+    evidence: tuple[str, ...] = field(default_factory=tuple)
+
+    def as_json(self, path: str) -> dict[str, Any]:
+        d = asdict(self)
+        d["candidates"] = list(self.candidates)
+        d["evidence"] = list(self.evidence)
+        return {"path": path, **d}
+
+
+class HeaderError(ValueError):
+    pass
+
+
+def read_header(path: Path) -> tuple[dict[str, tuple[Shape, str]], dict[str, str]]:
+    """(key -> (shape, dtype), metadata) from a safetensors file's header."""
+    with path.open("rb") as f:
+        head = f.read(8)
+        if len(head) < 8:
+            raise HeaderError("shorter than a safetensors header")
+        (n,) = struct.unpack("<Q", head)
+        if n > MAX_HEADER or n + 8 > path.stat().st_size:
+            raise HeaderError("not a safetensors file (header length out of range; a pickle or another format?)")
+        try:
+            raw = json.loads(f.read(n))
+        except ValueError as e:
+            raise HeaderError(f"not a safetensors header ({e})") from None
+    meta = raw.pop("__metadata__", None) or {}
+    return {k: (tuple(v["shape"]), str(v["dtype"])) for k, v in raw.items()}, dict(meta)
+
+
+def _find(keys: dict[str, tuple[Shape, str]], pattern: str) -> tuple[str, Shape] | None:
+    rx = re.compile(pattern)
+    for k in sorted(keys):
+        if rx.search(k):
+            return k, keys[k][0]
+    return None
+
+
+def _ev(hit: tuple[str, Shape]) -> str:
+    return f"{hit[0]} {list(hit[1])}"
+
+
+def _context_family(keys: dict[str, tuple[Shape, str]], pattern: str) -> tuple[str | None, list[str]]:
+    hit = _find(keys, pattern)
+    if hit is None or len(hit[1]) < 2:
+        return None, []
+    return CONTEXT_FAMILY.get(hit[1][1]), [_ev(hit)]
+
+
+def _prediction(keys: dict[str, tuple[Shape, str]], meta: dict[str, str], family: str | None) -> str | None:
+    if "v_pred" in keys:  # NoobAI-style SDXL v-prediction checkpoints carry this marker key
+        return "v"
+    declared = meta.get("modelspec.prediction_type") or meta.get("prediction_type")
+    if declared in ("v", "v_prediction"):
+        return "v"
+    if declared in ("epsilon", "eps"):
+        return "eps"
+    return {"sd15": "eps", "sdxl": "eps", "sdxl-refiner": "eps"}.get(family or "")
+
+
+def detect(keys: dict[str, tuple[Shape, str]], meta: dict[str, str] | None = None) -> Detection:
+    meta = meta or {}
+    names = set(keys)
+    if not names:
+        return Detection("unknown", None, None, evidence=("no tensors",))
+    for rule in (_lora, _embedding, _controlnet, _single_file, _diffusers_denoiser, _vae, _text_encoder):
+        found = rule(keys, names, meta)
+        if found is not None:
+            return found
+    sample = sorted(names)[:3]
+    return Detection("unknown", None, None, evidence=tuple(f"unrecognised key {k}" for k in sample))
+
+
+def _any(names: set[str], *needles: str) -> bool:
+    return any(n in k for k in names for n in needles)
+
+
+def _lora(keys: dict[str, tuple[Shape, str]], names: set[str], meta: dict[str, str]) -> Detection | None:
+    lycoris = _any(names, ".hada_w1_a", ".lokr_w1", ".oft_blocks", ".lokr_w2")
+    kohya = _any(names, ".lora_down.weight", ".lora_up.weight")
+    peft = _any(names, ".lora_A.weight", ".lora_B.weight", ".lora.down.weight")
+    if not (lycoris or kohya or peft):
+        return None
+    fmt = "lycoris" if lycoris else "kohya" if kohya else "peft"
+    evidence = [f"{fmt} keys, e.g. {sorted(k for k in names if 'lora' in k or 'hada' in k or 'lokr' in k)[0]}"]
+    family: str | None = None
+    if _any(names, "double_blocks", "single_transformer_blocks", "single_blocks"):
+        family = "flux-dev"
+        evidence.append("FLUX block names")
+    elif _any(names, "joint_blocks", "context_block"):
+        family = "sd3"
+        evidence.append("SD3 joint block names")
+    else:
+        fam, ev = _context_family(keys, r"attn2[._]to_k(\.lora_down|\.lora_A|\.lora\.down|\.hada_w1_b|)\.weight$")
+        if fam is None:
+            fam, ev = _context_family(keys, r"attn2[._]to_k\.(lora_down|lora_A)\.weight$")
+        family, evidence = fam, evidence + ev
+        if family is None and _any(names, "lora_te1_", "lora_te2_", "text_encoder_2"):
+            family = "sdxl"
+            evidence.append("two text encoders (te1/te2)")
+    cands = () if family else ("sd15", "sd2", "sdxl", "flux-dev", "sd3")
+    return Detection("lora", family, fmt, candidates=cands, evidence=tuple(evidence))
+
+
+def _embedding(keys: dict[str, tuple[Shape, str]], names: set[str], meta: dict[str, str]) -> Detection | None:
+    if {"clip_l", "clip_g"} <= names:
+        return Detection(
+            "embedding",
+            "sdxl",
+            "a1111",
+            evidence=(f"clip_l {list(keys['clip_l'][0])}", f"clip_g {list(keys['clip_g'][0])}"),
+        )
+    for k in ("emb_params", "string_to_param.*", "string_to_param"):
+        if k in names:
+            dim = keys[k][0][-1]
+            fam = {768: "sd15", 1024: "sd2"}.get(dim)
+            return Detection(
+                "embedding",
+                fam,
+                "a1111",
+                candidates=() if fam else SD_LATENT_FAMILIES,
+                evidence=(f"{k} {list(keys[k][0])}",),
+            )
+    if len(names) == 1:
+        (k,) = names
+        shape = keys[k][0]
+        if len(shape) in (1, 2) and shape[-1] in (768, 1024):
+            fam = {768: "sd15", 1024: "sd2"}[shape[-1]]
+            return Detection("embedding", fam, "diffusers", evidence=(f"one tensor {k} {list(shape)}",))
+    return None
+
+
+def _controlnet(keys: dict[str, tuple[Shape, str]], names: set[str], meta: dict[str, str]) -> Detection | None:
+    if _any(names, "control_model.input_hint_block", "input_hint_block.0.weight"):
+        fam, ev = _context_family(keys, r"input_blocks\.\d+\.1\.transformer_blocks\.0\.attn2\.to_k\.weight$")
+        return Detection(
+            "controlnet",
+            fam,
+            "ldm",
+            candidates=() if fam else SD_LATENT_FAMILIES,
+            evidence=("input_hint_block keys", *ev),
+        )
+    if _any(names, "controlnet_cond_embedding.conv_in.weight"):
+        fam, ev = _context_family(keys, r"attn2\.to_k\.weight$")
+        return Detection(
+            "controlnet",
+            fam,
+            "diffusers",
+            candidates=() if fam else SD_LATENT_FAMILIES,
+            evidence=("controlnet_cond_embedding keys", *ev),
+        )
+    return None
+
+
+def _single_file(keys: dict[str, tuple[Shape, str]], names: set[str], meta: dict[str, str]) -> Detection | None:
+    """Original-layout files: LDM/SGM UNets (with or without VAE and text encoders), SD3 MMDiT,
+    FLUX in BFL naming."""
+    prefix = "model.diffusion_model."
+    has_vae = _any(names, "first_stage_model.", "vae.decoder.")
+    has_te = _any(names, "cond_stage_model.", "conditioner.embedders.", "text_encoders.")
+    whole = has_vae or has_te
+    fam: str | None
+    ev: list[str]
+    # FLUX (BFL naming), bare or under the ComfyUI prefix.
+    if _any(names, "double_blocks.0.img_attn.qkv.weight"):
+        img_in = _find(keys, r"(^|\.)img_in\.weight$")
+        channels = img_in[1][1] if img_in else 64
+        variant, fam = "normal", "flux-dev"
+        if channels == 384:
+            variant, fam = "inpaint", "flux-fill"
+        elif channels == 128:
+            variant, fam = "control", None
+        guidance = _find(keys, r"(^|\.)guidance_in\.in_layer\.weight$")
+        if fam == "flux-dev" and guidance is None:
+            fam = "flux-schnell"
+        flux_ev = (
+            "double_blocks (BFL naming)",
+            _ev(img_in) if img_in else "img_in missing",
+            _ev(guidance) if guidance else "no guidance_in (distilled without guidance: schnell)",
+        )
+        return Detection(
+            "checkpoint" if whole else "transformer",
+            fam,
+            "bfl",
+            variant,
+            "flow",
+            candidates=("flux-depth", "flux-canny") if fam is None else (),
+            evidence=flux_ev,
+        )
+    # SD3 / SD3.5 (MMDiT) single files.
+    if _any(names, prefix + "joint_blocks.0."):
+        blocks = {int(m.group(1)) for k in names if (m := re.match(re.escape(prefix) + r"joint_blocks\.(\d+)\.", k))}
+        emb = _find(keys, re.escape(prefix) + r"x_embedder\.proj\.weight$")
+        width = emb[1][0] if emb else 0
+        fam = "sd35-large" if width == 2432 else "sd35-medium" if _any(names, ".x_block.attn2.") else "sd3"
+        sd3_ev = (
+            f"{len(blocks)} joint_blocks",
+            _ev(emb) if emb else "no x_embedder",
+            "x_block.attn2 (MMDiT-X)" if fam == "sd35-medium" else "no x_block.attn2",
+        )
+        return Detection(
+            "checkpoint" if whole else "transformer",
+            fam,
+            "comfyui" if whole else "ldm",
+            "normal",
+            "flow",
+            evidence=sd3_ev,
+        )
+    # LDM/SGM UNets; an EMA-only file stores them as model_ema.<name without dots>.
+    ema_only = not _any(names, prefix) and _any(names, "model_ema.diffusion_model")
+    if not _any(names, prefix + "input_blocks.") and not ema_only:
+        return None
+    if ema_only:
+        fam, ev = _context_family(keys, r"model_ema\.diffusion_model.*attn2to_kweight$")
+        conv = _find(keys, r"model_ema\.diffusion_modelinput_blocks00weight$")
+        adm = _find(keys, r"model_ema\.diffusion_modellabel_emb00weight$")
+    else:
+        fam, ev = _context_family(
+            keys, re.escape(prefix) + r"(input|output)_blocks\.\d+\.1\.transformer_blocks\.0\.attn2\.to_k\.weight$"
+        )
+        conv = _find(keys, re.escape(prefix) + r"input_blocks\.0\.0\.weight$")
+        adm = _find(keys, re.escape(prefix) + r"label_emb\.0\.0\.weight$")
+    evidence = list(ev)
+    if adm is not None:
+        evidence.append(_ev(adm))
+        by_adm = {2816: "sdxl", 2560: "sdxl-refiner"}.get(adm[1][1])
+        if by_adm is not None and fam not in (None, by_adm):
+            return Detection("unknown", None, None, candidates=(fam, by_adm), evidence=tuple(evidence))
+        fam = by_adm or fam
+    in_ch = conv[1][1] if conv else 4
+    if conv:
+        evidence.append(_ev(conv))
+    variant = {4: "normal", 9: "inpaint", 5: "depth", 8: "instruct-pix2pix"}.get(in_ch, f"{in_ch}-channel")
+    if ema_only:
+        variant = "ema" if variant == "normal" else variant
+    fmt = "sgm" if _any(names, "conditioner.embedders.") or fam in ("sdxl", "sdxl-refiner") else "ldm"
+    kind = "checkpoint" if whole else "unet"
+    cands = () if fam else tuple(CONTEXT_FAMILY.values())
+    return Detection(kind, fam, fmt, variant, _prediction(keys, meta, fam), cands, tuple(evidence))
+
+
+def _diffusers_denoiser(keys: dict[str, tuple[Shape, str]], names: set[str], meta: dict[str, str]) -> Detection | None:
+    if "conv_in.weight" in names and _any(names, "down_blocks.0.") and _any(names, "time_embedding."):
+        fam, ev = _context_family(keys, r"attn2\.to_k\.weight$")
+        adm = keys.get("add_embedding.linear_1.weight")
+        if adm is not None:
+            fam = {2816: "sdxl", 2560: "sdxl-refiner"}.get(adm[0][1], fam)
+            ev.append(f"add_embedding.linear_1.weight {list(adm[0])}")
+        in_ch = keys["conv_in.weight"][0][1]
+        variant = {4: "normal", 9: "inpaint", 5: "depth"}.get(in_ch, f"{in_ch}-channel")
+        return Detection(
+            "unet",
+            fam,
+            "diffusers",
+            variant,
+            _prediction(keys, meta, fam),
+            () if fam else tuple(CONTEXT_FAMILY.values()),
+            (*ev, f"conv_in.weight {list(keys['conv_in.weight'][0])}"),
+        )
+    if _any(names, "single_transformer_blocks.0.") and "x_embedder.weight" in names:
+        guidance = _any(names, "time_text_embed.guidance_embedder.")
+        return Detection(
+            "transformer",
+            "flux-dev" if guidance else "flux-schnell",
+            "diffusers",
+            "normal",
+            "flow",
+            evidence=(
+                "single_transformer_blocks (diffusers FLUX)",
+                "guidance_embedder" if guidance else "no guidance_embedder",
+            ),
+        )
+    if _any(names, "transformer_blocks.0.attn.add_q_proj.") and "pos_embed.proj.weight" in names:
+        return Detection("transformer", "sd3", "diffusers", "normal", "flow", evidence=("joint transformer_blocks",))
+    return None
+
+
+def _vae(keys: dict[str, tuple[Shape, str]], names: set[str], meta: dict[str, str]) -> Detection | None:
+    for fmt, conv in (("ldm", r"(^|\.)decoder\.conv_in\.weight$"),):
+        hit = _find(keys, conv)
+        if hit is None or not (
+            _any(names, "encoder.down.", "decoder.up.", "encoder.down_blocks.", "decoder.up_blocks.")
+        ):
+            continue
+        fmt = "diffusers" if _any(names, "decoder.up_blocks.") else fmt
+        latent = hit[1][1]
+        cands = SD_LATENT_FAMILIES if latent == 4 else FLOW_LATENT_FAMILIES if latent == 16 else ()
+        return Detection(
+            "vae",
+            None,
+            fmt,
+            candidates=cands,
+            evidence=(_ev(hit), f"{latent}-channel latents: the layout alone cannot tell the family"),
+        )
+    return None
+
+
+def _text_encoder(keys: dict[str, tuple[Shape, str]], names: set[str], meta: dict[str, str]) -> Detection | None:
+    tok = _find(keys, r"(^|\.)embeddings\.token_embedding\.weight$")
+    if tok is not None and _any(names, "encoder.layers.0."):
+        width = tok[1][1]
+        cands = {768: ("sd15", "sdxl", "sd3", "flux-dev"), 1024: ("sd2",), 1280: ("sdxl", "sd3")}.get(width, ())
+        fam = cands[0] if len(cands) == 1 else None
+        return Detection("text-encoder", fam, "diffusers", candidates=() if fam else cands, evidence=(_ev(tok),))
+    if _any(names, "encoder.block.0.layer.0.SelfAttention.q.weight"):
+        return Detection(
+            "text-encoder", None, "diffusers", candidates=("sd3", "flux-dev"), evidence=("T5 encoder blocks",)
+        )
+    return None
+
+
+def detect_file(path: Path) -> Detection:
+    if path.suffix in (".ckpt", ".pt", ".pth", ".bin", ".pkl"):
+        return Detection(
+            "unknown", None, None, evidence=(f"{path.suffix} is a pickle format: not read (it could run code)",)
+        )
+    try:
+        keys, meta = read_header(path)
+    except (OSError, HeaderError) as e:
+        return Detection("unknown", None, None, evidence=(str(e),))
+    return detect(keys, meta)
+
+
+def main(argv: list[str]) -> int:
+    """`python -m compiler.detect FILE...`: one JSON object per file on stdout, `path` as given;
+    exit status 1 when any file is unknown."""
+    import sys
+
+    if not argv or any(a in ("-h", "--help") for a in argv):
+        sys.stderr.write("usage: python -m compiler.detect FILE.safetensors [FILE ...]\n")
+        return 0 if argv else 2
+    unknown = False
+    for arg in argv:
+        found = detect_file(Path(arg))
+        unknown |= found.kind == "unknown"
+        sys.stdout.write(json.dumps(found.as_json(arg), separators=(",", ":")) + "\n")
+    return 1 if unknown else 0
+
+
+if __name__ == "__main__":
+    import sys
+
+    sys.exit(main(sys.argv[1:]))
