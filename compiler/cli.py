@@ -20,6 +20,7 @@ from urllib.parse import urlsplit
 
 from compiler import COMPILER_REVISION
 from compiler.compose import compose
+from compiler.detect import detect_file
 from compiler.errors import UserError
 from compiler.fetch import fetch_entry
 from compiler.lock import Lock, LockEntry
@@ -29,6 +30,7 @@ from compiler.recipe import Recipe, parse_recipe
 from compiler.sources import Context, Fetched, describe_file, describe_pipeline
 from compiler.sources.hf import diffusers_variant
 from compiler.store import Store
+from compiler.validate import check_checkpoint
 from runtime.artifact import READY, read_name
 
 log = logging.getLogger("compiler")
@@ -82,6 +84,19 @@ class Prepared:
         ckpt = self.checkpoint and fetch_entry(self.checkpoint, self.where("checkpoint"), self.ctx, r.precision)
         return base, ckpt or None
 
+    def check_checkpoint(self, fetched: Fetched) -> None:
+        """The checkpoint's header says which family it is; it must be the base's (and CivitAI's)."""
+        assert self.checkpoint is not None
+        (path,) = fetched.files.values()
+        found = detect_file(path)
+        log.info("checkpoint detected as %s %s (%s)", found.family, found.kind, "; ".join(found.evidence))
+        check_checkpoint(found, self.plan.family, self.where("checkpoint"), _civitai_base_model(self.checkpoint))
+
+
+def _civitai_base_model(entry: LockEntry) -> str | None:
+    meta = entry.meta
+    return meta.get("base_model") or (meta.get("civitai") or {}).get("base_model")
+
 
 def prepare(argv: list[str]) -> Prepared:
     composed = compose(argv)
@@ -116,6 +131,8 @@ def build(argv: list[str]) -> Path:
         else:
             log.info("building %s for recipe %s", key, plan.recipe)
             base, ckpt = p.fetch()  # before torch loads: a failed download costs no import
+            if ckpt is not None:
+                p.check_checkpoint(ckpt)
             # Imported here: torch and diffusers load only when something must be built.
             from compiler.materialize import materialize
             from compiler.package import package

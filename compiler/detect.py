@@ -267,6 +267,16 @@ def _single_file(keys: dict[str, tuple[Shape, str]], names: set[str], meta: dict
         if by_adm is not None and fam not in (None, by_adm):
             return Detection("unknown", None, None, candidates=(fam, by_adm), evidence=tuple(evidence))
         fam = by_adm or fam
+    # The text encoder's naming is structural evidence that holds at any width (tiny test models
+    # too): SD 1.x ships CLIP-L in transformers naming, SD 2.x OpenCLIP-H in open_clip naming.
+    te_fam = "sd15" if _any(names, "cond_stage_model.transformer.") else None
+    te_fam = te_fam or ("sd2" if _any(names, "cond_stage_model.model.") else None)
+    if te_fam is not None:
+        evidence.append("SD 1.x CLIP-L text encoder" if te_fam == "sd15" else "SD 2.x OpenCLIP-H text encoder")
+        if fam is None:
+            fam = te_fam
+        elif fam != te_fam:
+            return Detection("unknown", None, None, candidates=(fam, te_fam), evidence=tuple(evidence))
     in_ch = conv[1][1] if conv else 4
     if conv:
         evidence.append(_ev(conv))

@@ -38,6 +38,37 @@ FAMILIES: dict[str, Family] = {
 }
 
 
+# CivitAI's `baseModel` values, by the family their files belong to: a lock that records one is
+# cross-checked against detection. (CivitAI lists many fine-tune lineages under SDXL.)
+CIVITAI_BASE_MODELS: dict[str, tuple[str, ...]] = {
+    "sd15": ("SD 1.4", "SD 1.5", "SD 1.5 LCM", "SD 1.5 Hyper"),
+    "sd2": ("SD 2.0", "SD 2.0 768", "SD 2.1", "SD 2.1 768", "SD 2.1 Unclip"),
+    "sdxl": (
+        "SDXL 0.9",
+        "SDXL 1.0",
+        "SDXL 1.0 LCM",
+        "SDXL Turbo",
+        "SDXL Lightning",
+        "SDXL Hyper",
+        "Pony",
+        "Illustrious",
+        "NoobAI",
+    ),
+    "sd3": ("SD 3",),
+    "sd35-medium": ("SD 3.5 Medium",),
+    "sd35-large": ("SD 3.5", "SD 3.5 Large", "SD 3.5 Large Turbo"),
+    "flux-dev": ("Flux.1 D",),
+    "flux-schnell": ("Flux.1 S",),
+}
+
+
+def family_of_civitai_base_model(base_model: str | None) -> str | None:
+    for family, names in CIVITAI_BASE_MODELS.items():
+        if base_model in names:
+            return family
+    return None
+
+
 def family_of_pipeline(pipeline_class: str | None, where: str) -> str:
     """The family a diffusers repo's model_index.json class names. Several families share a class
     (SD 1.x and SD 2.x both use StableDiffusionPipeline); until detection reads the weights, the

@@ -533,3 +533,28 @@ def test_disk_full_leaves_nothing_partial(tmp_path, hub, monkeypatch):
         )
     assert "nothing partial was kept" in str(e.value)
     assert not partial.exists() and not (tmp_path / "blob").exists()
+
+
+def test_a_checkpoint_of_another_family_fails_before_any_build(tmp_path, hub, ldm_checkpoint):
+    from tests.test_detect import write
+
+    (tmp_path / "recipes").mkdir()
+    sdxl_like = write(
+        tmp_path / "recipes" / "sdxl.safetensors",
+        {
+            "model.diffusion_model.input_blocks.0.0.weight": ((320, 4, 3, 3), "float16"),
+            "model.diffusion_model.input_blocks.4.1.transformer_blocks.0.attn2.to_k.weight": ((640, 2048), "float16"),
+            "model.diffusion_model.label_emb.0.0.weight": ((1280, 2816), "float16"),
+            "conditioner.embedders.1.model.ln_final.weight": ((1280,), "float16"),
+        },
+    )
+    wrong = _ckpt_compile(tmp_path, hub, str(sdxl_like))
+    assert wrong.returncode == 2, wrong.stderr
+    assert "this checkpoint is sdxl but the base is sd15" in wrong.stderr
+    assert "label_emb.0.0.weight [1280, 2816]" in wrong.stderr, "the evidence is named"
+    assert not list((tmp_path / "home").glob("artifacts/v1/*/READY"))
+
+    hub.add_civitai(9001, 90011, ldm_checkpoint, "mislabelled.safetensors", base_model="SDXL 1.0")
+    mislabelled = _ckpt_compile(tmp_path, hub, "civitai://models/9001@90011")
+    assert mislabelled.returncode == 2
+    assert "CivitAI lists this file as 'SDXL 1.0' (sdxl), but its weights are sd15" in mislabelled.stderr

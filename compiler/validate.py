@@ -1,0 +1,40 @@
+"""Pure cross-checks between what a recipe asks for and what its files are. No I/O."""
+
+from __future__ import annotations
+
+from compiler.detect import Detection
+from compiler.errors import UserError
+from compiler.families import family_of_civitai_base_model
+
+
+def check_checkpoint(found: Detection, base_family: str, where: str, civitai_base_model: str | None = None) -> None:
+    """A checkpoint must be a whole pipeline (or a UNet) of the base's family, and agree with what
+    CivitAI says it is. Raises UserError naming both families and the evidence; never guesses."""
+    evidence = "; ".join(found.evidence) or "none"
+    if found.kind not in ("checkpoint", "unet"):
+        raise UserError.one(
+            where,
+            f"this file is a {found.kind}, not a checkpoint (evidence: {evidence})",
+            "a LoRA, embedding, VAE or ControlNet goes in its own recipe field; `checkpoint:` takes a whole model",
+        )
+    if found.family is None:
+        raise UserError.one(
+            where,
+            f"cannot tell this checkpoint's family; candidates: {', '.join(found.candidates) or 'none'} "
+            f"(evidence: {evidence})",
+            "check the file; family detection reads the safetensors header only",
+        )
+    if found.family != base_family:
+        raise UserError.one(
+            where,
+            f"this checkpoint is {found.family} but the base is {base_family} (evidence: {evidence})",
+            f"use a {found.family} base (its configs and tokenizer), or a {base_family} checkpoint",
+        )
+    claimed = family_of_civitai_base_model(civitai_base_model)
+    if civitai_base_model and claimed is not None and claimed != found.family:
+        raise UserError.one(
+            where,
+            f"CivitAI lists this file as {civitai_base_model!r} ({claimed}), but its weights are {found.family} "
+            f"(evidence: {evidence})",
+            "the upload is mislabelled or the version id is wrong; check the model page",
+        )
