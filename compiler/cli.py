@@ -81,7 +81,9 @@ class Prepared:
         r = self.recipe
         # With a checkpoint the base only gives configs and tokenizers: its weights are never read.
         base = fetch_entry(self.base, self.where("base"), self.ctx, r.precision, configs_only=bool(self.checkpoint))
-        ckpt = self.checkpoint and fetch_entry(self.checkpoint, self.where("checkpoint"), self.ctx, r.precision)
+        ckpt = self.checkpoint and fetch_entry(
+            self.checkpoint, self.where("checkpoint"), self.ctx, r.precision, allow_pickle=r.allow_pickle
+        )
         return base, ckpt or None
 
     def check_checkpoint(self, fetched: Fetched) -> None:

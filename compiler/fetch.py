@@ -10,7 +10,14 @@ from compiler.sources import Context, Fetched, fetch
 from compiler.sources.download import DiskFull, HashMismatch
 
 
-def fetch_entry(entry: LockEntry, where: str, ctx: Context, precision: str, configs_only: bool = False) -> Fetched:
+def fetch_entry(
+    entry: LockEntry,
+    where: str,
+    ctx: Context,
+    precision: str,
+    configs_only: bool = False,
+    allow_pickle: bool = False,
+) -> Fetched:
     try:
         fetched = fetch(entry, where, ctx, precision, configs_only)
     except HashMismatch as e:
@@ -25,9 +32,22 @@ def fetch_entry(entry: LockEntry, where: str, ctx: Context, precision: str, conf
             where, str(e), "free space under the store (UIW_HOME) or run `python -m compiler.store gc`"
         ) from None
     if entry.kind == "file":
+        files = dict(fetched.files)
         for name, path in fetched.files.items():
-            require_safetensors(path, name, where)
+            if allow_pickle and is_pickle(path):
+                from compiler.pickles import convert  # torch: only when a pickle is really allowed
+
+                files[name] = convert(path, name, where, ctx.store)
+            require_safetensors(files[name], name, where)
+        fetched = Fetched(source=fetched.source, kind=fetched.kind, files=files, root=fetched.root)
     return fetched
+
+
+def is_pickle(path: Path) -> bool:
+    """PyTorch's zip container ("PK") or a bare pickle (protocol 2+ opens with 0x80)."""
+    with path.open("rb") as f:
+        head = f.read(2)
+    return head == b"PK" or head[:1] == b"\x80"
 
 
 def require_safetensors(path: Path, name: str, where: str) -> None:
@@ -38,11 +58,12 @@ def require_safetensors(path: Path, name: str, where: str) -> None:
     size = path.stat().st_size
     n = int.from_bytes(head[:8], "little") if len(head) == 9 else 0
     if len(head) < 9 or head[8:9] != b"{" or n + 8 > size:
-        pickle = head[:2] == b"PK" or head[:1] == b"\x80"
+        pickle = is_pickle(path)
         kind = "a pickle (PyTorch .ckpt/.pt/.bin)" if pickle else "not a safetensors file"
         raise UserError.one(
             where,
             f"{name} is {kind}; only safetensors files are loaded",
             "pickled checkpoints can run code when loaded: use the model's .safetensors file "
-            "(most CivitAI and Hub models offer one)",
+            "(most CivitAI and Hub models offer one), or set `allow_pickle: true` to convert its tensors "
+            "with torch.load(weights_only=True), which refuses anything that is not plain data",
         )

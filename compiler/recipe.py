@@ -48,6 +48,7 @@ class _Fields(_Strict):
     scheduler: str | None = None
     defaults: RecipeDefaults = Field(default_factory=RecipeDefaults)
     limits: RecipeLimits = Field(default_factory=RecipeLimits)
+    allow_pickle: bool = False  # convert .ckpt/.pt checkpoints with torch.load(weights_only=True)
 
     @field_validator("scheduler")
     @classmethod
@@ -64,6 +65,7 @@ class Recipe(BaseModel):
     path: Path
     base: uri.Source
     checkpoint: uri.Source | None = None
+    allow_pickle: bool = False
     precision: Precision
     scheduler: str | None
     defaults: RecipeDefaults
@@ -132,6 +134,7 @@ def parse_recipe(name: str, path: Path, fields: dict[str, Any], civitai_hosts: t
         path=path,
         base=base,
         checkpoint=checkpoint,
+        allow_pickle=checked.allow_pickle,
         precision=checked.precision,
         scheduler=checked.scheduler,
         defaults=checked.defaults,

@@ -558,3 +558,43 @@ def test_a_checkpoint_of_another_family_fails_before_any_build(tmp_path, hub, ld
     mislabelled = _ckpt_compile(tmp_path, hub, "civitai://models/9001@90011")
     assert mislabelled.returncode == 2
     assert "CivitAI lists this file as 'SDXL 1.0' (sdxl), but its weights are sd15" in mislabelled.stderr
+
+
+class _Evil:
+    """Unpickling this runs a command: what a malicious .ckpt on a model site does."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_pickles_never_execute_and_benign_ones_convert_when_allowed(tmp_path, hub, ldm_checkpoint):
+    import torch
+    from safetensors.torch import load
+
+    recipes = tmp_path / "recipes"
+    recipes.mkdir()
+    marker = tmp_path / "PWNED"
+    state = load(ldm_checkpoint)
+    torch.save({"state_dict": {"w": torch.zeros(1)}, "x": _Evil(marker)}, recipes / "evil.ckpt")  # zip container
+    torch.save(_Evil(marker), recipes / "evil-legacy.ckpt", _use_new_zipfile_serialization=False)
+    torch.save({"state_dict": state, "global_step": 1000}, recipes / "benign.ckpt")
+    allow = CKPT_RECIPE + "allow_pickle: true\n"
+    for name in ("evil.ckpt", "evil-legacy.ckpt"):
+        refused = _ckpt_compile(tmp_path, hub, f"./{name}")
+        assert refused.returncode == 2 and f"{name} is a pickle" in refused.stderr and "allow_pickle" in refused.stderr
+        allowed = compile_recipe(tmp_path, tmp_path / "home", hub, f"./{name}", text=allow)
+        assert allowed.returncode == 2, allowed.stderr
+        assert f"{name} needs code to unpickle" in allowed.stderr and "nothing in it ran" in allowed.stderr
+    assert not marker.exists(), "a pickle ran code"
+
+    (recipes / "weights.safetensors").write_bytes(ldm_checkpoint)
+    twin = _ckpt_compile(tmp_path, hub, "./weights.safetensors")
+    benign = compile_recipe(tmp_path, tmp_path / "home", hub, "./benign.ckpt", text=allow)
+    assert twin.returncode == 0 and benign.returncode == 0, twin.stderr + benign.stderr
+    digest = [
+        json.loads((Path(p.stdout.strip()) / "manifest.json").read_text())["content_digest"] for p in (twin, benign)
+    ]
+    assert digest[0] == digest[1], "the converted pickle builds the same artifact bytes as its safetensors twin"

@@ -1,0 +1,63 @@
+"""Pickled checkpoints (.ckpt, .pt, .bin), only where a recipe says `allow_pickle: true`: their
+tensors are read with ``torch.load(weights_only=True)`` (an unpickler that builds tensors and plain
+containers and refuses every other global, so nothing in the file can run) and written to the
+store as safetensors, which is all any later stage ever reads."""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+from compiler.errors import UserError
+from compiler.store import Store
+from runtime.artifact import sha256_file
+
+log = logging.getLogger(__name__)
+
+
+def convert(path: Path, name: str, where: str, store: Store) -> Path:
+    """The safetensors blob holding the pickle's tensors (converted once per source file)."""
+    import pickle
+
+    import torch
+    from safetensors.torch import save_file
+
+    source_hex = sha256_file(path)
+    marker = store.home / "blobs" / "converted" / source_hex  # -> the sha256 of the converted blob
+    if marker.is_file() and store.blob_path(marker.read_text().strip()).is_file():
+        return store.blob_path(marker.read_text().strip())
+    try:
+        loaded = torch.load(path, map_location="cpu", weights_only=True, mmap=False)
+    except pickle.UnpicklingError as e:
+        reason = str(e).splitlines()[0][:300]
+        raise UserError.one(
+            where,
+            f"{name} needs code to unpickle, so it was not loaded ({reason}); nothing in it ran",
+            "a checkpoint that is only weights loads with weights_only; ask for the .safetensors file instead",
+        ) from None
+    except Exception as e:  # a damaged or foreign file
+        raise UserError.one(
+            where, f"{name}: not a readable PyTorch checkpoint ({type(e).__name__}: {e})", "check the file"
+        ) from None
+    state = loaded.get("state_dict", loaded) if isinstance(loaded, dict) else None
+    if not isinstance(state, dict):
+        raise UserError.one(where, f"{name} holds a {type(loaded).__name__}, not a state dict", "check the file")
+    tensors = {k: v.contiguous() for k, v in state.items() if isinstance(v, torch.Tensor)}
+    skipped = sorted(k for k, v in state.items() if not isinstance(v, torch.Tensor))
+    if skipped:
+        log.info("%s: left out %d non-tensor entries (%s)", name, len(skipped), ", ".join(skipped[:5]))
+    if not tensors:
+        raise UserError.one(where, f"{name} holds no tensors", "check the file")
+    tmp = store.partial_path(f"converted-{source_hex}")
+    tmp.parent.mkdir(parents=True, exist_ok=True)
+    # Tied weights share storage in a pickle; safetensors wants each tensor on its own.
+    save_file({k: v.clone() for k, v in tensors.items()}, str(tmp))
+    digest = sha256_file(tmp)
+    dest = store.blob_path(digest)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    os.replace(tmp, dest)
+    marker.parent.mkdir(parents=True, exist_ok=True)
+    marker.write_text(digest + "\n")
+    log.info("converted %s (%d tensors) to safetensors %s", name, len(tensors), digest)
+    return dest
