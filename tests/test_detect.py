@@ -103,11 +103,20 @@ def test_variants_derived_from_real_layouts():
     for dtype in ("float16", "bfloat16", "float8_e4m3fn"):
         assert detect(as_dtype(sd1, dtype)).family == "sd15", dtype
 
-    sd2 = {
-        k: ((v[0][0], 1024), v[1]) if k.endswith(("attn2.to_k.weight", "attn2.to_v.weight")) else v
-        for k, v in sd1.items()
+    def widen(keys: Keys) -> Keys:
+        return {
+            k: ((v[0][0], 1024), v[1]) if k.endswith(("attn2.to_k.weight", "attn2.to_v.weight")) else v
+            for k, v in keys.items()
+        }
+
+    sd2_unet = detect(widen(keys_of("sd1-ldm", "diffuser")))
+    assert (sd2_unet.family, sd2_unet.prediction) == ("sd2", None), "eps or v: a header cannot tell"
+    open_clip = {
+        k.replace("cond_stage_model.transformer.", "cond_stage_model.model."): v for k, v in widen(sd1).items()
     }
-    assert (detect(sd2).family, detect(sd2).prediction) == ("sd2", None), "eps or v: a header cannot tell"
+    assert detect(open_clip).family == "sd2"
+    mixed = detect(widen(sd1))  # an SD 2 UNet with SD 1's text encoder: no guess
+    assert (mixed.kind, mixed.family, mixed.candidates) == ("unknown", None, ("sd2", "sd15"))
 
     sd3 = keys_of("sd3-comfyui")
     medium = {**sd3, "model.diffusion_model.joint_blocks.0.x_block.attn2.qkv.weight": ((4608, 1536), "float32")}
