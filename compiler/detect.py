@@ -132,8 +132,6 @@ def _lora(keys: dict[str, tuple[Shape, str]], names: set[str], meta: dict[str, s
         evidence.append("SD3 joint block names")
     else:
         fam, ev = _context_family(keys, r"attn2[._]to_k(\.lora_down|\.lora_A|\.lora\.down|\.hada_w1_b|)\.weight$")
-        if fam is None:
-            fam, ev = _context_family(keys, r"attn2[._]to_k\.(lora_down|lora_A)\.weight$")
         family, evidence = fam, evidence + ev
         if family is None and _any(names, "lora_te1_", "lora_te2_", "text_encoder_2"):
             family = "sdxl"
@@ -170,25 +168,23 @@ def _embedding(keys: dict[str, tuple[Shape, str]], names: set[str], meta: dict[s
     return None
 
 
+_CONTROLNET_LAYOUTS = (  # (marker key part, format, the cross-attention key that gives the width)
+    ("input_hint_block.0.weight", "ldm", r"input_blocks\.\d+\.1\.transformer_blocks\.0\.attn2\.to_k\.weight$"),
+    ("controlnet_cond_embedding.conv_in.weight", "diffusers", r"attn2\.to_k\.weight$"),
+)
+
+
 def _controlnet(keys: dict[str, tuple[Shape, str]], names: set[str], meta: dict[str, str]) -> Detection | None:
-    if _any(names, "control_model.input_hint_block", "input_hint_block.0.weight"):
-        fam, ev = _context_family(keys, r"input_blocks\.\d+\.1\.transformer_blocks\.0\.attn2\.to_k\.weight$")
-        return Detection(
-            "controlnet",
-            fam,
-            "ldm",
-            candidates=() if fam else SD_LATENT_FAMILIES,
-            evidence=("input_hint_block keys", *ev),
-        )
-    if _any(names, "controlnet_cond_embedding.conv_in.weight"):
-        fam, ev = _context_family(keys, r"attn2\.to_k\.weight$")
-        return Detection(
-            "controlnet",
-            fam,
-            "diffusers",
-            candidates=() if fam else SD_LATENT_FAMILIES,
-            evidence=("controlnet_cond_embedding keys", *ev),
-        )
+    for marker, fmt, width in _CONTROLNET_LAYOUTS:
+        if _any(names, marker):
+            fam, ev = _context_family(keys, width)
+            return Detection(
+                "controlnet",
+                fam,
+                fmt,
+                candidates=() if fam else SD_LATENT_FAMILIES,
+                evidence=(f"{marker.split('.')[0]} keys", *ev),
+            )
     return None
 
 
@@ -326,23 +322,18 @@ def _diffusers_denoiser(keys: dict[str, tuple[Shape, str]], names: set[str], met
 
 
 def _vae(keys: dict[str, tuple[Shape, str]], names: set[str], meta: dict[str, str]) -> Detection | None:
-    for fmt, conv in (("ldm", r"(^|\.)decoder\.conv_in\.weight$"),):
-        hit = _find(keys, conv)
-        if hit is None or not (
-            _any(names, "encoder.down.", "decoder.up.", "encoder.down_blocks.", "decoder.up_blocks.")
-        ):
-            continue
-        fmt = "diffusers" if _any(names, "decoder.up_blocks.") else fmt
-        latent = hit[1][1]
-        cands = SD_LATENT_FAMILIES if latent == 4 else FLOW_LATENT_FAMILIES if latent == 16 else ()
-        return Detection(
-            "vae",
-            None,
-            fmt,
-            candidates=cands,
-            evidence=(_ev(hit), f"{latent}-channel latents: the layout alone cannot tell the family"),
-        )
-    return None
+    hit = _find(keys, r"(^|\.)decoder\.conv_in\.weight$")
+    if hit is None or not _any(names, "encoder.down.", "decoder.up.", "encoder.down_blocks.", "decoder.up_blocks."):
+        return None
+    latent = hit[1][1]
+    cands = SD_LATENT_FAMILIES if latent == 4 else FLOW_LATENT_FAMILIES if latent == 16 else ()
+    return Detection(
+        "vae",
+        None,
+        "diffusers" if _any(names, "decoder.up_blocks.") else "ldm",
+        candidates=cands,
+        evidence=(_ev(hit), f"{latent}-channel latents: the layout alone cannot tell the family"),
+    )
 
 
 def _text_encoder(keys: dict[str, tuple[Shape, str]], names: set[str], meta: dict[str, str]) -> Detection | None:

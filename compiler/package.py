@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 from compiler.plan import BuildPlan
@@ -17,6 +16,7 @@ from runtime.artifact import (
     RuntimeOptions,
     Serving,
     content_digest,
+    fsync_path,
     sha256_file,
     write_json_atomic,
 )
@@ -27,11 +27,7 @@ def hash_tree(root: Path) -> tuple[FileEntry, ...]:
     entries = []
     for p in sorted(root.rglob("*")):
         if p.is_file() and p.name not in (MANIFEST, READY):
-            fd = os.open(p, os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
+            fsync_path(p)
             entries.append(FileEntry(path=p.relative_to(root).as_posix(), sha256=sha256_file(p), size=p.stat().st_size))
     return tuple(entries)
 

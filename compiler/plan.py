@@ -15,7 +15,7 @@ from compiler import COMPILER_REVISION
 from compiler.errors import Problem, UserError
 from compiler.families import FAMILIES
 from compiler.recipe import Recipe
-from compiler.sources.base import Resolved
+from compiler.sources.base import Pinned, Resolved
 from runtime.artifact import Defaults, Limits
 
 
@@ -46,7 +46,7 @@ class BuildPlan:
 
 
 def make_plan(
-    recipe: Recipe, base: Resolved, variant: str | None = None, checkpoint: Resolved | None = None
+    recipe: Recipe, base: Resolved, variant: str | None = None, checkpoint: Pinned | None = None
 ) -> BuildPlan:
     family = FAMILIES[base.family]
     d, lim = recipe.defaults, recipe.limits

@@ -23,6 +23,18 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
 PY = sys.executable
 
 
+# Variables of this test process that a child compiler must not see: HF_HUB_OFFLINE is set here by
+# the in-process runtime (runtime.loader); UIW_HOME/UIW_ARTIFACTS by the session's service fixture;
+# the rest would make a test depend on the developer's own settings and tokens.
+LEAKY = ("UIW_RECIPES", "UIW_HOME", "UIW_ARTIFACTS", "UIW_LOCK", "HF_HUB_OFFLINE", "HF_TOKEN", "CIVITAI_TOKEN")
+
+
+def child_env(home: Path, extra: dict[str, str] | None = None) -> dict[str, str]:
+    """The environment of a compiler subprocess: this one's, less LEAKY, with the store and extras."""
+    env = {k: v for k, v in os.environ.items() if k not in LEAKY}
+    return {**env, "UIW_HOME": str(home), **(extra or {})}
+
+
 def run_compiler(
     *args: str,
     home: Path,
@@ -31,12 +43,8 @@ def run_compiler(
     timeout: float = 300,
     module: str = "compiler",
 ) -> subprocess.CompletedProcess[str]:
-    # HF_HUB_OFFLINE: the in-process runtime (runtime.loader) sets it in this process; the compiler
-    # must not inherit it.
-    full_env = {k: v for k, v in os.environ.items() if k not in ("UIW_RECIPES", "HF_HUB_OFFLINE")}
-    full_env.update({"UIW_HOME": str(home), **(env or {})})
     return subprocess.run(
-        [PY, "-m", module, *args], cwd=cwd, env=full_env, capture_output=True, text=True, timeout=timeout
+        [PY, "-m", module, *args], cwd=cwd, env=child_env(home, env), capture_output=True, text=True, timeout=timeout
     )
 
 

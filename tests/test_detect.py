@@ -177,6 +177,20 @@ def test_adapters_are_recognised_with_their_family():
     assert (sdxl.kind, sdxl.family, sdxl.format) == ("lora", "sdxl", "kohya")
     loha = {k.replace("lora_down", "hada_w1_a"): v for k, v in _kohya_lora("sd1-kohya").items()}
     assert detect(loha).format == "lycoris"
+    ldm_cn = detect(
+        {
+            "control_model.input_hint_block.0.weight": ((16, 3, 3, 3), "float16"),
+            "control_model.input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight": ((320, 768), "float16"),
+        }
+    )
+    assert (ldm_cn.kind, ldm_cn.family, ldm_cn.format) == ("controlnet", "sd15", "ldm")
+    diffusers_cn = detect(
+        {
+            "controlnet_cond_embedding.conv_in.weight": ((16, 3, 3, 3), "float16"),
+            "down_blocks.1.attentions.0.transformer_blocks.0.attn2.to_k.weight": ((640, 2048), "float16"),
+        }
+    )
+    assert (diffusers_cn.kind, diffusers_cn.family, diffusers_cn.format) == ("controlnet", "sdxl", "diffusers")
     assert detect({"emb_params": ((2, 768), "float32")}).family == "sd15"
     assert detect({"clip_l": ((2, 768), "float32"), "clip_g": ((2, 1280), "float32")}).family == "sdxl"
 

@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tests.conftest import PY, REPO, decode_image, run_compiler
+from tests.conftest import PY, REPO, child_env, decode_image, run_compiler
 from tests.fakehub import FakeHub, tree
 
 TINY = "uiw-test/tiny-sd15"
@@ -77,12 +77,7 @@ def compile_recipe(
     recipes = tmp / "recipes"
     recipes.mkdir(exist_ok=True)
     (recipes / f"{name}.yaml").write_text(text.format(base=base))
-    # HF_HUB_OFFLINE: set in this process by the in-process runtime (runtime.loader), never meant for the compiler.
-    # UIW_HOME/UIW_ARTIFACTS: set in this process by the session's in-process service fixture.
-    drop = ("HF_TOKEN", "CIVITAI_TOKEN", "UIW_LOCK", "HF_HUB_OFFLINE", "UIW_HOME", "UIW_ARTIFACTS")
-    base_env = {k: v for k, v in os.environ.items() if k not in drop}
     full = {
-        **base_env,
         "HF_ENDPOINT": hub.url,
         "CIVITAI_BASE_URL": hub.url,
         "HF_HOME": str(tmp / "hf-home"),
@@ -90,7 +85,6 @@ def compile_recipe(
         "UIW_HTTP_RETRIES": "3",
         **(env or {}),
     }
-    os.environ.pop("UIW_RECIPES", None)
     cmd = ("fetch",) if fetch_only else ()
     module = "compiler.store" if fetch_only else "compiler"
     return run_compiler(*cmd, f"recipe={name}", f"recipes_dir={recipes}", *args, home=home, env=full, module=module)
@@ -310,12 +304,7 @@ def test_two_recipes_sharing_a_base_download_it_once(tmp_path, hub):
     recipes.mkdir()
     for name, steps in (("one", 3), ("two", 5)):
         (recipes / f"{name}.yaml").write_text(f"base: hf://uiw-test/shared\ndefaults:\n  steps: {steps}\n")
-    env = {
-        **{k: v for k, v in os.environ.items() if k not in ("HF_TOKEN", "UIW_RECIPES", "HF_HUB_OFFLINE")},
-        "HF_ENDPOINT": hub.url,
-        "HF_HOME": str(tmp_path / "hf"),
-        "UIW_HOME": str(tmp_path / "home"),
-    }
+    env = child_env(tmp_path / "home", {"HF_ENDPOINT": hub.url, "HF_HOME": str(tmp_path / "hf")})
     procs = [
         subprocess.Popen(
             [PY, "-m", "compiler", f"recipe={n}", f"recipes_dir={recipes}"],

@@ -4,19 +4,17 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import subprocess
 from pathlib import Path
 
-from tests.conftest import PY, REPO, run_compiler
+from tests.conftest import PY, REPO, child_env, run_compiler
 
 
 def store(home: Path, *args: str) -> subprocess.CompletedProcess[str]:
-    env = {k: v for k, v in os.environ.items() if k not in ("UIW_RECIPES", "HF_HUB_OFFLINE")}
     return subprocess.run(
         [PY, "-m", "compiler.store", "--home", str(home), *args],
         cwd=REPO,
-        env=env,
+        env=child_env(home),
         capture_output=True,
         text=True,
         timeout=300,

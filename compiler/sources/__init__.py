@@ -16,7 +16,7 @@ from compiler.errors import UserError
 from compiler.families import FAMILIES, family_of_pipeline
 from compiler.lock import LockEntry
 from compiler.sources import builtin, civitai, hf, local, url
-from compiler.sources.base import Context, Fetched, Resolved
+from compiler.sources.base import Context, Fetched, Pinned, Resolved
 
 INVENTORY: dict[type, Callable[[Any, str, Context], LockEntry]] = {
     uri.BuiltinSource: builtin.inventory,
@@ -87,19 +87,14 @@ def describe_pipeline(entry: LockEntry, where: str, precision: str, configs_only
     )
 
 
-def describe_file(entry: LockEntry, where: str) -> Resolved:
-    """A locked single file (a checkpoint) -> its pin and bytes; its family comes from the base
-    until detection reads it."""
+def describe_file(entry: LockEntry, where: str) -> Pinned:
+    """A locked single file (a checkpoint) -> its pin and bytes (its family is the base's, checked
+    against its header before the build)."""
     if entry.kind != "file":
         raise UserError.one(where, f"{entry.source} is a {entry.kind}, not a single file", "name one .safetensors file")
     # A single file's name differs between sources (CivitAI's, the Hub's, yours); its bytes do not.
     inputs = tuple(("file", f.sha256) for f in entry.files)
-    return Resolved(
-        pin=content_pin(entry, inputs),
-        family="",
-        native_size=(0, 0),
-        inputs=inputs,
-    )
+    return Pinned(pin=content_pin(entry, inputs), inputs=inputs)
 
 
 __all__ = [

@@ -35,13 +35,19 @@ class Context:
 
 
 @dataclass(frozen=True)
-class Resolved:
-    """What the plan needs to know about a locked source."""
+class Pinned:
+    """A locked source as the plan (and so the cache key) sees it: its bytes."""
 
     pin: str  # scheme-prefixed fingerprint
+    inputs: tuple[tuple[str, str], ...]  # (path, "sha256:…") of every file the build reads
+
+
+@dataclass(frozen=True)
+class Resolved(Pinned):
+    """A locked pipeline source, with what the plan needs to fill in the family's defaults."""
+
     family: str
     native_size: tuple[int, int]
-    inputs: tuple[tuple[str, str], ...] = ()  # (path, "sha256:…") of every file the build reads
 
 
 @dataclass(frozen=True)

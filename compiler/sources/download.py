@@ -24,6 +24,8 @@ from urllib.parse import urlsplit
 
 import httpx
 
+from runtime.artifact import fsync_path
+
 log = logging.getLogger(__name__)
 
 CHUNK = 1 << 20
@@ -199,10 +201,10 @@ def download(
             got = f"{found} ({part.size} bytes)"
             part.reset()
             raise HashMismatch(label, expected_sha256 or f"{expected_size} bytes", got)
-        _fsync(partial)
+        fsync_path(partial)
         dest.parent.mkdir(parents=True, exist_ok=True)
         os.replace(partial, dest)
-        _fsync_dir(dest.parent)
+        fsync_path(dest.parent)
         return found
     except OSError as e:
         if e.errno == errno.ENOSPC:
@@ -260,15 +262,3 @@ def _progress(label: str, total: int | None, initial: int) -> Any:
         file=sys.stderr,
         leave=False,
     )
-
-
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _fsync_dir(path: Path) -> None:
-    _fsync(path)

@@ -24,6 +24,7 @@ from runtime.artifact import (
     NameFile,
     NameRecord,
     artifact_path,
+    fsync_path,
     names_path,
     read_name,
     write_json_atomic,
@@ -104,7 +105,7 @@ class Store:
             raise RuntimeError(f"{staging}: refusing to publish without {READY}")
         final = self.artifact_dir(key)
         os.replace(staging, final)
-        _fsync_dir(final.parent)
+        fsync_path(final.parent)
         return final
 
     def record_name(self, name: str, key: str, digest: str) -> None:
@@ -120,11 +121,3 @@ class Store:
             new = NameFile(name=name, current=record, history=history)
             write_json_atomic(names_path(self.home, name), new.model_dump(mode="json"))
             log.info("name %s -> %s", name, key)
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
