@@ -20,14 +20,15 @@ from urllib.parse import urlsplit
 
 from compiler import COMPILER_REVISION
 from compiler.compose import compose
-from compiler.detect import detect_file
+from compiler.detect import Detection
 from compiler.errors import UserError
 from compiler.fetch import fetch_entry
-from compiler.lock import Lock, LockEntry
-from compiler.locking import lock_sources
+from compiler.lock import LockEntry
+from compiler.locking import Locked, civitai_base_model, lock_sources
 from compiler.plan import BuildPlan, cache_key, make_plan
 from compiler.recipe import Recipe, parse_recipe
 from compiler.sources import Context, Fetched, describe_file, describe_pipeline
+from compiler.sources.base import Pinned
 from compiler.sources.hf import diffusers_variant
 from compiler.store import Store
 from compiler.validate import check_checkpoint
@@ -66,9 +67,8 @@ class Prepared:
     recipe: Recipe
     store: Store
     ctx: Context
-    lock: Lock
-    base: LockEntry
-    checkpoint: LockEntry | None
+    locked: Locked
+    base_role: str  # "base", or "configs" for a checkpoint built with its family's config repo
     plan: BuildPlan
     key: str
     environment: dict[str, str]
@@ -76,28 +76,29 @@ class Prepared:
     def where(self, role: str) -> str:
         return f"{self.recipe.path}: {role}"
 
+    @property
+    def checkpoint(self) -> LockEntry | None:
+        return self.locked.entry("checkpoint") if "checkpoint" in self.locked.roles else None
+
     def fetch(self) -> tuple[Fetched, Fetched | None]:
         """The build's inputs as local files (downloading what the store lacks)."""
         r = self.recipe
-        # With a checkpoint the base only gives configs and tokenizers: its weights are never read.
-        base = fetch_entry(self.base, self.where("base"), self.ctx, r.precision, configs_only=bool(self.checkpoint))
+        base = fetch_entry(
+            self.locked.entry(self.base_role),
+            self.where(self.base_role),
+            self.ctx,
+            r.precision,
+            configs_only=self.plan.checkpoint_kind == "checkpoint",
+        )
         ckpt = self.checkpoint and fetch_entry(
             self.checkpoint, self.where("checkpoint"), self.ctx, r.precision, allow_pickle=r.allow_pickle
         )
         return base, ckpt or None
 
-    def check_checkpoint(self, fetched: Fetched) -> None:
-        """The checkpoint's header says which family it is; it must be the base's (and CivitAI's)."""
+    def detection(self) -> Detection:
+        """What the checkpoint's header says (recorded in the lock when it was pinned)."""
         assert self.checkpoint is not None
-        (path,) = fetched.files.values()
-        found = detect_file(path)
-        log.info("checkpoint detected as %s %s (%s)", found.family, found.kind, "; ".join(found.evidence))
-        check_checkpoint(found, self.plan.family, self.where("checkpoint"), _civitai_base_model(self.checkpoint))
-
-
-def _civitai_base_model(entry: LockEntry) -> str | None:
-    meta = entry.meta
-    return meta.get("base_model") or (meta.get("civitai") or {}).get("base_model")
+        return Detection.from_json(self.checkpoint.meta["detected"])
 
 
 def prepare(argv: list[str]) -> Prepared:
@@ -105,16 +106,31 @@ def prepare(argv: list[str]) -> Prepared:
     recipe = parse_recipe(composed.name, composed.path, composed.fields, civitai_hosts())
     store = Store(composed.home)
     ctx = Context.from_env(store)
-    lock = lock_sources(recipe, composed.lock, ctx)
-    base_entry = lock.sources[str(recipe.base)]
-    ckpt_entry = lock.sources[str(recipe.checkpoint)] if recipe.checkpoint is not None else None
+    locked = lock_sources(recipe, composed.lock, ctx)
     where = f"{recipe.path}: "
-    base = describe_pipeline(base_entry, where + "base", recipe.precision, configs_only=ckpt_entry is not None)
-    ckpt = describe_file(ckpt_entry, where + "checkpoint") if ckpt_entry is not None else None
-    variant = None if ckpt else diffusers_variant(base_entry, recipe.precision)
-    plan = make_plan(recipe, base, variant, ckpt)
+    base_role = "base" if recipe.base is not None else "configs"
+    found: Detection | None = None
+    ckpt: Pinned | None = None
+    if "checkpoint" in locked.roles:
+        entry = locked.entry("checkpoint")
+        found = Detection.from_json(entry.meta["detected"])
+        ckpt = describe_file(entry, where + "checkpoint")
+    base_entry = locked.entry(base_role)
+    whole = found is not None and found.kind == "checkpoint"
+    base = describe_pipeline(base_entry, where + base_role, recipe.precision, configs_only=whole, family=recipe.family)
+    if found is not None:
+        # Before anything is downloaded or built: the file must be of the base's family.
+        check_checkpoint(
+            found,
+            base.family,
+            where + "checkpoint",
+            civitai_base_model(locked.entry("checkpoint")),
+            recipe.family is not None,
+        )
+    variant = None if whole else diffusers_variant(base_entry, recipe.precision)
+    plan = make_plan(recipe, base, variant, ckpt, found)
     env = environment()
-    return Prepared(recipe, store, ctx, lock, base_entry, ckpt_entry, plan, cache_key(plan, env), env)
+    return Prepared(recipe, store, ctx, locked, base_role, plan, cache_key(plan, env), env)
 
 
 def build(argv: list[str]) -> Path:
@@ -133,14 +149,12 @@ def build(argv: list[str]) -> Path:
         else:
             log.info("building %s for recipe %s", key, plan.recipe)
             base, ckpt = p.fetch()  # before torch loads: a failed download costs no import
-            if ckpt is not None:
-                p.check_checkpoint(ckpt)
             # Imported here: torch and diffusers load only when something must be built.
             from compiler.materialize import materialize
             from compiler.package import package
 
             components = materialize(plan, staging, base, store.scratch(), ckpt)
-            provenance = {role: _provenance(p.lock.sources[str(src)]) for role, src in p.recipe.sources().items()}
+            provenance = {role: _provenance(p.locked.entry(role)) for role in p.locked.roles}
             package(staging, plan, key, components, p.environment, provenance)
             hit = store.publish(staging, key)
             log.info("built %s in %.1f s", hit, time.perf_counter() - t0)

@@ -40,6 +40,14 @@ class Detection:
     candidates: tuple[str, ...] = ()
     evidence: tuple[str, ...] = field(default_factory=tuple)
 
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> Detection:
+        """Back from ``as_json`` (as recorded in a lockfile)."""
+        fields = {k: v for k, v in d.items() if k in cls.__dataclass_fields__}
+        return cls(
+            **{**fields, "candidates": tuple(d.get("candidates") or ()), "evidence": tuple(d.get("evidence") or ())}
+        )
+
     def as_json(self, path: str) -> dict[str, Any]:
         d = asdict(self)
         d["candidates"] = list(self.candidates)
@@ -188,6 +196,26 @@ def _controlnet(keys: dict[str, tuple[Shape, str]], names: set[str], meta: dict[
     return None
 
 
+_SGM = "conditioner.embedders."
+
+
+def _text_encoders(names: set[str]) -> tuple[str | None, str]:
+    """The family the text encoders' layout names, and why. Naming is structural evidence that
+    holds at any width (tiny test models too), where the widths that tell families apart do not:
+    SD 1.x ships CLIP-L in transformers naming, SD 2.x OpenCLIP-H in open_clip naming (LDM's
+    cond_stage_model); SGM's conditioner holds SDXL base's two, CLIP-L (transformers naming) then
+    OpenCLIP-G (open_clip naming), and the refiner's OpenCLIP-G alone, first."""
+    if _any(names, _SGM + "0.transformer.") and _any(names, _SGM + "1.model."):
+        return "sdxl", "SDXL CLIP-L + OpenCLIP-G text encoders (conditioner.embedders.0.transformer, 1.model)"
+    if _any(names, _SGM + "0.model.") and not _any(names, _SGM + "1."):
+        return "sdxl-refiner", "SDXL refiner OpenCLIP-G text encoder alone (conditioner.embedders.0.model)"
+    if _any(names, "cond_stage_model.transformer."):
+        return "sd15", "SD 1.x CLIP-L text encoder"
+    if _any(names, "cond_stage_model.model."):
+        return "sd2", "SD 2.x OpenCLIP-H text encoder"
+    return None, ""
+
+
 def _single_file(keys: dict[str, tuple[Shape, str]], names: set[str], meta: dict[str, str]) -> Detection | None:
     """Original-layout files: LDM/SGM UNets (with or without VAE and text encoders), SD3 MMDiT,
     FLUX in BFL naming."""
@@ -263,12 +291,9 @@ def _single_file(keys: dict[str, tuple[Shape, str]], names: set[str], meta: dict
         if by_adm is not None and fam not in (None, by_adm):
             return Detection("unknown", None, None, candidates=(fam, by_adm), evidence=tuple(evidence))
         fam = by_adm or fam
-    # The text encoder's naming is structural evidence that holds at any width (tiny test models
-    # too): SD 1.x ships CLIP-L in transformers naming, SD 2.x OpenCLIP-H in open_clip naming.
-    te_fam = "sd15" if _any(names, "cond_stage_model.transformer.") else None
-    te_fam = te_fam or ("sd2" if _any(names, "cond_stage_model.model.") else None)
+    te_fam, te_ev = _text_encoders(names)
     if te_fam is not None:
-        evidence.append("SD 1.x CLIP-L text encoder" if te_fam == "sd15" else "SD 2.x OpenCLIP-H text encoder")
+        evidence.append(te_ev)
         if fam is None:
             fam = te_fam
         elif fam != te_fam:
@@ -279,7 +304,7 @@ def _single_file(keys: dict[str, tuple[Shape, str]], names: set[str], meta: dict
     variant = {4: "normal", 9: "inpaint", 5: "depth", 8: "instruct-pix2pix"}.get(in_ch, f"{in_ch}-channel")
     if ema_only:
         variant = "ema" if variant == "normal" else variant
-    fmt = "sgm" if _any(names, "conditioner.embedders.") or fam in ("sdxl", "sdxl-refiner") else "ldm"
+    fmt = "sgm" if _any(names, _SGM) or fam in ("sdxl", "sdxl-refiner") else "ldm"
     kind = "checkpoint" if whole else "unet"
     cands = () if fam else tuple(CONTEXT_FAMILY.values())
     return Detection(kind, fam, fmt, variant, _prediction(keys, meta, fam), cands, tuple(evidence))

@@ -11,14 +11,20 @@
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from compiler import lock as lockfile
 from compiler import uri
+from compiler.detect import Detection, detect_file
 from compiler.errors import UserError
+from compiler.families import FAMILIES
+from compiler.fetch import fetch_entry
 from compiler.lock import Lock, LockEntry
 from compiler.recipe import Recipe
 from compiler.sources import Context, enrich, inventory
+from compiler.validate import check_checkpoint
 from runtime.artifact import write_text_atomic
 
 log = logging.getLogger(__name__)
@@ -43,13 +49,117 @@ def read_lock(path: Path) -> Lock | None:
         ) from None
 
 
-def lock_sources(recipe: Recipe, mode: str, ctx: Context) -> Lock:
+@dataclass(frozen=True)
+class Locked:
+    """The recipe's lock and which entry plays which role (base, checkpoint, configs)."""
+
+    lock: Lock
+    roles: dict[str, str]  # role -> key in lock.sources
+
+    def entry(self, role: str) -> LockEntry:
+        return self.lock.sources[self.roles[role]]
+
+
+def lock_sources(recipe: Recipe, mode: str, ctx: Context) -> Locked:
+    """Pin the recipe's sources. A checkpoint without ``base:`` also pins its family's config repo,
+    chosen from what the checkpoint's header says it is (recorded in the lock as ``detected``)."""
     path = lock_path(recipe.path)
-    where = {str(src): f"{recipe.path}: {role}" for role, src in recipe.sources().items()}
-    keys = tuple(sorted(where))
     old = read_lock(path)
+    roles = {role: str(src) for role, src in recipe.sources().items()}
+    new = _relock(recipe, roles, old, mode, ctx)
+    if recipe.checkpoint is not None:
+        # What the file is decides how it builds (whole pipeline or UNet only) and, without a base,
+        # which config repo it needs: detect it once, at lock time, and keep the answer in the lock.
+        key = str(recipe.checkpoint)
+        ckpt = new.sources[key]
+        if "detected" not in ckpt.meta:
+            try:
+                detected = _detect(recipe, ckpt, ctx)
+            except UserError:
+                if new != old and mode in ("auto", "update"):
+                    _write(path, new)  # the pins stand; the file is what failed
+                raise
+            ckpt = ckpt.model_copy(update={"meta": {**ckpt.meta, "detected": detected}})
+            new = lockfile.with_entries(new, recipe.name, {key: ckpt}, tuple(new.sources))
+    if recipe.base is None:
+        ckpt = new.sources[str(recipe.checkpoint)]
+        roles["configs"] = str(configs_source(recipe, ckpt))
+        # The config repo keeps its pin across runs like any source: seed it from the old lock.
+        kept = {roles["configs"]: old.sources[roles["configs"]]} if old and roles["configs"] in old.sources else {}
+        seeded = new.model_copy(update={"sources": {**new.sources, **kept}})
+        new = _relock(recipe, roles, seeded, mode, ctx, settled=frozenset(new.sources))
+    if new != old and mode in ("auto", "update"):
+        _write(path, new)
+    return Locked(new, roles)
+
+
+def _detect(recipe: Recipe, entry: LockEntry, ctx: Context) -> dict[str, Any]:
+    """Fetch the checkpoint (the build needs it anyway) and record what its header says."""
+    where = f"{recipe.path}: checkpoint"
+    fetched = fetch_entry(entry, where, ctx, recipe.precision, allow_pickle=recipe.allow_pickle)
+    (path,) = fetched.files.values()
+    found = detect_file(path)
+    log.info("checkpoint detected as %s %s (%s)", found.family, found.kind, "; ".join(found.evidence))
+    return {k: v for k, v in found.as_json("").items() if k != "path"}
+
+
+def configs_source(recipe: Recipe, checkpoint: LockEntry) -> uri.Source:
+    """The config repo a base-less checkpoint builds with: its family's (``family:`` overrides
+    detection), or the family's inpaint repo for a 9-channel UNet. Pure."""
+    found = checkpoint.meta["detected"]
+    where = f"{recipe.path}: checkpoint"
+    evidence = "; ".join(found.get("evidence") or ()) or "none"
+    family = recipe.family or found.get("family")
+    if found.get("kind") != "checkpoint":
+        raise UserError.one(
+            where,
+            f"this file is a {found.get('kind')}, not a whole checkpoint (evidence: {evidence})",
+            "a UNet or transformer alone needs `base:` (a diffusers repo whose other weights it joins); "
+            "a LoRA, embedding, VAE or ControlNet goes in its own recipe field",
+        )
+    if family is None:
+        raise UserError.one(
+            where,
+            "cannot tell which model family this checkpoint is; candidates: "
+            f"{', '.join(found.get('candidates') or ()) or 'none'} (evidence: {evidence})",
+            "set `family:` in the recipe to one of the candidates, or `base:` to a diffusers repo "
+            "whose configs and tokenizer fit the file",
+        )
+    check_checkpoint(
+        Detection.from_json(found), family, where, civitai_base_model(checkpoint), recipe.family is not None
+    )
+    fam = FAMILIES[family]
+    variant = found.get("variant") or "normal"
+    repo = fam.config_repo if variant in ("normal", "ema") else fam.variants.get(variant)
+    if repo is None:
+        raise UserError.one(
+            where,
+            f"a {variant} {fam.label} checkpoint has no config repo in the registry (evidence: {evidence})",
+            "set `base:` to a diffusers repo of the same variant (its configs and tokenizer are used, not its weights)",
+        )
+    return uri.parse(repo)
+
+
+def civitai_base_model(entry: LockEntry) -> str | None:
+    """What CivitAI calls the file's base model, from its own API or a by-hash lookup."""
+    meta = entry.meta
+    return meta.get("base_model") or (meta.get("civitai") or {}).get("base_model")
+
+
+def _relock(
+    recipe: Recipe,
+    roles: dict[str, str],
+    old: Lock | None,
+    mode: str,
+    ctx: Context,
+    settled: frozenset[str] = frozenset(),
+) -> Lock:
+    """The lock for ``roles`` per the mode; ``settled`` keys were already pinned this run."""
+    path = lock_path(recipe.path)
+    where = {key: f"{recipe.path}: {role}" for role, key in roles.items()}
+    keys = tuple(sorted(where))
     drift = lockfile.drift(old, keys)
-    if mode == "locked" and old is not None and not drift:
+    if mode == "locked" and old is not None and not drift and not settled:
         # A local file can change under the same path: that is drift too (memoised hashes, cheap).
         changed = tuple(
             k
@@ -77,6 +187,8 @@ def lock_sources(recipe: Recipe, mode: str, ctx: Context) -> Lock:
     fresh: dict[str, LockEntry] = {}
     for key in keys:
         src = uri.parse(key)
+        if key in settled:
+            continue
         if mode == "update" or key in drift.added or isinstance(src, uri.LocalSource):
             entry = inventory(src, where[key], ctx)
             before = old.sources.get(key) if old else None
@@ -87,10 +199,7 @@ def lock_sources(recipe: Recipe, mode: str, ctx: Context) -> Lock:
                 if before is not None:
                     log.info("relocked %s: %s -> %s", key, before.pin, entry.pin)
             fresh[key] = entry
-    new = lockfile.with_entries(old, recipe.name, fresh, keys)
-    if new != old:
-        _write(path, new)
-    return new
+    return lockfile.with_entries(old, recipe.name, fresh, keys)
 
 
 def _write(path: Path, lock: Lock) -> None:

@@ -16,6 +16,7 @@ from typing import Any
 
 from compiler import uri
 from compiler.builtins import BUILTINS
+from compiler.families import PREDICTION_TYPES
 from compiler.plan import BuildPlan
 from compiler.sources import Fetched
 from runtime.artifact import PIPELINE_DIR, SCHEDULERS
@@ -48,12 +49,38 @@ def load_base(plan: BuildPlan, fetched: Fetched, scratch: Path, checkpoint: Fetc
 
     cls = getattr(diffusers, plan.pipeline_class)
     dtype = getattr(torch, DTYPES[plan.precision])
-    if checkpoint is not None:
+    if checkpoint is not None and plan.checkpoint_kind == "checkpoint":
         return load_checkpoint(cls, fetched, scratch, checkpoint)
     if fetched.kind == "builtin":
-        return _builtin(fetched)
-    # use_safetensors: never fall back to a pickle; the lock holds no .bin files anyway.
-    return cls.from_pretrained(snapshot(fetched, scratch), dtype=dtype, variant=plan.variant, use_safetensors=True)
+        pipe = _builtin(fetched)
+    else:
+        # use_safetensors: never fall back to a pickle; the lock holds no .bin files anyway.
+        pipe = cls.from_pretrained(snapshot(fetched, scratch), dtype=dtype, variant=plan.variant, use_safetensors=True)
+    if checkpoint is not None:
+        replace_denoiser(pipe, scratch, checkpoint)
+    return pipe
+
+
+def _checkpoint_file(scratch: Path, checkpoint: Fetched) -> str:
+    (blob,) = checkpoint.files.values()
+    # diffusers picks the reader by file extension; blobs have none (fetch checked the format).
+    path = scratch / "checkpoint" / "model.safetensors"
+    path.parent.mkdir()
+    os.symlink(blob.resolve(), path)
+    return str(path)
+
+
+def replace_denoiser(pipe: Any, scratch: Path, checkpoint: Fetched) -> None:
+    """A UNet-only (or transformer-only) file replaces the base's, converted by diffusers with the
+    base's own component config; the base's other weights stay."""
+    name = "unet" if hasattr(pipe, "unet") else "transformer"
+    current = getattr(pipe, name)
+    folder = scratch / "denoiser-config"
+    current.save_config(folder)
+    model = type(current).from_single_file(
+        _checkpoint_file(scratch, checkpoint), config=str(folder), local_files_only=True
+    )
+    pipe.register_modules(**{name: model.to(current.dtype).eval()})
 
 
 def load_checkpoint(cls: Any, base: Fetched, scratch: Path, checkpoint: Fetched) -> Any:
@@ -66,12 +93,7 @@ def load_checkpoint(cls: Any, base: Fetched, scratch: Path, checkpoint: Fetched)
         _builtin(base).save_pretrained(folder)
     else:
         folder = snapshot(base, scratch)
-    (blob,) = checkpoint.files.values()
-    # diffusers picks the reader by file extension; blobs have none (fetch checked the format).
-    path = scratch / "checkpoint" / "model.safetensors"
-    path.parent.mkdir()
-    os.symlink(blob.resolve(), path)
-    pipe = cls.from_single_file(str(path), config=str(folder), local_files_only=True)
+    pipe = cls.from_single_file(_checkpoint_file(scratch, checkpoint), config=str(folder), local_files_only=True)
     # from_single_file builds its scheduler from defaults; the base's own scheduler config is the
     # one the recipe's scheduler and every per-request one derive from.
     sched = json.loads((folder / "scheduler" / "scheduler_config.json").read_text())
@@ -95,7 +117,11 @@ def materialize(
         # (`EulerDiscreteScheduler.from_config(pipe.scheduler.config)`). Converting here and again per
         # request would chain conversions, and each one fills in defaults of its own.
         getattr(diffusers, SCHEDULERS[plan.scheduler])  # the name maps to a class of this diffusers
+        if plan.prediction is not None:
+            pipe.scheduler.register_to_config(prediction_type=PREDICTION_TYPES[plan.prediction])
         pipe.to(dtype=getattr(torch, DTYPES[plan.precision]))
+        if plan.vae_force_upcast:
+            pipe.vae.register_to_config(force_upcast=True)
         pipe.save_pretrained(out / PIPELINE_DIR, safe_serialization=True)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)

@@ -12,8 +12,9 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from compiler import COMPILER_REVISION
+from compiler.detect import Detection
 from compiler.errors import Problem, UserError
-from compiler.families import FAMILIES
+from compiler.families import FAMILIES, main_task
 from compiler.recipe import Recipe
 from compiler.sources.base import Pinned, Resolved
 from runtime.artifact import Defaults, Limits
@@ -29,7 +30,12 @@ class BuildPlan:
     variant: str | None  # the diffusers weight variant loaded (fp16 files for an fp16 build)
     checkpoint: str | None  # a single-file checkpoint's source and pin: weights from it, configs from base
     checkpoint_inputs: tuple[tuple[str, str], ...]
+    checkpoint_kind: str | None  # "checkpoint" (whole pipeline) or "unet" (joins the base's other weights)
     precision: str
+    # The family's dtype policy: SDXL's VAE overflows to black images in fp16, so under fp16 its
+    # config must say force_upcast (diffusers then decodes in fp32), whatever the config repo says.
+    vae_force_upcast: bool
+    prediction: str | None  # eps or v, written into the scheduler config; None keeps the base's
     scheduler: str
     defaults: Defaults
     limits: Limits
@@ -46,7 +52,11 @@ class BuildPlan:
 
 
 def make_plan(
-    recipe: Recipe, base: Resolved, variant: str | None = None, checkpoint: Pinned | None = None
+    recipe: Recipe,
+    base: Resolved,
+    variant: str | None = None,
+    checkpoint: Pinned | None = None,
+    detected: Detection | None = None,
 ) -> BuildPlan:
     family = FAMILIES[base.family]
     d, lim = recipe.defaults, recipe.limits
@@ -78,27 +88,55 @@ def make_plan(
         )
         if value > bound
     ]
+    scheduler = recipe.scheduler or family.default_scheduler
+    if scheduler not in family.schedulers:
+        problems.append(
+            Problem(
+                f"{where}: scheduler",
+                f"{scheduler} does not fit {family.label} ({family.prediction} prediction)",
+                f"one of {', '.join(family.schedulers)}",
+            )
+        )
+    if recipe.prediction is not None and family.prediction == "flow":
+        problems.append(
+            Problem(f"{where}: prediction", f"{family.label} is a flow-matching model", "remove `prediction:`")
+        )
     if problems:
         raise UserError(problems)
+    # A file that says what it predicts (a v_pred key, modelspec metadata) is believed over the
+    # base's scheduler config; the recipe's `prediction:` over both.
+    prediction = recipe.prediction or (detected.prediction if detected and detected.prediction != "flow" else None)
     return BuildPlan(
         recipe=recipe.name,
         family=family.id,
-        pipeline_class=family.pipelines["txt2img"],
+        pipeline_class=family.pipelines[main_task(family)],
         base=base.pin,
         base_inputs=base.inputs,
         variant=variant,
         checkpoint=checkpoint.pin if checkpoint else None,
         checkpoint_inputs=checkpoint.inputs if checkpoint else (),
+        checkpoint_kind=detected.kind if detected else None,
         precision=recipe.precision,
-        scheduler=recipe.scheduler or family.default_scheduler,
+        vae_force_upcast=recipe.precision == "fp16" and family.vae_upcast_under_fp16,
+        prediction=prediction,
+        scheduler=scheduler,
         defaults=defaults,
         limits=limits,
         steps=(
-            *(("load-configs", "load-checkpoint") if checkpoint else ("load-base",)),
+            *_load_steps(detected.kind if detected else None),
+            *((f"prediction-{prediction}",) if prediction else ()),
             f"cast-{recipe.precision}",
             "save",
         ),
     )
+
+
+def _load_steps(checkpoint_kind: str | None) -> tuple[str, ...]:
+    if checkpoint_kind is None:
+        return ("load-base",)
+    if checkpoint_kind == "checkpoint":
+        return ("load-configs", "load-checkpoint")
+    return ("load-base", f"replace-{checkpoint_kind}")
 
 
 def canonical_json(data: Any) -> str:

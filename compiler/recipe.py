@@ -13,6 +13,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from compiler import uri
 from compiler.errors import Problem, UserError
+from compiler.families import FAMILIES
 from runtime.artifact import SCHEDULERS
 
 Precision = Literal["fp32", "fp16", "bf16"]
@@ -42,13 +43,22 @@ class RecipeLimits(_Strict):
 
 
 class _Fields(_Strict):
-    base: str
+    base: str | None = None
     checkpoint: str | None = None
+    family: str | None = None
+    prediction: Literal["eps", "v"] | None = None
     precision: Precision = "fp32"
     scheduler: str | None = None
     defaults: RecipeDefaults = Field(default_factory=RecipeDefaults)
     limits: RecipeLimits = Field(default_factory=RecipeLimits)
     allow_pickle: bool = False  # convert .ckpt/.pt checkpoints with torch.load(weights_only=True)
+
+    @field_validator("family")
+    @classmethod
+    def _known_family(cls, v: str | None) -> str | None:
+        if v is not None and v not in FAMILIES:
+            raise ValueError(f"unknown family {v!r}")
+        return v
 
     @field_validator("scheduler")
     @classmethod
@@ -63,8 +73,10 @@ class Recipe(BaseModel):
 
     name: str
     path: Path
-    base: uri.Source
+    base: uri.Source | None  # None: a checkpoint's configs come from its family's config repo
     checkpoint: uri.Source | None = None
+    family: str | None = None  # overrides detection (an ambiguous or mislabelled file)
+    prediction: str | None = None  # overrides the family's and the file's prediction type
     allow_pickle: bool = False
     precision: Precision
     scheduler: str | None
@@ -73,7 +85,9 @@ class Recipe(BaseModel):
 
     def sources(self) -> dict[str, uri.Source]:
         """Every source the recipe names, by field path (what the lock pins)."""
-        out: dict[str, uri.Source] = {"base": self.base}
+        out: dict[str, uri.Source] = {}
+        if self.base is not None:
+            out["base"] = self.base
         if self.checkpoint is not None:
             out["checkpoint"] = self.checkpoint
         return out
@@ -82,7 +96,9 @@ class Recipe(BaseModel):
 _HINTS = {
     "base": f"a model source; accepted: {'; '.join(uri.FORMS)}",
     "checkpoint": "a single .safetensors file (CivitAI, hf://ORG/REPO/FILE, https://…, a local path); "
-    "its configs and tokenizer come from `base:`",
+    "its configs and tokenizer come from `base:` when set, else from its family's config repo",
+    "family": f"one of {', '.join(FAMILIES)}; set it only when detection cannot tell (it names the candidates)",
+    "prediction": "eps or v: what the model predicts, for v-prediction fine-tunes whose files do not say so",
     "precision": "one of fp32, fp16, bf16 (override with precision=fp16 on the command line)",
     "scheduler": f"one of {', '.join(SCHEDULERS)} (worker-sdxl's names)",
     "defaults.width": "a multiple of 8, at least 64",
@@ -127,13 +143,21 @@ def parse_recipe(name: str, path: Path, fields: dict[str, Any], civitai_hosts: t
     if checkpoint is not None and uri.is_single_file(checkpoint) is False:
         problems.append(Problem(f"{where}: checkpoint", f"{checkpoint} names a whole pipeline", _HINTS["checkpoint"]))
     base = parsed.get("base")
-    if problems or checked is None or base is None:
+    if "base" not in fields and "checkpoint" not in fields:
+        problems.append(
+            Problem(
+                f"{where}: base", "a recipe needs `base:` or `checkpoint:`", f"{_HINTS['base']}; {_HINTS['checkpoint']}"
+            )
+        )
+    if problems or checked is None:
         raise UserError(problems)
     return Recipe(
         name=name,
         path=path,
         base=base,
         checkpoint=checkpoint,
+        family=checked.family,
+        prediction=checked.prediction,
         allow_pickle=checked.allow_pickle,
         precision=checked.precision,
         scheduler=checked.scheduler,

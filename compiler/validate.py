@@ -7,9 +7,13 @@ from compiler.errors import UserError
 from compiler.families import family_of_civitai_base_model
 
 
-def check_checkpoint(found: Detection, base_family: str, where: str, civitai_base_model: str | None = None) -> None:
+def check_checkpoint(
+    found: Detection, base_family: str, where: str, civitai_base_model: str | None = None, override: bool = False
+) -> None:
     """A checkpoint must be a whole pipeline (or a UNet) of the base's family, and agree with what
-    CivitAI says it is. Raises UserError naming both families and the evidence; never guesses."""
+    CivitAI says it is. Raises UserError naming both families and the evidence; never guesses.
+    ``override``: the recipe's ``family:`` chose ``base_family``, which settles an ambiguous file
+    (one of its candidates) but never contradicts a file whose header is clear."""
     evidence = "; ".join(found.evidence) or "none"
     if found.kind not in ("checkpoint", "unet"):
         raise UserError.one(
@@ -17,12 +21,20 @@ def check_checkpoint(found: Detection, base_family: str, where: str, civitai_bas
             f"this file is a {found.kind}, not a checkpoint (evidence: {evidence})",
             "a LoRA, embedding, VAE or ControlNet goes in its own recipe field; `checkpoint:` takes a whole model",
         )
+    if found.family is None and override and base_family in found.candidates:
+        return
     if found.family is None:
         raise UserError.one(
             where,
             f"cannot tell this checkpoint's family; candidates: {', '.join(found.candidates) or 'none'} "
             f"(evidence: {evidence})",
-            "check the file; family detection reads the safetensors header only",
+            "set `family:` in the recipe to one of the candidates if you know which it is",
+        )
+    if found.family != base_family and override:
+        raise UserError.one(
+            where,
+            f"`family: {base_family}` contradicts the file, which is {found.family} (evidence: {evidence})",
+            "remove `family:` (it is only for files whose family detection cannot tell)",
         )
     if found.family != base_family:
         raise UserError.one(

@@ -44,6 +44,7 @@ SCHEDULERS: dict[str, str] = {
     "K_EULER_ANCESTRAL": "EulerAncestralDiscreteScheduler",
     "DPMSolverMultistep": "DPMSolverMultistepScheduler",
     "DPMSolverSinglestep": "DPMSolverSinglestepScheduler",
+    "FLOW_MATCH_EULER": "FlowMatchEulerDiscreteScheduler",  # SD3 and FLUX (flow matching)
 }
 
 

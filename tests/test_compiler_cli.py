@@ -145,12 +145,12 @@ def test_overrides_change_the_artifact_and_names_keep_history(tmp_path: Path):
 @pytest.mark.parametrize(
     ("recipe", "args", "expected"),
     [
-        (DEMO_FIELDS + "colour: red\n", [], ["colour: unknown key", "valid keys here: base, checkpoint, precision"]),
+        (DEMO_FIELDS + "colour: red\n", [], ["colour: unknown key", "valid keys here: base, checkpoint, family, prediction, precision"]),
         (DEMO_FIELDS, ["+extra=1"], ["extra: unknown key"]),
         (DEMO_FIELDS, ["+defaults.sharpness=2"], ["defaults.sharpness: unknown key", "valid keys here: width"]),
         (DEMO_FIELDS, ["precision=fp8"], ["precision:", "fp8", "hint: one of fp32, fp16, bf16"]),
         (DEMO_FIELDS, ["scheduler=EULER"], ["scheduler: unknown scheduler 'EULER'", "K_EULER"]),
-        ("precision: fp32\n", [], ["base: required field is missing"]),
+        ("precision: fp32\n", [], ["base: a recipe needs `base:` or `checkpoint:`"]),
         (DEMO_FIELDS, ["base=hf://org/repo"], ["base:", "cannot reach http://127.0.0.1:9", "HF_ENDPOINT"]),
         (DEMO_FIELDS, ["base=builtin:nope"], ["no built-in model 'nope'", "builtin:tiny-sd15"]),
         (DEMO_FIELDS, ["base=builtin:tiny-sd15@7"], ["revision 7 is not available"]),

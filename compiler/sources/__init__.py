@@ -13,7 +13,7 @@ from typing import Any
 
 from compiler import uri
 from compiler.errors import UserError
-from compiler.families import FAMILIES, family_of_pipeline
+from compiler.families import FAMILIES
 from compiler.lock import LockEntry
 from compiler.sources import builtin, civitai, hf, local, url
 from compiler.sources.base import Context, Fetched, Pinned, Resolved
@@ -68,8 +68,11 @@ def content_pin(entry: LockEntry, inputs: tuple[tuple[str, str], ...]) -> str:
     return "files:sha256:" + hashlib.sha256(files.encode()).hexdigest()
 
 
-def describe_pipeline(entry: LockEntry, where: str, precision: str, configs_only: bool = False) -> Resolved:
-    """A locked pipeline source (builtin, diffusers repo or folder) -> what the plan needs."""
+def describe_pipeline(
+    entry: LockEntry, where: str, precision: str, configs_only: bool = False, family: str | None = None
+) -> Resolved:
+    """A locked pipeline source (builtin, diffusers repo or folder) -> what the plan needs;
+    ``family`` (the recipe's override) wins over what the repo's configs say."""
     if entry.kind == "file":
         raise UserError.one(
             where,
@@ -78,7 +81,26 @@ def describe_pipeline(entry: LockEntry, where: str, precision: str, configs_only
             "`base:` takes builtin:NAME, hf://ORG/REPO or a local diffusers folder",
         )
     meta = entry.meta
-    family = meta.get("family") or family_of_pipeline(meta.get("pipeline_class"), where)
+    if family is not None and meta.get("family") not in (None, family):
+        raise UserError.one(
+            where,
+            f"`family: {family}` contradicts {entry.source}, which is {meta['family']} "
+            f"(evidence: {'; '.join(meta.get('family_evidence') or ()) or 'its lock entry'})",
+            "remove `family:` (it is only for models whose family cannot be told), or use a base of that family",
+        )
+    family = family or meta.get("family")
+    if family is None:
+        known = sorted({c for f in FAMILIES.values() for c in f.pipelines.values()})
+        cands = meta.get("family_candidates") or []
+        raise UserError.one(
+            where,
+            f"cannot tell the model family of {entry.source} (pipeline class {meta.get('pipeline_class')!r}"
+            + (f"; candidates: {', '.join(cands)}" if cands else "; not a supported pipeline class")
+            + f"; evidence: {'; '.join(meta.get('family_evidence') or ()) or 'none'})",
+            f"set `family:` in the recipe to one of {', '.join(cands)}"
+            if cands
+            else f"supported pipeline classes: {', '.join(known)}",
+        )
     size = meta.get("native_size") or FAMILIES[family].native_size
     needed = set(wanted(entry, precision, configs_only))
     inputs = tuple((f.path, f.sha256) for f in entry.files if f.path in needed)

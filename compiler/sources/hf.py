@@ -18,6 +18,7 @@ from typing import Any
 
 from compiler import uri
 from compiler.errors import UserError
+from compiler.families import family_of_repo
 from compiler.lock import LockedFile, LockEntry
 from compiler.sources.base import Context, Fetched
 from compiler.sources.blobs import fetch_pinned, fetch_unpinned
@@ -213,12 +214,19 @@ def inventory(src: uri.HfSource, where: str, ctx: Context) -> LockEntry:
     configs = {
         f.path: json.loads(ctx.store.blob_path(f.hex).read_text()) for f in files if f.path.endswith("config.json")
     }
-    meta.update(
-        pipeline_class=index.get("_class_name"),
-        native_size=native_size(configs),
-        variants=sorted({f.variant for f in files if f.variant}),
-    )
+    meta.update(pipeline_meta(index, configs), variants=sorted({f.variant for f in files if f.variant}))
     return LockEntry(source=str(src), kind="repo", pin=f"commit:{commit}", files=tuple(files), meta=meta)
+
+
+def pipeline_meta(index: dict[str, Any], configs: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """What the plan needs of a diffusers pipeline, from its model_index.json and configs (pure)."""
+    found = family_of_repo(index.get("_class_name"), configs)
+    meta: dict[str, Any] = {"pipeline_class": index.get("_class_name"), "native_size": native_size(configs)}
+    meta["family"] = found.family
+    if found.family is None:
+        meta["family_candidates"] = list(found.candidates)
+    meta["family_evidence"] = list(found.evidence)
+    return meta
 
 
 def native_size(configs: dict[str, dict[str, Any]]) -> list[int] | None:

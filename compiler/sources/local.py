@@ -94,7 +94,7 @@ def inventory(source: uri.LocalSource, where: str, ctx: Context) -> LockEntry:
                 index = json.loads(listing["model_index.json"].read_text())
                 listing = {n: listing[n] for n in hf.select_files(index, listing, where)}
                 configs = {n: json.loads(p.read_text()) for n, p in listing.items() if n.endswith("config.json")}
-                meta = {"pipeline_class": index.get("_class_name"), "native_size": hf.native_size(configs)}
+                meta = hf.pipeline_meta(index, configs)
             files = tuple(
                 LockedFile(path=n, sha256=f"sha256:{m.sha256(p)}", size=p.stat().st_size, variant=hf.variant_of(n))
                 for n, p in listing.items()
