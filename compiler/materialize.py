@@ -50,7 +50,7 @@ def load_base(plan: BuildPlan, fetched: Fetched, scratch: Path, checkpoint: Fetc
     cls = getattr(diffusers, plan.pipeline_class)
     dtype = getattr(torch, DTYPES[plan.precision])
     if checkpoint is not None and plan.checkpoint_kind == "checkpoint":
-        return load_checkpoint(cls, fetched, scratch, checkpoint)
+        return load_checkpoint(cls, fetched, scratch, checkpoint, dtype)
     if fetched.kind == "builtin":
         pipe = _builtin(fetched)
     else:
@@ -83,7 +83,7 @@ def replace_denoiser(pipe: Any, scratch: Path, checkpoint: Fetched) -> None:
     pipe.register_modules(**{name: model.to(current.dtype).eval()})
 
 
-def load_checkpoint(cls: Any, base: Fetched, scratch: Path, checkpoint: Fetched) -> Any:
+def load_checkpoint(cls: Any, base: Fetched, scratch: Path, checkpoint: Fetched, dtype: Any) -> Any:
     """A single-file checkpoint through diffusers' own converter, with the base's configs and
     tokenizer (``config=`` a local folder, so nothing reaches the Hub)."""
     import diffusers
@@ -93,7 +93,11 @@ def load_checkpoint(cls: Any, base: Fetched, scratch: Path, checkpoint: Fetched)
         _builtin(base).save_pretrained(folder)
     else:
         folder = snapshot(base, scratch)
-    pipe = cls.from_single_file(_checkpoint_file(scratch, checkpoint), config=str(folder), local_files_only=True)
+    # dtype: converted straight to the build's precision (an fp16 file otherwise becomes fp32
+    # tensors first: twice the peak memory).
+    pipe = cls.from_single_file(
+        _checkpoint_file(scratch, checkpoint), config=str(folder), local_files_only=True, torch_dtype=dtype
+    )
     # from_single_file builds its scheduler from defaults; the base's own scheduler config is the
     # one the recipe's scheduler and every per-request one derive from.
     sched = json.loads((folder / "scheduler" / "scheduler_config.json").read_text())

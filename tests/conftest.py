@@ -56,6 +56,17 @@ def decode_image(data_uri: str) -> np.ndarray:
     return np.array(Image.open(io.BytesIO(base64.b64decode(payload))))
 
 
+REQ = {"prompt": "a red fox in the snow", "seed": 7}
+
+
+def serve(home: Path, artifact: Path, request: dict) -> np.ndarray:
+    from runtime.service import Service, Settings
+
+    reply = Service(Settings(artifacts=(str(artifact),), home=home)).run(request)
+    assert "images" in reply, reply
+    return decode_image(reply["images"][0])
+
+
 @pytest.fixture(scope="session")
 def home(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return tmp_path_factory.mktemp("uiw-home")
@@ -66,6 +77,11 @@ def demo_artifact(home: Path) -> Path:
     proc = run_compiler("recipe=demo", home=home)
     assert proc.returncode == 0, proc.stderr
     return Path(proc.stdout.strip())
+
+
+@pytest.fixture(scope="session")
+def demo_image(home: Path, demo_artifact: Path) -> np.ndarray:
+    return serve(home, demo_artifact, REQ)
 
 
 @pytest.fixture(scope="session")

@@ -145,7 +145,7 @@ def test_overrides_change_the_artifact_and_names_keep_history(tmp_path: Path):
 @pytest.mark.parametrize(
     ("recipe", "args", "expected"),
     [
-        (DEMO_FIELDS + "colour: red\n", [], ["colour: unknown key", "valid keys here: base, checkpoint, family, prediction, precision"]),
+        (DEMO_FIELDS + "colour: red\n", [], ["colour: unknown key", "valid keys here: base, checkpoint, family"]),
         (DEMO_FIELDS, ["+extra=1"], ["extra: unknown key"]),
         (DEMO_FIELDS, ["+defaults.sharpness=2"], ["defaults.sharpness: unknown key", "valid keys here: width"]),
         (DEMO_FIELDS, ["precision=fp8"], ["precision:", "fp8", "hint: one of fp32, fp16, bf16"]),

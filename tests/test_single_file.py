@@ -13,8 +13,9 @@ import numpy as np
 import pytest
 
 from compiler.families import FAMILIES, family_of_repo
+from tests.conftest import REQ, serve
 from tests.fakehub import FakeHub, tree
-from tests.test_sources import REQ, compile_recipe, demo_image, serve  # noqa: F401  (fixture)
+from tests.test_sources import compile_recipe
 
 SD15_CONFIGS = FAMILIES["sd15"].config_repo.removeprefix("hf://")
 RECIPE = """
@@ -161,7 +162,11 @@ SD_TE = {"hidden_act": "quick_gelu"}
         ),
         ("StableDiffusionXLPipeline", {}, "sdxl"),
         ("StableDiffusionXLImg2ImgPipeline", {"text_encoder_2/config.json": {}}, "sdxl-refiner"),
-        ("StableDiffusionXLImg2ImgPipeline", {"text_encoder/config.json": {}, "text_encoder_2/config.json": {}}, "sdxl"),
+        (
+            "StableDiffusionXLImg2ImgPipeline",
+            {"text_encoder/config.json": {}, "text_encoder_2/config.json": {}},
+            "sdxl",
+        ),
         ("FluxPipeline", {"transformer/config.json": {"guidance_embeds": True}}, "flux-dev"),
         ("FluxPipeline", {"transformer/config.json": {"guidance_embeds": False}}, "flux-schnell"),
         ("StableDiffusion3Pipeline", {"transformer/config.json": {"num_layers": 24}}, "sd3"),

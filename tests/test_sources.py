@@ -18,11 +18,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tests.conftest import PY, REPO, child_env, decode_image, run_compiler
+from tests.conftest import PY, REPO, REQ, child_env, run_compiler, serve
 from tests.fakehub import FakeHub, tree
 
 TINY = "uiw-test/tiny-sd15"
-REQ = {"prompt": "a red fox in the snow", "seed": 7}
 RECIPE = """
 base: {base}
 precision: fp32
@@ -88,14 +87,6 @@ def compile_recipe(
     cmd = ("fetch",) if fetch_only else ()
     module = "compiler.store" if fetch_only else "compiler"
     return run_compiler(*cmd, f"recipe={name}", f"recipes_dir={recipes}", *args, home=home, env=full, module=module)
-
-
-def serve(home: Path, artifact: Path, request: dict) -> np.ndarray:
-    from runtime.service import Service, Settings
-
-    reply = Service(Settings(artifacts=(str(artifact),), home=home)).run(request)
-    assert "images" in reply, reply
-    return decode_image(reply["images"][0])
 
 
 def sha(data: bytes) -> str:
@@ -338,11 +329,6 @@ def ldm_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> bytes:
     from tests.ldm import pipeline_to_ldm
 
     return save(pipeline_to_ldm(BUILTINS["tiny-sd15"].build()))
-
-
-@pytest.fixture(scope="session")
-def demo_image(home: Path, demo_artifact: Path) -> np.ndarray:
-    return serve(home, demo_artifact, REQ)
 
 
 def _ckpt_compile(
