@@ -43,8 +43,9 @@ def _bytes_to_unicode() -> dict[int, str]:
 _MERGES = [("a", "t</w>"), ("t", "h"), ("th", "e</w>"), ("c", "at</w>"), ("o", "g</w>"), ("d", "og</w>")]
 
 
-def tiny_clip_tokenizer() -> Any:
-    """A CLIP BPE tokenizer built from an in-code vocabulary: no files, no network."""
+def tiny_clip_tokenizer(pad_token: str = "<|endoftext|>") -> Any:
+    """A CLIP BPE tokenizer built from an in-code vocabulary: no files, no network. ``pad_token``:
+    OpenAI's CLIP pads with end-of-text; SDXL's second tokenizer (OpenCLIP's) pads with "!"."""
     from transformers import CLIPTokenizer
 
     alphabet = list(_bytes_to_unicode().values())
@@ -56,7 +57,7 @@ def tiny_clip_tokenizer() -> Any:
     for special in ("<|startoftext|>", "<|endoftext|>"):
         vocab[special] = len(vocab)
     # merges as (a, b) tuples: the tokenizers backend wants pairs, whatever the type hints say.
-    return CLIPTokenizer(vocab=vocab, merges=list(_MERGES), model_max_length=77)  # type: ignore[arg-type]
+    return CLIPTokenizer(vocab=vocab, merges=list(_MERGES), model_max_length=77, pad_token=pad_token)  # type: ignore[arg-type]
 
 
 def _build_tiny_sd15() -> Any:
@@ -148,6 +149,136 @@ def _build_tiny_sd15() -> Any:
     )
 
 
+def _build_tiny_sdxl() -> Any:
+    import torch
+    from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    # SDXL base's two tokenizers share one vocabulary; the second (OpenCLIP's) pads with "!".
+    tokenizer = tiny_clip_tokenizer()
+    tokenizer_2 = tiny_clip_tokenizer(pad_token="!")
+    vocab = tokenizer.get_vocab()
+    special = {"bos_token_id": vocab["<|startoftext|>"], "eos_token_id": vocab["<|endoftext|>"]}
+    # The two encoders must differ in width, as CLIP-L (768) and OpenCLIP-G (1280) do: diffusers'
+    # single-file loader picks which SGM weights feed which encoder by comparing widths, and with
+    # equal widths it would load CLIP-L's weights into text_encoder_2 too.
+    clip_l_width, clip_g_width, projection = 32, 48, 40
+    torch.manual_seed(2001)
+    text_encoder = CLIPTextModel(
+        CLIPTextConfig(
+            vocab_size=len(vocab),
+            hidden_size=clip_l_width,
+            intermediate_size=64,
+            num_hidden_layers=2,  # SDXL reads the penultimate layer: at least two
+            num_attention_heads=2,
+            max_position_embeddings=77,
+            hidden_act="quick_gelu",  # OpenAI CLIP-L's activation
+            projection_dim=clip_l_width,
+            pad_token_id=vocab["<|endoftext|>"],
+            **special,
+        )
+    )
+    torch.manual_seed(2002)
+    # OpenCLIP-G with its text projection (the pooled embedding SDXL conditions on); the projection
+    # is narrower than the width here (1280 = 1280 in the real model) so that a transposed or
+    # mis-split projection is a shape error, not a silent swap.
+    text_encoder_2 = CLIPTextModelWithProjection(
+        CLIPTextConfig(
+            vocab_size=len(vocab),
+            hidden_size=clip_g_width,
+            intermediate_size=96,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            max_position_embeddings=77,
+            hidden_act="gelu",  # OpenCLIP-G's activation
+            projection_dim=projection,
+            pad_token_id=vocab["!"],
+            **special,
+        )
+    )
+    torch.manual_seed(2003)
+    # SDXL base's UNet topology: three levels, no attention at the first (full-resolution) one,
+    # several transformer blocks per attention (1, 2, 10 in the real model), linear projections,
+    # and the "text_time" ADM input: pooled text embedding + six size/crop numbers, each embedded
+    # addition_time_embed_dim wide (256 and 6 * 256 + 1280 = 2816 in the real model).
+    time_embed = 8
+    unet = UNet2DConditionModel(
+        sample_size=8,
+        in_channels=4,
+        out_channels=4,
+        layers_per_block=2,
+        block_out_channels=(8, 16, 32),
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+        transformer_layers_per_block=(1, 2, 2),
+        attention_head_dim=(1, 2, 4),  # diffusers' name for the head count (SDXL: 5, 10, 20)
+        use_linear_projection=True,
+        cross_attention_dim=clip_l_width + clip_g_width,  # both encoders' hidden states, concatenated
+        addition_embed_type="text_time",
+        addition_time_embed_dim=time_embed,
+        projection_class_embeddings_input_dim=6 * time_embed + projection,
+        norm_num_groups=8,
+    )
+    torch.manual_seed(2004)
+    vae = AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        latent_channels=4,
+        layers_per_block=2,
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
+        block_out_channels=(8, 16, 32, 32),
+        norm_num_groups=8,
+        sample_size=64,
+        scaling_factor=0.13025,  # SDXL's VAE
+        force_upcast=True,  # SDXL's VAE overflows in fp16: diffusers decodes in fp32
+    )
+    # SDXL base 1.0's scheduler_config.json (stabilityai/stable-diffusion-xl-base-1.0), verbatim,
+    # plus explicit values for the settings it omits: explicit values make the in-memory model
+    # behave exactly like its saved folder (see the SD 1.5 builtin).
+    scheduler = EulerDiscreteScheduler.from_config(
+        {
+            "_class_name": "EulerDiscreteScheduler",
+            "beta_end": 0.012,
+            "beta_schedule": "scaled_linear",
+            "beta_start": 0.00085,
+            "clip_sample": False,
+            "interpolation_type": "linear",
+            "num_train_timesteps": 1000,
+            "prediction_type": "epsilon",
+            "sample_max_value": 1.0,
+            "set_alpha_to_one": False,
+            "skip_prk_steps": True,
+            "steps_offset": 1,
+            "timestep_spacing": "leading",
+            "trained_betas": None,
+            "use_karras_sigmas": False,
+            # This diffusers' settings the file predates, at their defaults (the saved folder
+            # writes them out; left implicit, another scheduler's from_config would replace them).
+            "final_sigmas_type": "zero",
+            "rescale_betas_zero_snr": False,
+            "sigma_max": None,
+            "sigma_min": None,
+            "timestep_type": "discrete",
+            "use_beta_sigmas": False,
+            "use_exponential_sigmas": False,
+        }
+    )
+    module: Any
+    for module in (text_encoder, text_encoder_2, unet, vae):
+        module.eval()
+    return StableDiffusionXLPipeline(
+        vae=vae,
+        text_encoder=text_encoder,
+        text_encoder_2=text_encoder_2,
+        tokenizer=tokenizer,
+        tokenizer_2=tokenizer_2,
+        unet=unet,
+        scheduler=scheduler,
+    )
+
+
 BUILTINS: dict[str, Builtin] = {
     "tiny-sd15": Builtin(name="tiny-sd15", revision=1, family="sd15", native_size=(64, 64), build=_build_tiny_sd15),
+    "tiny-sdxl": Builtin(name="tiny-sdxl", revision=1, family="sdxl", native_size=(64, 64), build=_build_tiny_sdxl),
 }

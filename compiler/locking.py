@@ -130,7 +130,9 @@ def configs_source(recipe: Recipe, checkpoint: LockEntry) -> uri.Source:
     )
     fam = FAMILIES[family]
     variant = found.get("variant") or "normal"
-    repo = fam.config_repo if variant in ("normal", "ema") else fam.variants.get(variant)
+    # A family that only inpaints (FLUX Fill) is its own config repo; others name a variant repo.
+    plain = variant in ("normal", "ema") or set(fam.pipelines) == {variant}
+    repo = fam.config_repo if plain else fam.variants.get(variant)
     if repo is None:
         raise UserError.one(
             where,

@@ -105,6 +105,19 @@ def load_checkpoint(cls: Any, base: Fetched, scratch: Path, checkpoint: Fetched,
     return pipe
 
 
+# transformers records how a tokenizer was loaded in the config it saves; from_single_file loads
+# them with local_files_only, so without this the same weights would give two content digests.
+_LOAD_OPTIONS = ("is_local", "local_files_only")
+
+
+def _drop_load_options(folder: Path) -> None:
+    for path in folder.glob("tokenizer*/tokenizer_config.json"):
+        config = json.loads(path.read_text())
+        if any(k in config for k in _LOAD_OPTIONS):
+            kept = {k: v for k, v in config.items() if k not in _LOAD_OPTIONS}
+            path.write_text(json.dumps(kept, indent=2, sort_keys=True, ensure_ascii=False) + "\n")
+
+
 def materialize(
     plan: BuildPlan, out: Path, fetched: Fetched, scratch: Path, checkpoint: Fetched | None = None
 ) -> dict[str, str]:
@@ -127,6 +140,7 @@ def materialize(
         if plan.vae_force_upcast:
             pipe.vae.register_to_config(force_upcast=True)
         pipe.save_pretrained(out / PIPELINE_DIR, safe_serialization=True)
+        _drop_load_options(out / PIPELINE_DIR)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
     log.info("materialized %s (%s, %s)", plan.base, plan.precision, plan.scheduler)

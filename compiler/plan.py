@@ -97,6 +97,15 @@ def make_plan(
                 f"one of {', '.join(family.schedulers)}",
             )
         )
+    if detected is not None and detected.variant not in ("normal", "ema") and main_task(family) != detected.variant:
+        problems.append(
+            Problem(
+                f"{where}: checkpoint",
+                f"this is a {detected.variant} {family.label} model; it cannot serve text-to-image",
+                "inpaint and other conditioned models need their task's requests (image, mask), which "
+                "this compiler does not serve yet; use the family's normal checkpoint",
+            )
+        )
     if recipe.prediction is not None and family.prediction == "flow":
         problems.append(
             Problem(f"{where}: prediction", f"{family.label} is a flow-matching model", "remove `prediction:`")

@@ -3,6 +3,7 @@
 The test-side inverse of diffusers' ``convert_ldm_*_checkpoint``, written from the key tables of
 diffusers' ``scripts/convert_diffusers_to_original_stable_diffusion.py`` and generalised to any
 block count and ``layers_per_block`` (the tiny builtin keeps SD 1.5's topology at a smaller width).
+The UNet and VAE maps serve SDXL's SGM layout too (tests/sgm.py), which shares them.
 Tests turn a known pipeline into a CivitAI-style checkpoint with it, so a single-file compile can
 be compared against the pipeline it came from.
 """
@@ -21,6 +22,9 @@ _UNET_TOP = {
     "conv_in.": "input_blocks.0.0.",
     "conv_norm_out.": "out.0.",
     "conv_out.": "out.2.",
+    # SDXL's ADM input (pooled text + size conditioning); SD 1.x has none
+    "add_embedding.linear_1.": "label_emb.0.0.",
+    "add_embedding.linear_2.": "label_emb.0.2.",
 }
 _UNET_RESNET = [
     ("norm1", "in_layers.0"),
@@ -109,11 +113,12 @@ def vae_to_ldm(state: dict[str, Any], config: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def clip_to_ldm(state: dict[str, Any]) -> dict[str, Any]:
+def clip_to_ldm(state: dict[str, Any], prefix: str = CLIP_PREFIX) -> dict[str, Any]:
+    """A transformers CLIPTextModel in transformers naming under ``prefix`` (SDXL's CLIP-L too)."""
     out = {}
     for key, value in state.items():
         rest = key if key.startswith("text_model.") else "text_model." + key
-        out[CLIP_PREFIX + rest] = value
+        out[prefix + rest] = value
     return out
 
 

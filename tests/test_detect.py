@@ -131,6 +131,16 @@ def test_variants_derived_from_real_layouts():
             refiner[k] = ((shape[0], 1280), dt)
     refiner["model.diffusion_model.label_emb.0.0.weight"] = ((1280, 2560), "float32")
     assert detect(refiner).family == "sdxl-refiner"
+    # The refiner's own file puts its one text encoder (OpenCLIP-G) first: conditioner.embedders.0.model.
+    first = {k.replace("conditioner.embedders.1.", "conditioner.embedders.0."): v for k, v in refiner.items()}
+    found = detect(first)
+    assert (found.family, found.format) == ("sdxl-refiner", "sgm")
+    assert any("OpenCLIP-G text encoder alone" in e for e in found.evidence)
+    assert any("CLIP-L + OpenCLIP-G" in e for e in detect(sgm).evidence), "both widths and layout agree"
+    # An SDXL base UNet (2048, ADM 2816) with the refiner's text-encoder layout: no guess.
+    base_unet = {k: v for k, v in sgm.items() if not k.startswith("conditioner.")}
+    clash = detect({**base_unet, **{k: v for k, v in first.items() if k.startswith("conditioner.")}})
+    assert (clash.kind, clash.family, clash.candidates) == ("unknown", None, ("sdxl", "sdxl-refiner"))
     vpred = detect({**sgm, "v_pred": ((0,), "float32")})
     assert (vpred.family, vpred.prediction) == ("sdxl", "v")
 
