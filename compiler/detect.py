@@ -22,9 +22,10 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from compiler.families import ADM_FAMILY, CONTEXT_FAMILY  # the registry's probes
+
 Shape = tuple[int, ...]
 
-CONTEXT_FAMILY = {768: "sd15", 1024: "sd2", 2048: "sdxl", 1280: "sdxl-refiner"}
 SD_LATENT_FAMILIES = ("sd15", "sd2", "sdxl")  # 4-channel latents: VAEs share one layout
 FLOW_LATENT_FAMILIES = ("sd3", "flux-dev")  # 16-channel latents
 MAX_HEADER = 100 << 20  # a header larger than this is not a model file's
@@ -139,7 +140,9 @@ def _lora(keys: dict[str, tuple[Shape, str]], names: set[str], meta: dict[str, s
         family = "sd3"
         evidence.append("SD3 joint block names")
     else:
-        fam, ev = _context_family(keys, r"attn2[._]to_k(\.lora_down|\.lora_A|\.lora\.down|\.hada_w1_b|)\.weight$")
+        fam, ev = _context_family(
+            keys, r"attn2[._]to_k(\.lora_down\.weight|\.lora_A\.weight|\.lora\.down\.weight|\.hada_w1_b|\.weight)$"
+        )
         family, evidence = fam, evidence + ev
         if family is None and _any(names, "lora_te1_", "lora_te2_", "text_encoder_2"):
             family = "sdxl"
@@ -287,7 +290,7 @@ def _single_file(keys: dict[str, tuple[Shape, str]], names: set[str], meta: dict
     evidence = list(ev)
     if adm is not None:
         evidence.append(_ev(adm))
-        by_adm = {2816: "sdxl", 2560: "sdxl-refiner"}.get(adm[1][1])
+        by_adm = ADM_FAMILY.get(adm[1][1])
         if by_adm is not None and fam not in (None, by_adm):
             return Detection("unknown", None, None, candidates=(fam, by_adm), evidence=tuple(evidence))
         fam = by_adm or fam
@@ -315,7 +318,7 @@ def _diffusers_denoiser(keys: dict[str, tuple[Shape, str]], names: set[str], met
         fam, ev = _context_family(keys, r"attn2\.to_k\.weight$")
         adm = keys.get("add_embedding.linear_1.weight")
         if adm is not None:
-            fam = {2816: "sdxl", 2560: "sdxl-refiner"}.get(adm[0][1], fam)
+            fam = ADM_FAMILY.get(adm[0][1], fam)
             ev.append(f"add_embedding.linear_1.weight {list(adm[0])}")
         in_ch = keys["conv_in.weight"][0][1]
         variant = {4: "normal", 9: "inpaint", 5: "depth"}.get(in_ch, f"{in_ch}-channel")

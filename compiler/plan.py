@@ -97,7 +97,15 @@ def make_plan(
                 f"one of {', '.join(family.schedulers)}",
             )
         )
-    if detected is not None and detected.variant not in ("normal", "ema") and main_task(family) != detected.variant:
+    if main_task(family) != "txt2img":
+        problems.append(
+            Problem(
+                f"{where}: {'checkpoint' if detected else 'base'}",
+                f"{family.label} only does {main_task(family)} (it only refines or fills an image given to it)",
+                "this compiler serves text-to-image so far; use a model of the family's normal variant",
+            )
+        )
+    elif detected is not None and detected.variant not in ("normal", "ema"):
         problems.append(
             Problem(
                 f"{where}: checkpoint",

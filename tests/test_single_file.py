@@ -186,3 +186,62 @@ def test_family_of_a_repo_that_cannot_tell_lists_candidates():
     found = family_of_repo("StableDiffusionPipeline", {"unet/config.json": {"cross_attention_dim": 32}})
     assert found.family is None and found.candidates == ("sd15", "sd2")
     assert family_of_repo("KandinskyPipeline", {}).family is None
+
+
+# --- which config repo a base-less checkpoint locks, for every family's real layout (pure) -----
+
+CONFIG_REPO_CASES = {
+    "sd15-ldm": "hf://stable-diffusion-v1-5/stable-diffusion-v1-5@main",
+    "sd15-inpaint": "hf://stable-diffusion-v1-5/stable-diffusion-inpainting@main",
+    "sd2-ldm": "hf://stabilityai/stable-diffusion-2-1@main",
+    "sdxl-sgm": "hf://stabilityai/stable-diffusion-xl-base-1.0@main",
+    "sdxl-refiner": "hf://stabilityai/stable-diffusion-xl-refiner-1.0@main",
+    "sd3-comfyui": "hf://stabilityai/stable-diffusion-3-medium-diffusers@main",
+    "sd35-medium": "hf://stabilityai/stable-diffusion-3.5-medium@main",
+    "sd35-large": "hf://stabilityai/stable-diffusion-3.5-large@main",
+    "flux-dev": "hf://black-forest-labs/FLUX.1-dev@main",
+    "flux-schnell": "hf://black-forest-labs/FLUX.1-schnell@main",
+    "flux-fill": "hf://black-forest-labs/FLUX.1-Fill-dev@main",
+}
+
+
+def _entry(case_name: str):
+    from compiler.detect import detect
+    from compiler.lock import LockEntry
+    from tests.detect_cases import CASES
+
+    found = next(c for c in CASES if c.name == case_name).keys()
+    return detect(found), LockEntry(
+        source="/m/x.safetensors", kind="file", pin="sha256:0", meta={"detected": detect(found).as_json("")}
+    )
+
+
+@pytest.mark.parametrize(("case", "repo"), CONFIG_REPO_CASES.items())
+def test_a_base_less_checkpoint_locks_its_family_config_repo(case, repo):
+    from compiler.locking import configs_source
+    from compiler.recipe import parse_recipe
+    from tests.detect_cases import FIXTURES
+
+    if not FIXTURES.is_dir():
+        pytest.skip("fixtures not found")
+    _, entry = _entry(case)
+    recipe = parse_recipe("r", Path("/m/r.yaml"), {"checkpoint": "./x.safetensors"})
+    assert str(configs_source(recipe, entry)) == repo
+
+
+@pytest.mark.parametrize("case", ["sd15-inpaint", "sdxl-refiner", "flux-fill"])
+def test_models_that_cannot_serve_txt2img_are_refused_at_plan(case):
+    from compiler.errors import UserError
+    from compiler.plan import make_plan
+    from compiler.recipe import parse_recipe
+    from compiler.sources.base import Pinned, Resolved
+    from tests.detect_cases import FIXTURES
+
+    if not FIXTURES.is_dir():
+        pytest.skip("fixtures not found")
+    found, _ = _entry(case)
+    recipe = parse_recipe("r", Path("/m/r.yaml"), {"checkpoint": "./x.safetensors"})
+    base = Resolved(pin="files:sha256:0", inputs=(), family=str(found.family), native_size=(1024, 1024))
+    with pytest.raises(UserError) as e:
+        make_plan(recipe, base, None, Pinned(pin="files:sha256:1", inputs=()), found)
+    assert "cannot serve text-to-image" in str(e.value) or "only does" in str(e.value), str(e.value)
