@@ -60,6 +60,38 @@ def tiny_clip_tokenizer(pad_token: str = "<|endoftext|>") -> Any:
     return CLIPTokenizer(vocab=vocab, merges=list(_MERGES), model_max_length=77, pad_token=pad_token)  # type: ignore[arg-type]
 
 
+# Word pieces of the tiny T5 vocabulary after <pad>, </s>, <unk>: a scored Unigram model over
+# whole words, "▁"-prefixed word starts and single characters (so letters, digits and common
+# punctuation tokenize without <unk>). Scores are log-probability-like: longer pieces win.
+_T5_WORDS = ("a", "photo", "of", "cat", "dog", "the", "in", "on", "with", "and", "an", "astronaut", "red", "blue")
+_T5_CHARS = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789.,!?'-"
+
+
+def _t5_vocab() -> list[tuple[str, float]]:
+    pieces = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("▁", -2.0)]
+    pieces += [(f"▁{w}", -3.0 - i * 0.01) for i, w in enumerate(_T5_WORDS)]
+    pieces += [(f"▁{c}", -6.0) for c in _T5_CHARS]
+    pieces += [(c, -7.0) for c in _T5_CHARS]
+    # T5 stores its sentinels last and in reverse: <extra_id_99> first, <extra_id_0> last.
+    pieces += [(f"<extra_id_{i}>", 0.0) for i in range(99, -1, -1)]
+    # A piece listed twice ("▁a" is a word and a character) keeps its first id and score.
+    unique: dict[str, float] = {}
+    for piece, score in pieces:
+        unique.setdefault(piece, score)
+    return list(unique.items())
+
+
+def tiny_t5_tokenizer() -> Any:
+    """A T5 Unigram tokenizer built from an in-code vocabulary: no sentencepiece model, no files,
+    no network. ``<pad>`` 0, ``</s>`` 1, ``<unk>`` 2 as in T5, then word pieces, then the 100
+    sentinels; ``model_max_length`` 512 as in the real repos (the pipelines cap it lower)."""
+    # transformers 5's T5Tokenizer (T5TokenizerFast is its alias) is the tokenizers-backed Unigram
+    # one and takes the vocabulary as (piece, score) pairs.
+    from transformers import T5Tokenizer
+
+    return T5Tokenizer(vocab=_t5_vocab(), extra_ids=100, model_max_length=512)
+
+
 def _build_tiny_sd15() -> Any:
     import torch
     from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
@@ -278,7 +310,111 @@ def _build_tiny_sdxl() -> Any:
     )
 
 
+def _build_tiny_flux() -> Any:
+    import torch
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+    from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
+
+    from compiler.family_configs import FLUX_DEV_SCHEDULER
+
+    tokenizer = tiny_clip_tokenizer()
+    tokenizer_2 = tiny_t5_tokenizer()
+    vocab = tokenizer.get_vocab()
+    # CLIP-L gives FLUX only its pooled embedding, T5 the token sequence. The widths differ (768 and
+    # 4096 in the real model) so that swapped encoders are a shape error, not a silent mix-up.
+    clip_width, t5_width = 32, 48
+    torch.manual_seed(3001)
+    text_encoder = CLIPTextModel(
+        CLIPTextConfig(
+            vocab_size=len(vocab),
+            hidden_size=clip_width,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            max_position_embeddings=77,
+            hidden_act="quick_gelu",  # OpenAI CLIP-L's activation
+            projection_dim=clip_width,
+            bos_token_id=vocab["<|startoftext|>"],
+            eos_token_id=vocab["<|endoftext|>"],
+            pad_token_id=vocab["<|endoftext|>"],
+        )
+    )
+    torch.manual_seed(3002)
+    # T5 v1.1 XXL's encoder (gated-GELU feed-forward, relative position buckets as in the real
+    # config) at tiny widths; the attention's inner width is num_heads * d_kv, as in T5. (The real
+    # config's untied output embedding concerns the decoder's LM head, which an encoder lacks.)
+    text_encoder_2 = T5EncoderModel(
+        T5Config(
+            vocab_size=len(tokenizer_2),
+            d_model=t5_width,
+            d_kv=16,
+            d_ff=64,
+            num_layers=2,
+            num_heads=2,
+            feed_forward_proj="gated-gelu",
+            relative_attention_num_buckets=32,
+            relative_attention_max_distance=128,
+            pad_token_id=0,
+            eos_token_id=1,
+        )
+    )
+    torch.manual_seed(3003)
+    # FLUX.1 [dev]'s transformer: double-stream then single-stream blocks (19 + 38 in the real
+    # model), 2x2-packed 16-channel latents (64 inputs), the guidance embedder of the
+    # guidance-distilled model, and 3-axis RoPE whose axes sum to the head width (16 + 56 + 56 =
+    # 128 in the real model).
+    transformer = FluxTransformer2DModel(
+        patch_size=1,
+        in_channels=64,
+        num_layers=2,
+        num_single_layers=2,
+        attention_head_dim=16,
+        num_attention_heads=2,
+        joint_attention_dim=t5_width,
+        pooled_projection_dim=clip_width,
+        guidance_embeds=True,
+        axes_dims_rope=(4, 6, 6),
+    )
+    torch.manual_seed(3004)
+    # FLUX.1's autoencoder: four levels (8x downscale, so with 2x2 packing sizes are multiples of
+    # 16), 16 latent channels, no quant convs, its own latent scale and shift.
+    vae = AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        latent_channels=16,
+        layers_per_block=2,
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
+        block_out_channels=(8, 16, 32, 32),
+        norm_num_groups=8,
+        sample_size=64,
+        scaling_factor=0.3611,
+        shift_factor=0.1159,
+        use_quant_conv=False,
+        use_post_quant_conv=False,
+        mid_block_add_attention=True,
+        force_upcast=True,
+    )
+    # FLUX.1 [dev]'s scheduler_config.json, the same dict the flux-dev config repo serves. The
+    # settings it omits stay implicit: FLOW_MATCH_EULER is the only scheduler flow models switch
+    # to, and a from_config of the same class fills them with the same defaults.
+    scheduler = FlowMatchEulerDiscreteScheduler.from_config(FLUX_DEV_SCHEDULER)
+    module: Any
+    for module in (text_encoder, text_encoder_2, transformer, vae):
+        module.eval()
+    return FluxPipeline(
+        scheduler=scheduler,
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        text_encoder_2=text_encoder_2,
+        tokenizer_2=tokenizer_2,
+        transformer=transformer,
+    )
+
+
 BUILTINS: dict[str, Builtin] = {
     "tiny-sd15": Builtin(name="tiny-sd15", revision=1, family="sd15", native_size=(64, 64), build=_build_tiny_sd15),
     "tiny-sdxl": Builtin(name="tiny-sdxl", revision=1, family="sdxl", native_size=(64, 64), build=_build_tiny_sdxl),
+    "tiny-flux": Builtin(name="tiny-flux", revision=1, family="flux-dev", native_size=(64, 64), build=_build_tiny_flux),
 }

@@ -20,7 +20,7 @@ from urllib.parse import urlsplit
 
 from compiler import COMPILER_REVISION
 from compiler.compose import compose
-from compiler.detect import Detection
+from compiler.detect import Detection, detect_file
 from compiler.errors import UserError
 from compiler.fetch import fetch_entry
 from compiler.lock import LockEntry
@@ -31,7 +31,7 @@ from compiler.sources import Context, Fetched, describe_file, describe_pipeline
 from compiler.sources.base import Pinned
 from compiler.sources.hf import diffusers_variant
 from compiler.store import Store
-from compiler.validate import check_checkpoint
+from compiler.validate import check_adapter, check_checkpoint
 from runtime.artifact import READY, read_name
 
 log = logging.getLogger("compiler")
@@ -79,6 +79,26 @@ class Prepared:
     @property
     def checkpoint(self) -> LockEntry | None:
         return self.locked.entry("checkpoint") if "checkpoint" in self.locked.roles else None
+
+    def lora_roles(self) -> tuple[str, ...]:
+        return tuple(f"loras.{i}" for i in range(len(self.recipe.loras)))
+
+    def fetch_loras(self) -> tuple[Fetched, ...]:
+        """Each LoRA file, checked before the build: a LoRA, of the base's family (where its
+        header can tell; the build checks that every module it names exists and fits)."""
+        out = []
+        for role in self.lora_roles():
+            fetched = fetch_entry(
+                self.locked.entry(role),
+                self.where(role),
+                self.ctx,
+                self.recipe.precision,
+                allow_pickle=self.recipe.allow_pickle,
+            )
+            (path,) = fetched.files.values()
+            check_adapter(detect_file(path), "lora", self.plan.family, self.where(role))
+            out.append(fetched)
+        return tuple(out)
 
     def fetch(self) -> tuple[Fetched, Fetched | None]:
         """The build's inputs as local files (downloading what the store lacks)."""
@@ -128,7 +148,8 @@ def prepare(argv: list[str]) -> Prepared:
             recipe.family is not None,
         )
     variant = None if whole else diffusers_variant(base_entry, recipe.precision)
-    plan = make_plan(recipe, base, variant, ckpt, found)
+    loras = tuple(describe_file(locked.entry(f"loras.{i}"), where + f"loras.{i}") for i in range(len(recipe.loras)))
+    plan = make_plan(recipe, base, variant, ckpt, found, loras)
     env = environment()
     return Prepared(recipe, store, ctx, locked, base_role, plan, cache_key(plan, env), env)
 
@@ -149,11 +170,12 @@ def build(argv: list[str]) -> Path:
         else:
             log.info("building %s for recipe %s", key, plan.recipe)
             base, ckpt = p.fetch()  # before torch loads: a failed download costs no import
+            loras = p.fetch_loras()
             # Imported here: torch and diffusers load only when something must be built.
             from compiler.materialize import materialize
             from compiler.package import package
 
-            components = materialize(plan, staging, base, store.scratch(), ckpt)
+            components = materialize(plan, staging, base, store.scratch(), ckpt, loras)
             provenance = {role: _provenance(p.locked.entry(role)) for role in p.locked.roles}
             package(staging, plan, key, components, p.environment, provenance)
             hit = store.publish(staging, key)

@@ -17,6 +17,7 @@ from typing import Any
 from compiler import uri
 from compiler.builtins import BUILTINS
 from compiler.families import PREDICTION_TYPES
+from compiler.lora import fuse_loras
 from compiler.plan import BuildPlan
 from compiler.sources import Fetched
 from runtime.artifact import PIPELINE_DIR, SCHEDULERS
@@ -119,7 +120,12 @@ def _drop_load_options(folder: Path) -> None:
 
 
 def materialize(
-    plan: BuildPlan, out: Path, fetched: Fetched, scratch: Path, checkpoint: Fetched | None = None
+    plan: BuildPlan,
+    out: Path,
+    fetched: Fetched,
+    scratch: Path,
+    checkpoint: Fetched | None = None,
+    loras: tuple[Fetched, ...] = (),
 ) -> dict[str, str]:
     """Build the plan's pipeline and save it under ``out/pipeline``. Returns component classes."""
     import diffusers
@@ -134,6 +140,7 @@ def materialize(
         # (`EulerDiscreteScheduler.from_config(pipe.scheduler.config)`). Converting here and again per
         # request would chain conversions, and each one fills in defaults of its own.
         getattr(diffusers, SCHEDULERS[plan.scheduler])  # the name maps to a class of this diffusers
+        fuse_loras(pipe, [(lora, f) for lora, f in zip(plan.loras, loras, strict=True) if lora.fuse])
         if plan.prediction is not None:
             pipe.scheduler.register_to_config(prediction_type=PREDICTION_TYPES[plan.prediction])
         pipe.to(dtype=getattr(torch, DTYPES[plan.precision]))

@@ -12,6 +12,7 @@ from runtime.artifact import (
     READY,
     Capabilities,
     FileEntry,
+    LoraInfo,
     Manifest,
     RuntimeOptions,
     Serving,
@@ -51,10 +52,18 @@ def package(
         components=components,
         serving=Serving(scheduler=plan.scheduler, defaults=plan.defaults, limits=plan.limits),
         capabilities=Capabilities(tasks=("txt2img",)),
+        loras=tuple(LoraInfo(name=lora.name, scale=lora.scale, fused=lora.fuse) for lora in plan.loras),
         runtime=RuntimeOptions(dtype=plan.precision),
         environment=environment,
         provenance=dict(provenance),
-        inputs=tuple(sorted({sha.removeprefix("sha256:") for _, sha in (*plan.base_inputs, *plan.checkpoint_inputs)})),
+        inputs=tuple(
+            sorted(
+                {
+                    sha.removeprefix("sha256:")
+                    for _, sha in (*plan.base_inputs, *plan.checkpoint_inputs, *plan.lora_inputs)
+                }
+            )
+        ),
         files=files,
         created_at=utc_now(),
     )

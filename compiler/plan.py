@@ -21,6 +21,15 @@ from runtime.artifact import Defaults, Limits
 
 
 @dataclass(frozen=True)
+class PlannedLora:
+    name: str
+    pin: str  # the file's content pin (its bytes, wherever it came from)
+    inputs: tuple[tuple[str, str], ...]
+    scale: float
+    fuse: bool
+
+
+@dataclass(frozen=True)
 class BuildPlan:
     recipe: str
     family: str
@@ -40,12 +49,18 @@ class BuildPlan:
     defaults: Defaults
     limits: Limits
     steps: tuple[str, ...]  # what materialize does, in order
+    loras: tuple[PlannedLora, ...] = ()
+
+    @property
+    def lora_inputs(self) -> tuple[tuple[str, str], ...]:
+        return tuple(i for lora in self.loras for i in lora.inputs)
 
     def canonical(self) -> dict[str, Any]:
         d = asdict(self)
         d["defaults"] = self.defaults.model_dump()
         d["limits"] = self.limits.model_dump()
         d["steps"] = list(self.steps)
+        d["loras"] = [asdict(lora) for lora in self.loras]
         d["base_inputs"] = [list(i) for i in self.base_inputs]
         d["checkpoint_inputs"] = [list(i) for i in self.checkpoint_inputs]
         return d
@@ -57,6 +72,7 @@ def make_plan(
     variant: str | None = None,
     checkpoint: Pinned | None = None,
     detected: Detection | None = None,
+    loras: tuple[Pinned, ...] = (),
 ) -> BuildPlan:
     family = FAMILIES[base.family]
     d, lim = recipe.defaults, recipe.limits
@@ -142,8 +158,13 @@ def make_plan(
         steps=(
             *_load_steps(detected.kind if detected else None),
             *((f"prediction-{prediction}",) if prediction else ()),
+            *(f"fuse-lora-{lora.name}" for lora in recipe.loras if lora.fuse),
             f"cast-{recipe.precision}",
             "save",
+        ),
+        loras=tuple(
+            PlannedLora(name=lora.name, pin=pinned.pin, inputs=pinned.inputs, scale=lora.scale, fuse=lora.fuse)
+            for lora, pinned in zip(recipe.loras, loras, strict=True)
         ),
     )
 

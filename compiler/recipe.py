@@ -42,6 +42,16 @@ class RecipeLimits(_Strict):
     max_images: int | None = Field(None, ge=1)
 
 
+class RecipeLora(_Strict):
+    """One LoRA (kohya, PEFT/diffusers or a LyCORIS format diffusers reads)."""
+
+    source: str
+    scale: float = 1.0
+    # true: baked into the artifact's weights at build time (no cost per request)
+    fuse: bool = True
+    name: str | None = Field(None, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")  # default: the file's stem
+
+
 class _Fields(_Strict):
     base: str | None = None
     checkpoint: str | None = None
@@ -52,6 +62,7 @@ class _Fields(_Strict):
     defaults: RecipeDefaults = Field(default_factory=RecipeDefaults)
     limits: RecipeLimits = Field(default_factory=RecipeLimits)
     allow_pickle: bool = False  # convert .ckpt/.pt checkpoints with torch.load(weights_only=True)
+    loras: list[RecipeLora] = Field(default_factory=list)
 
     @field_validator("family")
     @classmethod
@@ -82,6 +93,7 @@ class Recipe(BaseModel):
     scheduler: str | None
     defaults: RecipeDefaults
     limits: RecipeLimits
+    loras: tuple[Lora, ...] = ()
 
     def sources(self) -> dict[str, uri.Source]:
         """Every source the recipe names, by field path (what the lock pins)."""
@@ -90,7 +102,18 @@ class Recipe(BaseModel):
             out["base"] = self.base
         if self.checkpoint is not None:
             out["checkpoint"] = self.checkpoint
+        for i, lora in enumerate(self.loras):
+            out[f"loras.{i}"] = lora.source
         return out
+
+
+class Lora(BaseModel):
+    model_config = ConfigDict(frozen=True, arbitrary_types_allowed=True)
+
+    source: uri.Source
+    name: str  # unique in the recipe
+    scale: float
+    fuse: bool
 
 
 _HINTS = {
@@ -98,6 +121,7 @@ _HINTS = {
     "checkpoint": "a single .safetensors file (CivitAI, hf://ORG/REPO/FILE, https://…, a local path); "
     "its configs and tokenizer come from `base:` when set, else from its family's config repo",
     "family": f"one of {', '.join(FAMILIES)}; set it only when detection cannot tell (it names the candidates)",
+    "loras": "a list of {source, scale (default 1.0), fuse (default true), name (default: the file's stem)}",
     "prediction": "eps or v: what the model predicts, for v-prediction fine-tunes whose files do not say so",
     "precision": "one of fp32, fp16, bf16 (override with precision=fp16 on the command line)",
     "scheduler": f"one of {', '.join(SCHEDULERS)} (worker-sdxl's names)",
@@ -139,6 +163,7 @@ def parse_recipe(name: str, path: Path, fields: dict[str, Any], civitai_hosts: t
                 parsed[field] = uri.parse(fields[field], base_dir=path.parent, civitai_hosts=civitai_hosts)
             except uri.SourceError as e:
                 problems.append(Problem(f"{where}: {field}", str(e), _HINTS[field]))
+    loras = _loras(fields, checked, where, path, civitai_hosts, problems)
     checkpoint = parsed.get("checkpoint")
     if checkpoint is not None and uri.is_single_file(checkpoint) is False:
         problems.append(Problem(f"{where}: checkpoint", f"{checkpoint} names a whole pipeline", _HINTS["checkpoint"]))
@@ -163,4 +188,50 @@ def parse_recipe(name: str, path: Path, fields: dict[str, Any], civitai_hosts: t
         scheduler=checked.scheduler,
         defaults=checked.defaults,
         limits=checked.limits,
+        loras=loras,
     )
+
+
+def _loras(
+    fields: dict[str, Any],
+    checked: _Fields | None,
+    where: str,
+    path: Path,
+    civitai_hosts: tuple[str, ...],
+    problems: list[Problem],
+) -> tuple[Lora, ...]:
+    """Each LoRA's source parsed and its name settled (unique: a request selects LoRAs by name)."""
+    if checked is None:
+        return ()
+    out: list[Lora] = []
+    for i, lora in enumerate(checked.loras):
+        at = f"{where}: loras.{i}"
+        try:
+            src = uri.parse(lora.source, base_dir=path.parent, civitai_hosts=civitai_hosts)
+        except uri.SourceError as e:
+            problems.append(Problem(f"{at}.source", str(e), _HINTS["checkpoint"]))
+            continue
+        if uri.is_single_file(src) is False:
+            problems.append(Problem(f"{at}.source", f"{src} names a whole pipeline", "name one .safetensors file"))
+            continue
+        if not lora.fuse:
+            problems.append(
+                Problem(
+                    f"{at}.fuse",
+                    "switchable LoRAs (fuse: false, chosen per request) are not supported yet",
+                    "use fuse: true (baked into the artifact at this scale), or compile one artifact per LoRA",
+                )
+            )
+        name = lora.name or _stem(src, i)
+        if name in {o.name for o in out}:
+            problems.append(Problem(f"{at}.name", f"two LoRAs are named {name!r}", "give each LoRA its own `name:`"))
+        out.append(Lora(source=src, name=name, scale=lora.scale, fuse=lora.fuse))
+    return tuple(out)
+
+
+def _stem(src: uri.Source, index: int) -> str:
+    """A LoRA's default name: its file's stem where the source has a file name, else lora<i>."""
+    tail = str(src).split("#")[0].split("@")[0].rstrip("/").rsplit("/", 1)[-1]
+    stem = tail.removesuffix(".safetensors")
+    clean = "".join(c if c.isalnum() or c in "_.-" else "_" for c in stem)[:64]
+    return clean if clean and clean[0].isalnum() and "." in tail else f"lora{index}"

@@ -50,3 +50,22 @@ def check_checkpoint(
             f"(evidence: {evidence})",
             "the upload is mislabelled or the version id is wrong; check the model page",
         )
+
+
+def check_adapter(found: Detection, kind: str, family: str, where: str) -> None:
+    """An adapter must be of its field's kind and, where its header tells, of the base's family.
+    A family the header cannot tell (tiny widths, a LoRA of text-encoder modules only) is left to
+    the build, which checks every module the file names against the base's actual modules."""
+    evidence = "; ".join(found.evidence) or "none"
+    if found.kind != kind:
+        raise UserError.one(
+            where,
+            f"this file is a {found.kind}, not a {kind} (evidence: {evidence})",
+            f"`loras:` takes LoRA files (kohya, PEFT/diffusers, LyCORIS); a {found.kind} goes elsewhere",
+        )
+    if found.family is not None and found.family != family:
+        raise UserError.one(
+            where,
+            f"this {kind} is made for {found.family}, the base is {family} (evidence: {evidence})",
+            f"use a {family} {kind}, or a {found.family} base",
+        )

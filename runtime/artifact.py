@@ -85,6 +85,14 @@ class Capabilities(_Frozen):
     tasks: tuple[Task, ...] = ("txt2img",)
 
 
+class LoraInfo(_Frozen):
+    """A LoRA in the artifact: fused into the weights at ``scale`` (the only kind so far)."""
+
+    name: str
+    scale: float
+    fused: bool = True
+
+
 class RuntimeOptions(_Frozen):
     dtype: Precision
     offload: Literal["none"] = "none"
@@ -107,6 +115,7 @@ class Manifest(_Frozen):
     components: dict[str, str]
     serving: Serving
     capabilities: Capabilities = Field(default_factory=Capabilities)
+    loras: tuple[LoraInfo, ...] = ()
     runtime: RuntimeOptions
     environment: dict[str, str]
     provenance: dict[str, str]  # recipe field -> "SOURCE PIN" (e.g. "hf://org/repo@main commit:…")

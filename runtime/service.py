@@ -58,10 +58,12 @@ class Service:
             request, warnings = validate(raw_input, artifact.manifest)
         except RequestError as e:
             return {"error": "; ".join(e.errors), "errors": e.errors}
-        from runtime.generate import generate
+        from runtime.generate import generate, request_warnings
 
         t0 = time.perf_counter()
         try:
+            # Settings the model ignores or changes (a FLUX.1 [dev] negative prompt) are said, not dropped silently.
+            warnings = [*warnings, *request_warnings(artifact.pipeline, request)]
             images = generate(artifact.pipeline, request)
         except Exception as e:
             log.exception("request %s failed during generation", request_id)

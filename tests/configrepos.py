@@ -8,9 +8,9 @@ small but real tokenizer next to the real ``tokenizer_config.json`` / ``special_
   ``tokenizer.json``) of ``compiler.builtins.tiny_clip_tokenizer()``: the byte alphabet, a few
   merges, ``<|startoftext|>`` / ``<|endoftext|>``. "!" is id 0, as in CLIP's real vocabulary, so
   OpenCLIP's ``pad_token: "!"`` keeps its meaning.
-- T5 folders: a ``tokenizer.json`` holding a small Unigram model built in code (``<pad>`` 0,
-  ``</s>`` 1, ``<unk>`` 2 as in T5, then word pieces, then the 100 sentinels), no sentencepiece
-  model and no download.
+- T5 folders: a ``tokenizer.json`` of ``compiler.builtins.tiny_t5_tokenizer()``, a small Unigram
+  model built in code (``<pad>`` 0, ``</s>`` 1, ``<unk>`` 2 as in T5, then word pieces, then the
+  100 sentinels), no sentencepiece model and no download.
 
 ``added_tokens_decoder`` in a tokenizer_config pins token ids of the real vocabulary (49407 for
 CLIP's ``<|endoftext|>``, 32000+ for T5's sentinels); they are re-keyed to the tiny vocabulary's
@@ -28,26 +28,6 @@ from pathlib import Path
 from typing import Any
 
 from compiler.family_configs import CONFIGS, REPOS
-
-# Word pieces of the tiny T5 vocabulary after <pad>, </s>, <unk>: a scored Unigram model over
-# whole words, "▁"-prefixed word starts and single characters (so letters, digits and common
-# punctuation tokenize without <unk>). Scores are log-probability-like: longer pieces win.
-_T5_WORDS = ("a", "photo", "of", "cat", "dog", "the", "in", "on", "with", "and", "an", "astronaut", "red", "blue")
-_T5_CHARS = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789.,!?'-"
-
-
-def _t5_vocab() -> list[tuple[str, float]]:
-    pieces = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("▁", -2.0)]
-    pieces += [(f"▁{w}", -3.0 - i * 0.01) for i, w in enumerate(_T5_WORDS)]
-    pieces += [(f"▁{c}", -6.0) for c in _T5_CHARS]
-    pieces += [(c, -7.0) for c in _T5_CHARS]
-    # T5 stores its sentinels last and in reverse: <extra_id_99> first, <extra_id_0> last.
-    pieces += [(f"<extra_id_{i}>", 0.0) for i in range(99, -1, -1)]
-    # A piece listed twice ("▁a" is a word and a character) keeps its first id and score.
-    unique: dict[str, float] = {}
-    for piece, score in pieces:
-        unique.setdefault(piece, score)
-    return list(unique.items())
 
 
 @cache
@@ -70,16 +50,13 @@ def _clip_files() -> tuple[bytes, bytes, dict[str, int]]:
 @cache
 def _t5_files() -> tuple[bytes, dict[str, int]]:
     """(tokenizer.json, vocabulary) of the tiny T5 tokenizer."""
-    # transformers 5's T5Tokenizer (T5TokenizerFast is its alias) is the tokenizers-backed Unigram
-    # one and takes the vocabulary as (piece, score) pairs: no sentencepiece model needed.
-    from transformers import T5Tokenizer
+    from compiler.builtins import tiny_t5_tokenizer
 
-    vocab = _t5_vocab()
-    tokenizer = T5Tokenizer(vocab=vocab, extra_ids=100, model_max_length=512)
+    tokenizer = tiny_t5_tokenizer()
     with tempfile.TemporaryDirectory() as tmp:
         tokenizer.save_pretrained(tmp)
         data = (Path(tmp) / "tokenizer.json").read_bytes()
-    return data, {piece: i for i, (piece, _) in enumerate(vocab)}
+    return data, dict(tokenizer.get_vocab())
 
 
 def _rekey(config: dict[str, Any], vocab: dict[str, int]) -> dict[str, Any]:

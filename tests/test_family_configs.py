@@ -165,10 +165,13 @@ def test_config_repo_files_serialize_the_configs_with_tiny_tokenizers():
         assert not any(p.endswith((".safetensors", ".bin")) for p in files)  # configs only, no weights
 
 
-def test_pushed_config_repos_serve_a_loadable_config_folder(tmp_path: Path):
+def test_pushed_config_repos_serve_a_loadable_config_folder(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
     from diffusers import DiffusionPipeline
-    from huggingface_hub import HfApi, hf_hub_download
+    from huggingface_hub import HfApi, constants, hf_hub_download
     from transformers import CLIPTokenizer
+
+    # An in-process serve earlier in this worker (runtime.loader) made huggingface_hub offline.
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
 
     hub = FakeHub().start()
     try:
