@@ -46,6 +46,10 @@ Compiles recipes/NAME.yaml into an artifact and prints its directory.
 """
 
 
+# recipe field -> the kind of file it takes (compiler.detect's kinds)
+ADAPTER_KINDS = {"loras": "lora", "vae": "vae", "embeddings": "embedding"}
+
+
 def environment() -> dict[str, str]:
     """Versions of what writes the artifact's bytes, read without importing torch."""
     env = {"compiler_revision": COMPILER_REVISION}
@@ -80,14 +84,15 @@ class Prepared:
     def checkpoint(self) -> LockEntry | None:
         return self.locked.entry("checkpoint") if "checkpoint" in self.locked.roles else None
 
-    def lora_roles(self) -> tuple[str, ...]:
-        return tuple(f"loras.{i}" for i in range(len(self.recipe.loras)))
-
-    def fetch_loras(self) -> tuple[Fetched, ...]:
-        """Each LoRA file, checked before the build: a LoRA, of the base's family (where its
-        header can tell; the build checks that every module it names exists and fits)."""
-        out = []
-        for role in self.lora_roles():
+    def fetch_adapters(self) -> dict[str, Fetched]:
+        """Each adapter file (LoRAs, VAE, embeddings) by role, checked before the build: of its
+        field's kind and, where its header can tell, of the base's family (the build then checks
+        that it fits the base's actual modules)."""
+        out = {}
+        for role in self.locked.roles:
+            kind = ADAPTER_KINDS.get(role.split(".")[0])
+            if kind is None:
+                continue
             fetched = fetch_entry(
                 self.locked.entry(role),
                 self.where(role),
@@ -96,9 +101,9 @@ class Prepared:
                 allow_pickle=self.recipe.allow_pickle,
             )
             (path,) = fetched.files.values()
-            check_adapter(detect_file(path), "lora", self.plan.family, self.where(role))
-            out.append(fetched)
-        return tuple(out)
+            check_adapter(detect_file(path), kind, self.plan.family, self.where(role))
+            out[role] = fetched
+        return out
 
     def fetch(self) -> tuple[Fetched, Fetched | None]:
         """The build's inputs as local files (downloading what the store lacks)."""
@@ -148,8 +153,20 @@ def prepare(argv: list[str]) -> Prepared:
             recipe.family is not None,
         )
     variant = None if whole else diffusers_variant(base_entry, recipe.precision)
-    loras = tuple(describe_file(locked.entry(f"loras.{i}"), where + f"loras.{i}") for i in range(len(recipe.loras)))
-    plan = make_plan(recipe, base, variant, ckpt, found, loras)
+
+    def pinned(role: str) -> Pinned:
+        return describe_file(locked.entry(role), where + role)
+
+    plan = make_plan(
+        recipe,
+        base,
+        variant,
+        ckpt,
+        found,
+        loras=tuple(pinned(f"loras.{i}") for i in range(len(recipe.loras))),
+        vae=pinned("vae") if recipe.vae is not None else None,
+        embeddings=tuple(pinned(f"embeddings.{i}") for i in range(len(recipe.embeddings))),
+    )
     env = environment()
     return Prepared(recipe, store, ctx, locked, base_role, plan, cache_key(plan, env), env)
 
@@ -170,14 +187,14 @@ def build(argv: list[str]) -> Path:
         else:
             log.info("building %s for recipe %s", key, plan.recipe)
             base, ckpt = p.fetch()  # before torch loads: a failed download costs no import
-            loras = p.fetch_loras()
+            adapters = p.fetch_adapters()
             # Imported here: torch and diffusers load only when something must be built.
             from compiler.materialize import materialize
             from compiler.package import package
 
-            components = materialize(plan, staging, base, store.scratch(), ckpt, loras)
+            built = materialize(plan, staging, base, store.scratch(), ckpt, adapters)
             provenance = {role: _provenance(p.locked.entry(role)) for role in p.locked.roles}
-            package(staging, plan, key, components, p.environment, provenance)
+            package(staging, plan, key, built.components, p.environment, provenance, built.embeddings)
             hit = store.publish(staging, key)
             log.info("built %s in %.1f s", hit, time.perf_counter() - t0)
     _record(store, plan.recipe, key, hit)

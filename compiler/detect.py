@@ -171,11 +171,17 @@ def _embedding(keys: dict[str, tuple[Shape, str]], names: set[str], meta: dict[s
                 evidence=(f"{k} {list(keys[k][0])}",),
             )
     if len(names) == 1:
+        # diffusers' learned_embeds: one tensor named by its token, a few vectors of the text
+        # encoder's width (which tells SD 1.x from 2.x; any other width leaves the family open).
         (k,) = names
         shape = keys[k][0]
-        if len(shape) in (1, 2) and shape[-1] in (768, 1024):
-            fam = {768: "sd15", 1024: "sd2"}[shape[-1]]
-            return Detection("embedding", fam, "diffusers", evidence=(f"one tensor {k} {list(shape)}",))
+        width_like = shape[-1] >= 16 and shape[-1] % 8 == 0  # a text encoder's hidden width
+        if width_like and (len(shape) == 1 or (len(shape) == 2 and shape[0] <= 128)):
+            fam = {768: "sd15", 1024: "sd2"}.get(shape[-1])
+            cands = () if fam else SD_LATENT_FAMILIES
+            return Detection(
+                "embedding", fam, "diffusers", candidates=cands, evidence=(f"one tensor {k} {list(shape)}",)
+            )
     return None
 
 

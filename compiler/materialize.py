@@ -11,16 +11,18 @@ import json
 import logging
 import os
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from compiler import uri
 from compiler.builtins import BUILTINS
+from compiler.embeddings import load_embeddings
 from compiler.families import PREDICTION_TYPES
 from compiler.lora import fuse_loras
 from compiler.plan import BuildPlan
 from compiler.sources import Fetched
-from runtime.artifact import PIPELINE_DIR, SCHEDULERS
+from runtime.artifact import PIPELINE_DIR, SCHEDULERS, EmbeddingInfo
 
 log = logging.getLogger(__name__)
 
@@ -62,25 +64,41 @@ def load_base(plan: BuildPlan, fetched: Fetched, scratch: Path, checkpoint: Fetc
     return pipe
 
 
-def _checkpoint_file(scratch: Path, checkpoint: Fetched) -> str:
+def _checkpoint_file(scratch: Path, checkpoint: Fetched, name: str = "checkpoint") -> str:
     (blob,) = checkpoint.files.values()
     # diffusers picks the reader by file extension; blobs have none (fetch checked the format).
-    path = scratch / "checkpoint" / "model.safetensors"
+    path = scratch / name / "model.safetensors"
     path.parent.mkdir()
     os.symlink(blob.resolve(), path)
     return str(path)
 
 
 def replace_denoiser(pipe: Any, scratch: Path, checkpoint: Fetched) -> None:
-    """A UNet-only (or transformer-only) file replaces the base's, converted by diffusers with the
-    base's own component config; the base's other weights stay."""
-    name = "unet" if hasattr(pipe, "unet") else "transformer"
+    """A UNet-only (or transformer-only) file replaces the base's; the base's other weights stay."""
+    replace_component(pipe, "unet" if hasattr(pipe, "unet") else "transformer", scratch, checkpoint)
+
+
+def replace_component(pipe: Any, name: str, scratch: Path, file: Fetched, where: str | None = None) -> None:
+    """One component's weights from a single file, converted by diffusers with the base's own
+    config for it, so a file that does not fit the base (another latent width, another family)
+    fails here with the shapes that disagree."""
+    from compiler.errors import UserError
+
     current = getattr(pipe, name)
-    folder = scratch / "denoiser-config"
+    folder = scratch / f"{name}-config"
     current.save_config(folder)
-    model = type(current).from_single_file(
-        _checkpoint_file(scratch, checkpoint), config=str(folder), local_files_only=True
-    )
+    try:
+        model = type(current).from_single_file(
+            _checkpoint_file(scratch, file, name), config=str(folder), local_files_only=True
+        )
+    except (ValueError, RuntimeError, KeyError) as e:
+        if where is None:
+            raise
+        raise UserError.one(
+            where,
+            f"this file does not fit the base's {name}: {str(e).splitlines()[0][:400]}",
+            f"use a {name} made for the base's family (same latent channels and widths)",
+        ) from None
     pipe.register_modules(**{name: model.to(current.dtype).eval()})
 
 
@@ -119,15 +137,23 @@ def _drop_load_options(folder: Path) -> None:
             path.write_text(json.dumps(kept, indent=2, sort_keys=True, ensure_ascii=False) + "\n")
 
 
+@dataclass(frozen=True)
+class Materialized:
+    """What the build learned that the manifest records."""
+
+    components: dict[str, str]  # component -> class name
+    embeddings: tuple[EmbeddingInfo, ...]
+
+
 def materialize(
     plan: BuildPlan,
     out: Path,
     fetched: Fetched,
     scratch: Path,
     checkpoint: Fetched | None = None,
-    loras: tuple[Fetched, ...] = (),
-) -> dict[str, str]:
-    """Build the plan's pipeline and save it under ``out/pipeline``. Returns component classes."""
+    adapters: dict[str, Fetched] | None = None,
+) -> Materialized:
+    """Build the plan's pipeline and save it under ``out/pipeline``."""
     import diffusers
     import torch
 
@@ -140,7 +166,11 @@ def materialize(
         # (`EulerDiscreteScheduler.from_config(pipe.scheduler.config)`). Converting here and again per
         # request would chain conversions, and each one fills in defaults of its own.
         getattr(diffusers, SCHEDULERS[plan.scheduler])  # the name maps to a class of this diffusers
-        fuse_loras(pipe, [(lora, f) for lora, f in zip(plan.loras, loras, strict=True) if lora.fuse])
+        adapters = adapters or {}
+        if plan.vae is not None:
+            replace_component(pipe, "vae", scratch, adapters["vae"], "vae")
+        tokens = load_embeddings(pipe, [(e, adapters[f"embeddings.{i}"]) for i, e in enumerate(plan.embeddings)])
+        fuse_loras(pipe, [(lora, adapters[f"loras.{i}"]) for i, lora in enumerate(plan.loras) if lora.fuse])
         if plan.prediction is not None:
             pipe.scheduler.register_to_config(prediction_type=PREDICTION_TYPES[plan.prediction])
         pipe.to(dtype=getattr(torch, DTYPES[plan.precision]))
@@ -151,4 +181,5 @@ def materialize(
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
     log.info("materialized %s (%s, %s)", plan.base, plan.precision, plan.scheduler)
-    return {name: type(c).__name__ for name, c in pipe.components.items() if c is not None}
+    components = {name: type(c).__name__ for name, c in pipe.components.items() if c is not None}
+    return Materialized(components=components, embeddings=tokens)

@@ -11,6 +11,7 @@ from runtime.artifact import (
     MANIFEST,
     READY,
     Capabilities,
+    EmbeddingInfo,
     FileEntry,
     LoraInfo,
     Manifest,
@@ -40,6 +41,7 @@ def package(
     components: dict[str, str],
     environment: dict[str, str],
     provenance: dict[str, str],
+    embeddings: tuple[EmbeddingInfo, ...] = (),
 ) -> Manifest:
     files = hash_tree(staging)
     manifest = Manifest(
@@ -51,7 +53,8 @@ def package(
         pipeline_class=plan.pipeline_class,
         components=components,
         serving=Serving(scheduler=plan.scheduler, defaults=plan.defaults, limits=plan.limits),
-        capabilities=Capabilities(tasks=("txt2img",)),
+        capabilities=Capabilities(tasks=tuple(plan.tasks), pipelines=dict(plan.tasks)),
+        embeddings=embeddings,
         loras=tuple(LoraInfo(name=lora.name, scale=lora.scale, fused=lora.fuse) for lora in plan.loras),
         runtime=RuntimeOptions(dtype=plan.precision),
         environment=environment,
@@ -60,7 +63,7 @@ def package(
             sorted(
                 {
                     sha.removeprefix("sha256:")
-                    for _, sha in (*plan.base_inputs, *plan.checkpoint_inputs, *plan.lora_inputs)
+                    for _, sha in (*plan.base_inputs, *plan.checkpoint_inputs, *plan.adapter_inputs)
                 }
             )
         ),

@@ -30,6 +30,16 @@ class PlannedLora:
 
 
 @dataclass(frozen=True)
+class PlannedFile:
+    """An adapter file the build applies (a VAE, an embedding): its bytes and how it is used."""
+
+    pin: str
+    inputs: tuple[tuple[str, str], ...]
+    token: str | None = None  # embeddings: the prompt word (None: the file's own, else `stem`)
+    stem: str = ""  # the file's name without extension
+
+
+@dataclass(frozen=True)
 class BuildPlan:
     recipe: str
     family: str
@@ -49,11 +59,15 @@ class BuildPlan:
     defaults: Defaults
     limits: Limits
     steps: tuple[str, ...]  # what materialize does, in order
+    tasks: dict[str, str]  # task -> pipeline class the runtime derives (from_pipe) for it
     loras: tuple[PlannedLora, ...] = ()
+    vae: PlannedFile | None = None
+    embeddings: tuple[PlannedFile, ...] = ()
 
     @property
-    def lora_inputs(self) -> tuple[tuple[str, str], ...]:
-        return tuple(i for lora in self.loras for i in lora.inputs)
+    def adapter_inputs(self) -> tuple[tuple[str, str], ...]:
+        files = (*self.loras, *((self.vae,) if self.vae else ()), *self.embeddings)
+        return tuple(i for f in files for i in f.inputs)
 
     def canonical(self) -> dict[str, Any]:
         d = asdict(self)
@@ -61,6 +75,8 @@ class BuildPlan:
         d["limits"] = self.limits.model_dump()
         d["steps"] = list(self.steps)
         d["loras"] = [asdict(lora) for lora in self.loras]
+        d["vae"] = asdict(self.vae) if self.vae else None
+        d["embeddings"] = [asdict(e) for e in self.embeddings]
         d["base_inputs"] = [list(i) for i in self.base_inputs]
         d["checkpoint_inputs"] = [list(i) for i in self.checkpoint_inputs]
         return d
@@ -73,6 +89,8 @@ def make_plan(
     checkpoint: Pinned | None = None,
     detected: Detection | None = None,
     loras: tuple[Pinned, ...] = (),
+    vae: Pinned | None = None,
+    embeddings: tuple[Pinned, ...] = (),
 ) -> BuildPlan:
     family = FAMILIES[base.family]
     d, lim = recipe.defaults, recipe.limits
@@ -158,13 +176,21 @@ def make_plan(
         steps=(
             *_load_steps(detected.kind if detected else None),
             *((f"prediction-{prediction}",) if prediction else ()),
+            *(("replace-vae",) if vae else ()),
+            *(f"embed-{e.token or i}" for i, e in enumerate(recipe.embeddings)),
             *(f"fuse-lora-{lora.name}" for lora in recipe.loras if lora.fuse),
             f"cast-{recipe.precision}",
             "save",
         ),
+        tasks=dict(family.pipelines),
         loras=tuple(
             PlannedLora(name=lora.name, pin=pinned.pin, inputs=pinned.inputs, scale=lora.scale, fuse=lora.fuse)
             for lora, pinned in zip(recipe.loras, loras, strict=True)
+        ),
+        vae=PlannedFile(pin=vae.pin, inputs=vae.inputs) if vae else None,
+        embeddings=tuple(
+            PlannedFile(pin=p.pin, inputs=p.inputs, token=e.token, stem=e.stem)
+            for e, p in zip(recipe.embeddings, embeddings, strict=True)
         ),
     )
 

@@ -52,6 +52,14 @@ class RecipeLora(_Strict):
     name: str | None = Field(None, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")  # default: the file's stem
 
 
+class RecipeEmbedding(_Strict):
+    """One textual-inversion embedding (A1111 .safetensors/.pt, diffusers learned_embeds, SDXL dual)."""
+
+    source: str
+    # The prompt word that calls it; default: the file's own token where it has one, else its stem.
+    token: str | None = Field(None, pattern=r"^\S{1,64}$")
+
+
 class _Fields(_Strict):
     base: str | None = None
     checkpoint: str | None = None
@@ -63,6 +71,8 @@ class _Fields(_Strict):
     limits: RecipeLimits = Field(default_factory=RecipeLimits)
     allow_pickle: bool = False  # convert .ckpt/.pt checkpoints with torch.load(weights_only=True)
     loras: list[RecipeLora] = Field(default_factory=list)
+    vae: str | None = None
+    embeddings: list[RecipeEmbedding] = Field(default_factory=list)
 
     @field_validator("family")
     @classmethod
@@ -94,6 +104,8 @@ class Recipe(BaseModel):
     defaults: RecipeDefaults
     limits: RecipeLimits
     loras: tuple[Lora, ...] = ()
+    vae: uri.Source | None = None
+    embeddings: tuple[Embedding, ...] = ()
 
     def sources(self) -> dict[str, uri.Source]:
         """Every source the recipe names, by field path (what the lock pins)."""
@@ -104,7 +116,19 @@ class Recipe(BaseModel):
             out["checkpoint"] = self.checkpoint
         for i, lora in enumerate(self.loras):
             out[f"loras.{i}"] = lora.source
+        if self.vae is not None:
+            out["vae"] = self.vae
+        for i, emb in enumerate(self.embeddings):
+            out[f"embeddings.{i}"] = emb.source
         return out
+
+
+class Embedding(BaseModel):
+    model_config = ConfigDict(frozen=True, arbitrary_types_allowed=True)
+
+    source: uri.Source
+    token: str | None  # None: the file's own token (diffusers' key), else ``stem``
+    stem: str  # the file's name without extension (A1111's convention: the file name is the word)
 
 
 class Lora(BaseModel):
@@ -120,6 +144,7 @@ _HINTS = {
     "base": f"a model source; accepted: {'; '.join(uri.FORMS)}",
     "checkpoint": "a single .safetensors file (CivitAI, hf://ORG/REPO/FILE, https://…, a local path); "
     "its configs and tokenizer come from `base:` when set, else from its family's config repo",
+    "vae": "a single VAE file (.safetensors; LDM or diffusers naming) that replaces the base's VAE",
     "family": f"one of {', '.join(FAMILIES)}; set it only when detection cannot tell (it names the candidates)",
     "loras": "a list of {source, scale (default 1.0), fuse (default true), name (default: the file's stem)}",
     "prediction": "eps or v: what the model predicts, for v-prediction fine-tunes whose files do not say so",
@@ -157,13 +182,17 @@ def parse_recipe(name: str, path: Path, fields: dict[str, Any], civitai_hosts: t
         problems.extend(_problem(where, err) for err in e.errors())
         checked = None
     parsed: dict[str, uri.Source] = {}
-    for field in ("base", "checkpoint"):
+    for field in ("base", "checkpoint", "vae"):
         if isinstance(fields.get(field), str):
             try:
                 parsed[field] = uri.parse(fields[field], base_dir=path.parent, civitai_hosts=civitai_hosts)
             except uri.SourceError as e:
                 problems.append(Problem(f"{where}: {field}", str(e), _HINTS[field]))
     loras = _loras(fields, checked, where, path, civitai_hosts, problems)
+    embeddings = _embeddings(checked, where, path, civitai_hosts, problems)
+    vae = parsed.get("vae")
+    if vae is not None and uri.is_single_file(vae) is False:
+        problems.append(Problem(f"{where}: vae", f"{vae} names a whole pipeline", _HINTS["vae"]))
     checkpoint = parsed.get("checkpoint")
     if checkpoint is not None and uri.is_single_file(checkpoint) is False:
         problems.append(Problem(f"{where}: checkpoint", f"{checkpoint} names a whole pipeline", _HINTS["checkpoint"]))
@@ -189,7 +218,29 @@ def parse_recipe(name: str, path: Path, fields: dict[str, Any], civitai_hosts: t
         defaults=checked.defaults,
         limits=checked.limits,
         loras=loras,
+        vae=vae,
+        embeddings=embeddings,
     )
+
+
+def _embeddings(
+    checked: _Fields | None, where: str, path: Path, civitai_hosts: tuple[str, ...], problems: list[Problem]
+) -> tuple[Embedding, ...]:
+    out: list[Embedding] = []
+    for i, emb in enumerate(checked.embeddings if checked else ()):
+        try:
+            src = uri.parse(emb.source, base_dir=path.parent, civitai_hosts=civitai_hosts)
+        except uri.SourceError as e:
+            problems.append(Problem(f"{where}: embeddings.{i}.source", str(e), _HINTS["checkpoint"]))
+            continue
+        if emb.token is not None and emb.token in {o.token for o in out}:
+            problems.append(
+                Problem(
+                    f"{where}: embeddings.{i}.token", f"two embeddings use {emb.token!r}", "give each its own token"
+                )
+            )
+        out.append(Embedding(source=src, token=emb.token, stem=_stem(src, i, "embedding")))
+    return tuple(out)
 
 
 def _loras(
@@ -229,9 +280,10 @@ def _loras(
     return tuple(out)
 
 
-def _stem(src: uri.Source, index: int) -> str:
-    """A LoRA's default name: its file's stem where the source has a file name, else lora<i>."""
+def _stem(src: uri.Source, index: int, fallback: str = "lora") -> str:
+    """An adapter's default name: its file's stem where the source has a file name, else
+    ``fallback`` and its index (a CivitAI version names no file until it is locked)."""
     tail = str(src).split("#")[0].split("@")[0].rstrip("/").rsplit("/", 1)[-1]
     stem = tail.removesuffix(".safetensors")
     clean = "".join(c if c.isalnum() or c in "_.-" else "_" for c in stem)[:64]
-    return clean if clean and clean[0].isalnum() and "." in tail else f"lora{index}"
+    return clean if clean and clean[0].isalnum() and "." in tail else f"{fallback}{index}"

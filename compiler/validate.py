@@ -60,8 +60,8 @@ def check_adapter(found: Detection, kind: str, family: str, where: str) -> None:
     if found.kind != kind:
         raise UserError.one(
             where,
-            f"this file is a {found.kind}, not a {kind} (evidence: {evidence})",
-            f"`loras:` takes LoRA files (kohya, PEFT/diffusers, LyCORIS); a {found.kind} goes elsewhere",
+            f"this file is {_a(found.kind)}, not {_a(kind)} (evidence: {evidence})",
+            f"this field takes {FIELD_TAKES[kind]}; `python -m compiler.detect FILE` says what a file is",
         )
     if found.family is not None and found.family != family:
         raise UserError.one(
@@ -69,3 +69,14 @@ def check_adapter(found: Detection, kind: str, family: str, where: str) -> None:
             f"this {kind} is made for {found.family}, the base is {family} (evidence: {evidence})",
             f"use a {family} {kind}, or a {found.family} base",
         )
+
+
+FIELD_TAKES = {
+    "lora": "LoRA files (kohya, PEFT/diffusers, LyCORIS)",
+    "vae": "one VAE file (LDM or diffusers naming)",
+    "embedding": "textual-inversion files (A1111, diffusers learned_embeds, SDXL clip_l + clip_g)",
+}
+
+
+def _a(kind: str) -> str:
+    return ("an " if kind[0] in "aeiou" else "a ") + kind

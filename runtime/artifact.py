@@ -31,7 +31,7 @@ READY = "READY"
 PIPELINE_DIR = "pipeline"
 
 Precision = Literal["fp32", "fp16", "bf16"]
-Task = Literal["txt2img"]
+Task = Literal["txt2img", "img2img", "inpaint"]
 
 # worker-sdxl's scheduler names -> diffusers class names. One table for the compiler (recipe
 # validation) and the runtime (per-request scheduler), kept as strings so neither imports diffusers
@@ -83,6 +83,9 @@ class Serving(_Frozen):
 
 class Capabilities(_Frozen):
     tasks: tuple[Task, ...] = ("txt2img",)
+    # task -> diffusers pipeline class, each derived at load from the one loaded pipeline
+    # (``from_pipe``: shared components, no second copy of any weight)
+    pipelines: dict[str, str] = Field(default_factory=dict)
 
 
 class LoraInfo(_Frozen):
@@ -91,6 +94,14 @@ class LoraInfo(_Frozen):
     name: str
     scale: float
     fused: bool = True
+
+
+class EmbeddingInfo(_Frozen):
+    """A textual-inversion token the artifact's tokenizer(s) know: prompts use it as a word."""
+
+    token: str
+    vectors: int  # tokens it expands to (token, token_1, …)
+    text_encoders: tuple[str, ...]
 
 
 class RuntimeOptions(_Frozen):
@@ -116,6 +127,7 @@ class Manifest(_Frozen):
     serving: Serving
     capabilities: Capabilities = Field(default_factory=Capabilities)
     loras: tuple[LoraInfo, ...] = ()
+    embeddings: tuple[EmbeddingInfo, ...] = ()
     runtime: RuntimeOptions
     environment: dict[str, str]
     provenance: dict[str, str]  # recipe field -> "SOURCE PIN" (e.g. "hf://org/repo@main commit:…")
