@@ -47,7 +47,7 @@ Compiles recipes/NAME.yaml into an artifact and prints its directory.
 
 
 # recipe field -> the kind of file it takes (compiler.detect's kinds)
-ADAPTER_KINDS = {"loras": "lora", "vae": "vae", "embeddings": "embedding"}
+ADAPTER_KINDS = {"loras": "lora", "vae": "vae", "embeddings": "embedding", "controlnets": "controlnet"}
 
 
 def environment() -> dict[str, str]:
@@ -166,6 +166,7 @@ def prepare(argv: list[str]) -> Prepared:
         loras=tuple(pinned(f"loras.{i}") for i in range(len(recipe.loras))),
         vae=pinned("vae") if recipe.vae is not None else None,
         embeddings=tuple(pinned(f"embeddings.{i}") for i in range(len(recipe.embeddings))),
+        controlnets=tuple(pinned(f"controlnets.{i}") for i in range(len(recipe.controlnets))),
     )
     env = environment()
     return Prepared(recipe, store, ctx, locked, base_role, plan, cache_key(plan, env), env)
@@ -194,7 +195,9 @@ def build(argv: list[str]) -> Path:
 
             built = materialize(plan, staging, base, store.scratch(), ckpt, adapters)
             provenance = {role: _provenance(p.locked.entry(role)) for role in p.locked.roles}
-            package(staging, plan, key, built.components, p.environment, provenance, built.embeddings)
+            package(
+                staging, plan, key, built.components, p.environment, provenance, built.embeddings, built.controlnets
+            )
             hit = store.publish(staging, key)
             log.info("built %s in %.1f s", hit, time.perf_counter() - t0)
     _record(store, plan.recipe, key, hit)

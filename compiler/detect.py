@@ -131,14 +131,22 @@ def _lora(keys: dict[str, tuple[Shape, str]], names: set[str], meta: dict[str, s
     if not (lycoris or kohya or peft):
         return None
     fmt = "lycoris" if lycoris else "kohya" if kohya else "peft"
-    evidence = [f"{fmt} keys, e.g. {sorted(k for k in names if 'lora' in k or 'hada' in k or 'lokr' in k)[0]}"]
+    factors = sorted(k for k in names if _LORA_DOWN.search(k)) or sorted(
+        k for k in names if "lora" in k or "hada" in k or "lokr" in k
+    )
+    evidence = [f"{fmt} keys, e.g. {factors[0]}"]
     family: str | None = None
+    cands: tuple[str, ...] = ("sd15", "sd2", "sdxl", "flux-dev", "sd3")
     if _any(names, "double_blocks", "single_transformer_blocks", "single_blocks"):
-        family = "flux-dev"
+        family = "flux-dev"  # BFL (kohya, ComfyUI) or diffusers names of FLUX's two block kinds
         evidence.append("FLUX block names")
     elif _any(names, "joint_blocks", "context_block"):
         family = "sd3"
         evidence.append("SD3 joint block names")
+    elif _find(keys, _MMDIT) is not None:
+        family, ev = _mmdit_lora_family(keys, names)
+        evidence += ev
+        cands = ("flux-dev", "sd3")
     else:
         fam, ev = _context_family(
             keys, r"attn2[._]to_k(\.lora_down\.weight|\.lora_A\.weight|\.lora\.down\.weight|\.hada_w1_b|\.weight)$"
@@ -147,8 +155,30 @@ def _lora(keys: dict[str, tuple[Shape, str]], names: set[str], meta: dict[str, s
         if family is None and _any(names, "lora_te1_", "lora_te2_", "text_encoder_2"):
             family = "sdxl"
             evidence.append("two text encoders (te1/te2)")
-    cands = () if family else ("sd15", "sd2", "sdxl", "flux-dev", "sd3")
-    return Detection("lora", family, fmt, candidates=cands, evidence=tuple(evidence))
+    return Detection("lora", family, fmt, candidates=() if family else cands, evidence=tuple(evidence))
+
+
+# A LoRA factor's "down" half (rank, in, ...) in the kohya, PEFT, old-diffusers and LoHa namings.
+_LORA_DOWN = re.compile(r"(\.lora_down\.weight|\.lora_A(\.[^.]+)?\.weight|\.lora\.down\.weight|\.hada_w1_b)$")
+# Diffusers' names of an MMDiT double-stream block (FLUX's transformer_blocks and SD3's alike): the
+# context stream's projections. SD 1.x/XL's transformer_blocks have attn1/attn2 and none of these.
+_MMDIT = r"transformer_blocks[._]\d+[._](attn[._](add_[qkv]_proj|to_add_out)|ff_context|norm1_context)"
+_MMDIT_WIDTHS = {3072: "flux-dev", 1536: "sd3", 2432: "sd3"}  # FLUX.1; SD3/3.5 medium, SD3.5 large
+
+
+def _mmdit_lora_family(keys: dict[str, tuple[Shape, str]], names: set[str]) -> tuple[str | None, list[str]]:
+    """A LoRA of double-stream blocks only, in diffusers naming: FLUX's and SD3's blocks share every
+    name, so the modules outside the blocks or the width decide."""
+    if _any(names, "x_embedder", "guidance_embedder", "proj_mlp"):
+        return "flux-dev", ["FLUX-only modules (x_embedder, guidance_embedder or proj_mlp)"]
+    if _any(names, "pos_embed", ".attn2.", "_attn2_"):
+        return "sd3", ["SD3-only modules (pos_embed or a second attention in joint blocks)"]
+    hit = _find(keys, r"transformer_blocks[._]\d+[._]attn[._](to_[qkv]|add_[qkv]_proj)" + _LORA_DOWN.pattern)
+    if hit is not None and len(hit[1]) >= 2 and hit[1][1] in _MMDIT_WIDTHS:
+        width = hit[1][1]
+        return _MMDIT_WIDTHS[width], [f"{_ev(hit)}: {width}-wide joint attention"]
+    ev = [f"MMDiT joint blocks of a width neither FLUX.1 nor SD3 has ({_ev(hit)})" if hit else "MMDiT joint blocks"]
+    return None, ev
 
 
 def _embedding(keys: dict[str, tuple[Shape, str]], names: set[str], meta: dict[str, str]) -> Detection | None:

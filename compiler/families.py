@@ -47,15 +47,18 @@ class Family:
     variants: dict[str, str] = field(default_factory=dict)  # variant -> config repo (inpaint models)
 
 
+# "controlnet" is served only by artifacts built with `controlnets:`.
 _SD_TASKS = {
     "txt2img": "StableDiffusionPipeline",
     "img2img": "StableDiffusionImg2ImgPipeline",
     "inpaint": "StableDiffusionInpaintPipeline",
+    "controlnet": "StableDiffusionControlNetPipeline",
 }
 _SDXL_TASKS = {
     "txt2img": "StableDiffusionXLPipeline",
     "img2img": "StableDiffusionXLImg2ImgPipeline",
     "inpaint": "StableDiffusionXLInpaintPipeline",
+    "controlnet": "StableDiffusionXLControlNetPipeline",
 }
 _SD3_TASKS = {
     "txt2img": "StableDiffusion3Pipeline",

@@ -17,12 +17,13 @@ from typing import Any
 
 from compiler import uri
 from compiler.builtins import BUILTINS
+from compiler.controlnets import build_controlnets
 from compiler.embeddings import load_embeddings
 from compiler.families import PREDICTION_TYPES
-from compiler.lora import fuse_loras
+from compiler.lora import apply_loras
 from compiler.plan import BuildPlan
 from compiler.sources import Fetched
-from runtime.artifact import PIPELINE_DIR, SCHEDULERS, EmbeddingInfo
+from runtime.artifact import PIPELINE_DIR, SCHEDULERS, ControlNetInfo, EmbeddingInfo
 
 log = logging.getLogger(__name__)
 
@@ -143,6 +144,7 @@ class Materialized:
 
     components: dict[str, str]  # component -> class name
     embeddings: tuple[EmbeddingInfo, ...]
+    controlnets: tuple[ControlNetInfo, ...]
 
 
 def materialize(
@@ -170,7 +172,10 @@ def materialize(
         if plan.vae is not None:
             replace_component(pipe, "vae", scratch, adapters["vae"], "vae")
         tokens = load_embeddings(pipe, [(e, adapters[f"embeddings.{i}"]) for i, e in enumerate(plan.embeddings)])
-        fuse_loras(pipe, [(lora, adapters[f"loras.{i}"]) for i, lora in enumerate(plan.loras) if lora.fuse])
+        apply_loras(pipe, [(lora, adapters[f"loras.{i}"]) for i, lora in enumerate(plan.loras)], out)
+        controlnets = build_controlnets(
+            pipe, [(c, adapters[f"controlnets.{i}"]) for i, c in enumerate(plan.controlnets)], scratch, out
+        )
         if plan.prediction is not None:
             pipe.scheduler.register_to_config(prediction_type=PREDICTION_TYPES[plan.prediction])
         pipe.to(dtype=getattr(torch, DTYPES[plan.precision]))
@@ -182,4 +187,4 @@ def materialize(
         shutil.rmtree(scratch, ignore_errors=True)
     log.info("materialized %s (%s, %s)", plan.base, plan.precision, plan.scheduler)
     components = {name: type(c).__name__ for name, c in pipe.components.items() if c is not None}
-    return Materialized(components=components, embeddings=tokens)
+    return Materialized(components=components, embeddings=tokens, controlnets=controlnets)

@@ -8,9 +8,11 @@ from compiler.plan import BuildPlan
 from compiler.store import utc_now
 from runtime.artifact import (
     FORMAT_VERSION,
+    LORA_DIR,
     MANIFEST,
     READY,
     Capabilities,
+    ControlNetInfo,
     EmbeddingInfo,
     FileEntry,
     LoraInfo,
@@ -42,6 +44,7 @@ def package(
     environment: dict[str, str],
     provenance: dict[str, str],
     embeddings: tuple[EmbeddingInfo, ...] = (),
+    controlnets: tuple[ControlNetInfo, ...] = (),
 ) -> Manifest:
     files = hash_tree(staging)
     manifest = Manifest(
@@ -55,7 +58,16 @@ def package(
         serving=Serving(scheduler=plan.scheduler, defaults=plan.defaults, limits=plan.limits),
         capabilities=Capabilities(tasks=tuple(plan.tasks), pipelines=dict(plan.tasks)),
         embeddings=embeddings,
-        loras=tuple(LoraInfo(name=lora.name, scale=lora.scale, fused=lora.fuse) for lora in plan.loras),
+        controlnets=controlnets,
+        loras=tuple(
+            LoraInfo(
+                name=lora.name,
+                scale=lora.scale,
+                fused=lora.fuse,
+                file=None if lora.fuse else f"{LORA_DIR}/{lora.name}.safetensors",
+            )
+            for lora in plan.loras
+        ),
         runtime=RuntimeOptions(dtype=plan.precision),
         environment=environment,
         provenance=dict(provenance),

@@ -36,6 +36,8 @@ class PlannedFile:
     pin: str
     inputs: tuple[tuple[str, str], ...]
     token: str | None = None  # embeddings: the prompt word (None: the file's own, else `stem`)
+    name: str | None = None  # controlnets: the name requests select it by
+    scale: float | None = None  # controlnets: the default conditioning scale
     stem: str = ""  # the file's name without extension
 
 
@@ -63,10 +65,11 @@ class BuildPlan:
     loras: tuple[PlannedLora, ...] = ()
     vae: PlannedFile | None = None
     embeddings: tuple[PlannedFile, ...] = ()
+    controlnets: tuple[PlannedFile, ...] = ()
 
     @property
     def adapter_inputs(self) -> tuple[tuple[str, str], ...]:
-        files = (*self.loras, *((self.vae,) if self.vae else ()), *self.embeddings)
+        files = (*self.loras, *((self.vae,) if self.vae else ()), *self.embeddings, *self.controlnets)
         return tuple(i for f in files for i in f.inputs)
 
     def canonical(self) -> dict[str, Any]:
@@ -77,6 +80,7 @@ class BuildPlan:
         d["loras"] = [asdict(lora) for lora in self.loras]
         d["vae"] = asdict(self.vae) if self.vae else None
         d["embeddings"] = [asdict(e) for e in self.embeddings]
+        d["controlnets"] = [asdict(c) for c in self.controlnets]
         d["base_inputs"] = [list(i) for i in self.base_inputs]
         d["checkpoint_inputs"] = [list(i) for i in self.checkpoint_inputs]
         return d
@@ -91,6 +95,7 @@ def make_plan(
     loras: tuple[Pinned, ...] = (),
     vae: Pinned | None = None,
     embeddings: tuple[Pinned, ...] = (),
+    controlnets: tuple[Pinned, ...] = (),
 ) -> BuildPlan:
     family = FAMILIES[base.family]
     d, lim = recipe.defaults, recipe.limits
@@ -148,6 +153,10 @@ def make_plan(
                 "this compiler does not serve yet; use the family's normal checkpoint",
             )
         )
+    if recipe.controlnets and "controlnet" not in family.pipelines:
+        problems.append(
+            Problem(f"{where}: controlnets", f"{family.label} has no ControlNet pipeline here", "remove `controlnets:`")
+        )
     if recipe.prediction is not None and family.prediction == "flow":
         problems.append(
             Problem(f"{where}: prediction", f"{family.label} is a flow-matching model", "remove `prediction:`")
@@ -179,10 +188,11 @@ def make_plan(
             *(("replace-vae",) if vae else ()),
             *(f"embed-{e.token or i}" for i, e in enumerate(recipe.embeddings)),
             *(f"fuse-lora-{lora.name}" for lora in recipe.loras if lora.fuse),
+            *(f"controlnet-{c.name}" for c in recipe.controlnets),
             f"cast-{recipe.precision}",
             "save",
         ),
-        tasks=dict(family.pipelines),
+        tasks={t: c for t, c in family.pipelines.items() if t != "controlnet" or recipe.controlnets},
         loras=tuple(
             PlannedLora(name=lora.name, pin=pinned.pin, inputs=pinned.inputs, scale=lora.scale, fuse=lora.fuse)
             for lora, pinned in zip(recipe.loras, loras, strict=True)
@@ -191,6 +201,10 @@ def make_plan(
         embeddings=tuple(
             PlannedFile(pin=p.pin, inputs=p.inputs, token=e.token, stem=e.stem)
             for e, p in zip(recipe.embeddings, embeddings, strict=True)
+        ),
+        controlnets=tuple(
+            PlannedFile(pin=p.pin, inputs=p.inputs, name=c.name, scale=c.scale)
+            for c, p in zip(recipe.controlnets, controlnets, strict=True)
         ),
     )
 

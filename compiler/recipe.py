@@ -47,8 +47,17 @@ class RecipeLora(_Strict):
 
     source: str
     scale: float = 1.0
-    # true: baked into the artifact's weights at build time (no cost per request)
+    # true: baked into the artifact's weights at build time (no cost per request); false: stored in
+    # the artifact and applied only to requests that ask for it by name, at their scale
     fuse: bool = True
+    name: str | None = Field(None, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")  # default: the file's stem
+
+
+class RecipeControlNet(_Strict):
+    """One ControlNet (LDM `control_model.*` or diffusers naming) made for the base's family."""
+
+    source: str
+    scale: float = 1.0  # the conditioning scale a request gets unless it sets its own
     name: str | None = Field(None, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")  # default: the file's stem
 
 
@@ -73,6 +82,7 @@ class _Fields(_Strict):
     loras: list[RecipeLora] = Field(default_factory=list)
     vae: str | None = None
     embeddings: list[RecipeEmbedding] = Field(default_factory=list)
+    controlnets: list[RecipeControlNet] = Field(default_factory=list)
 
     @field_validator("family")
     @classmethod
@@ -106,6 +116,7 @@ class Recipe(BaseModel):
     loras: tuple[Lora, ...] = ()
     vae: uri.Source | None = None
     embeddings: tuple[Embedding, ...] = ()
+    controlnets: tuple[ControlNet, ...] = ()
 
     def sources(self) -> dict[str, uri.Source]:
         """Every source the recipe names, by field path (what the lock pins)."""
@@ -120,7 +131,17 @@ class Recipe(BaseModel):
             out["vae"] = self.vae
         for i, emb in enumerate(self.embeddings):
             out[f"embeddings.{i}"] = emb.source
+        for i, cn in enumerate(self.controlnets):
+            out[f"controlnets.{i}"] = cn.source
         return out
+
+
+class ControlNet(BaseModel):
+    model_config = ConfigDict(frozen=True, arbitrary_types_allowed=True)
+
+    source: uri.Source
+    name: str  # unique in the recipe: requests select ControlNets by name
+    scale: float
 
 
 class Embedding(BaseModel):
@@ -190,6 +211,7 @@ def parse_recipe(name: str, path: Path, fields: dict[str, Any], civitai_hosts: t
                 problems.append(Problem(f"{where}: {field}", str(e), _HINTS[field]))
     loras = _loras(fields, checked, where, path, civitai_hosts, problems)
     embeddings = _embeddings(checked, where, path, civitai_hosts, problems)
+    controlnets = _controlnets(checked, where, path, civitai_hosts, problems)
     vae = parsed.get("vae")
     if vae is not None and uri.is_single_file(vae) is False:
         problems.append(Problem(f"{where}: vae", f"{vae} names a whole pipeline", _HINTS["vae"]))
@@ -220,7 +242,27 @@ def parse_recipe(name: str, path: Path, fields: dict[str, Any], civitai_hosts: t
         loras=loras,
         vae=vae,
         embeddings=embeddings,
+        controlnets=controlnets,
     )
+
+
+def _controlnets(
+    checked: _Fields | None, where: str, path: Path, civitai_hosts: tuple[str, ...], problems: list[Problem]
+) -> tuple[ControlNet, ...]:
+    out: list[ControlNet] = []
+    for i, cn in enumerate(checked.controlnets if checked else ()):
+        try:
+            src = uri.parse(cn.source, base_dir=path.parent, civitai_hosts=civitai_hosts)
+        except uri.SourceError as e:
+            problems.append(Problem(f"{where}: controlnets.{i}.source", str(e), _HINTS["checkpoint"]))
+            continue
+        name = cn.name or _stem(src, i, "controlnet")
+        if name in {o.name for o in out}:
+            problems.append(
+                Problem(f"{where}: controlnets.{i}.name", f"two ControlNets are named {name!r}", "give each a `name:`")
+            )
+        out.append(ControlNet(source=src, name=name, scale=cn.scale))
+    return tuple(out)
 
 
 def _embeddings(
@@ -265,14 +307,6 @@ def _loras(
         if uri.is_single_file(src) is False:
             problems.append(Problem(f"{at}.source", f"{src} names a whole pipeline", "name one .safetensors file"))
             continue
-        if not lora.fuse:
-            problems.append(
-                Problem(
-                    f"{at}.fuse",
-                    "switchable LoRAs (fuse: false, chosen per request) are not supported yet",
-                    "use fuse: true (baked into the artifact at this scale), or compile one artifact per LoRA",
-                )
-            )
         name = lora.name or _stem(src, i)
         if name in {o.name for o in out}:
             problems.append(Problem(f"{at}.name", f"two LoRAs are named {name!r}", "give each LoRA its own `name:`"))

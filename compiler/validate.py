@@ -75,6 +75,7 @@ FIELD_TAKES = {
     "lora": "LoRA files (kohya, PEFT/diffusers, LyCORIS)",
     "vae": "one VAE file (LDM or diffusers naming)",
     "embedding": "textual-inversion files (A1111, diffusers learned_embeds, SDXL clip_l + clip_g)",
+    "controlnet": "ControlNet files (LDM control_model.* or diffusers naming)",
 }
 
 

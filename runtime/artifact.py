@@ -28,10 +28,12 @@ ARTIFACTS_SUBDIR = "artifacts/v1"
 NAMES_SUBDIR = "names"
 MANIFEST = "manifest.json"
 READY = "READY"
+CONTROLNET_DIR = "controlnets"  # one diffusers ControlNetModel folder per ControlNet
+LORA_DIR = "loras"  # switchable LoRA files, as given (the runtime loads them as named adapters)
 PIPELINE_DIR = "pipeline"
 
 Precision = Literal["fp32", "fp16", "bf16"]
-Task = Literal["txt2img", "img2img", "inpaint"]
+Task = Literal["txt2img", "img2img", "inpaint", "controlnet"]
 
 # worker-sdxl's scheduler names -> diffusers class names. One table for the compiler (recipe
 # validation) and the runtime (per-request scheduler), kept as strings so neither imports diffusers
@@ -89,11 +91,21 @@ class Capabilities(_Frozen):
 
 
 class LoraInfo(_Frozen):
-    """A LoRA in the artifact: fused into the weights at ``scale`` (the only kind so far)."""
+    """A LoRA in the artifact: fused into the weights at ``scale``, or stored as ``file`` for
+    requests that name it (``scale`` is then the default a request may override)."""
 
     name: str
     scale: float
     fused: bool = True
+    file: str | None = None  # relative to the artifact directory, for a LoRA that is not fused
+
+
+class ControlNetInfo(_Frozen):
+    """A ControlNet a request can name; ``scale`` is its default conditioning scale."""
+
+    name: str
+    scale: float
+    path: str  # its ControlNetModel folder, relative to the artifact directory
 
 
 class EmbeddingInfo(_Frozen):
@@ -128,6 +140,7 @@ class Manifest(_Frozen):
     capabilities: Capabilities = Field(default_factory=Capabilities)
     loras: tuple[LoraInfo, ...] = ()
     embeddings: tuple[EmbeddingInfo, ...] = ()
+    controlnets: tuple[ControlNetInfo, ...] = ()
     runtime: RuntimeOptions
     environment: dict[str, str]
     provenance: dict[str, str]  # recipe field -> "SOURCE PIN" (e.g. "hf://org/repo@main commit:…")

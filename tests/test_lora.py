@@ -154,7 +154,7 @@ def test_kohya_and_peft_loras_fuse_to_the_lora_math(tmp_path, base, demo_image):
     _check(Path(one.stdout.strip()), base, [(a, 0.7, 2.0)])
     manifest = json.loads((Path(one.stdout.strip()) / "manifest.json").read_text())
     assert "loras.0" in manifest["provenance"] and manifest["loras"] == [
-        {"name": "style-a", "scale": 0.7, "fused": True}
+        {"name": "style-a", "scale": 0.7, "fused": True, "file": None}
     ]
 
     both = _compile(
@@ -171,8 +171,8 @@ def test_kohya_and_peft_loras_fuse_to_the_lora_math(tmp_path, base, demo_image):
     # The manifest says what was fused, at which scale; the scale is part of the cache key.
     both_manifest = json.loads((artifact / "manifest.json").read_text())
     assert both_manifest["loras"] == [
-        {"name": "style-a", "scale": 0.7, "fused": True},
-        {"name": "detail-b", "scale": -0.5, "fused": True},
+        {"name": "style-a", "scale": 0.7, "fused": True, "file": None},
+        {"name": "detail-b", "scale": -0.5, "fused": True, "file": None},
     ]
     assert both_manifest["cache_key"] != manifest["cache_key"]
 
@@ -218,11 +218,10 @@ def test_wrong_family_and_foreign_loras_fail_at_compile(tmp_path, base):
 def test_lora_recipe_errors_are_reported_with_hints(tmp_path):
     (tmp_path / "recipes").mkdir()
     proc = _compile(
-        tmp_path,
-        "  - source: ./a.safetensors\n    fuse: false\n  - source: ./a.safetensors\n  - source: ftp://x/y",
-        name="bad",
+        tmp_path, "  - source: ./a.safetensors\n  - source: ./a.safetensors\n  - source: ftp://x/y", name="bad"
     )
     assert proc.returncode == 2
-    assert "loras.0.fuse" in proc.stderr and "switchable" in proc.stderr
-    assert "loras.1.name: two LoRAs are named 'a'" in proc.stderr
+    assert "loras.1.name: two LoRAs are named 'a'" in proc.stderr and "give each LoRA its own `name:`" in proc.stderr
     assert "loras.2.source" in proc.stderr
+    typo = _compile(tmp_path, "  - source: ./a.safetensors\n    fuse: maybe", name="typo")
+    assert typo.returncode == 2 and "loras.0.fuse" in typo.stderr and "'maybe'" in typo.stderr
