@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 from compiler.errors import UserError
 from compiler.store import Store
@@ -43,8 +45,11 @@ def convert(path: Path, name: str, where: str, store: Store) -> Path:
     state = loaded.get("state_dict", loaded) if isinstance(loaded, dict) else None
     if not isinstance(state, dict):
         raise UserError.one(where, f"{name} holds a {type(loaded).__name__}, not a state dict", "check the file")
-    tensors = {k: v.contiguous() for k, v in state.items() if isinstance(v, torch.Tensor)}
-    skipped = sorted(k for k, v in state.items() if not isinstance(v, torch.Tensor))
+    # Nested dicts of tensors (an A1111 embedding's string_to_param: {"*": tensor}) become dotted
+    # keys, as safetensors has no nesting: "string_to_param.*".
+    flat = dict(_flatten(state))
+    tensors = {k: v.contiguous() for k, v in flat.items() if isinstance(v, torch.Tensor)}
+    skipped = sorted(k for k, v in flat.items() if not isinstance(v, torch.Tensor))
     if skipped:
         log.info("%s: left out %d non-tensor entries (%s)", name, len(skipped), ", ".join(skipped[:5]))
     if not tensors:
@@ -61,3 +66,11 @@ def convert(path: Path, name: str, where: str, store: Store) -> Path:
     marker.write_text(digest + "\n")
     log.info("converted %s (%d tensors) to safetensors %s", name, len(tensors), digest)
     return dest
+
+
+def _flatten(d: dict[Any, Any], prefix: str = "") -> Iterator[tuple[str, Any]]:
+    for k, v in d.items():
+        if isinstance(v, dict):
+            yield from _flatten(v, f"{prefix}{k}.")
+        else:
+            yield f"{prefix}{k}", v

@@ -83,6 +83,8 @@ class _Fields(_Strict):
     vae: str | None = None
     embeddings: list[RecipeEmbedding] = Field(default_factory=list)
     controlnets: list[RecipeControlNet] = Field(default_factory=list)
+    # Known, so that a recipe naming them gets the reason instead of "unknown key" (see parse_recipe).
+    hypernetworks: list[Any] = Field(default_factory=list)
 
     @field_validator("family")
     @classmethod
@@ -225,6 +227,15 @@ def parse_recipe(name: str, path: Path, fields: dict[str, Any], civitai_hosts: t
                 f"{where}: base", "a recipe needs `base:` or `checkpoint:`", f"{_HINTS['base']}; {_HINTS['checkpoint']}"
             )
         )
+    if checked is not None and checked.hypernetworks:
+        problems.append(
+            Problem(
+                f"{where}: hypernetworks",
+                "A1111 hypernetworks are not supported: diffusers has no loader for them, and the files "
+                "are pickles of per-width MLPs applied to the cross-attention context",
+                "use a LoRA of the same style (most hypernetwork styles have LoRA ports on CivitAI)",
+            )
+        )
     if problems or checked is None:
         raise UserError(problems)
     return Recipe(
@@ -318,6 +329,8 @@ def _stem(src: uri.Source, index: int, fallback: str = "lora") -> str:
     """An adapter's default name: its file's stem where the source has a file name, else
     ``fallback`` and its index (a CivitAI version names no file until it is locked)."""
     tail = str(src).split("#")[0].split("@")[0].rstrip("/").rsplit("/", 1)[-1]
-    stem = tail.removesuffix(".safetensors")
+    stem = tail
+    for ext in (".safetensors", ".ckpt", ".pt", ".pth", ".bin"):
+        stem = stem.removesuffix(ext)
     clean = "".join(c if c.isalnum() or c in "_.-" else "_" for c in stem)[:64]
     return clean if clean and clean[0].isalnum() and "." in tail else f"{fallback}{index}"

@@ -1,9 +1,14 @@
 """GenerationRequest + loaded pipeline -> PIL images. No shared mutable state between requests:
-each call gets its own scheduler and generator on a view of the shared components."""
+each call gets its own scheduler and generator on a view of the shared components.
+
+The pipeline is the one of the request's task (runtime.loader.Loaded.pipelines: txt2img, img2img
+and inpaint pipelines share every weight); for img2img and inpaint the request carries its image
+(and mask) already decoded and at the output size (runtime.inputs.attach_images)."""
 
 from __future__ import annotations
 
 import copy
+import inspect
 from typing import Any, Literal
 
 from runtime.artifact import SCHEDULERS
@@ -28,6 +33,8 @@ GUIDANCE: dict[str, Guidance] = {
     "StableDiffusion3Pipeline": "cfg",
     "StableDiffusion3Img2ImgPipeline": "cfg",
     "StableDiffusion3InpaintPipeline": "cfg",
+    "StableDiffusionControlNetPipeline": "cfg",
+    "StableDiffusionXLControlNetPipeline": "cfg",
     "FluxPipeline": "distilled",
     "FluxImg2ImgPipeline": "distilled",
     "FluxInpaintPipeline": "distilled",
@@ -66,15 +73,34 @@ def request_warnings(pipeline: Any, request: GenerationRequest) -> list[str]:
     return warnings
 
 
+def _takes_size(cls: type) -> bool:
+    # SD and SDXL img2img take no width/height: their output has the input image's size, which
+    # attach_images made the requested one. The others take it (and resize to it themselves).
+    return "width" in inspect.signature(cls.__call__).parameters
+
+
 def call_arguments(pipeline: Any, request: GenerationRequest) -> dict[str, Any]:
     """The pipeline's __call__ arguments for the request, less the generator: only those it takes."""
     args: dict[str, Any] = {
         "prompt": request.prompt,
-        "width": request.width,
-        "height": request.height,
         "num_inference_steps": request.steps,
         "num_images_per_prompt": request.num_images,
     }
+    if _takes_size(type(pipeline)):
+        args.update(width=request.width, height=request.height)
+    if request.task == "controlnet":
+        images, scales = list(request.control_images), [scale for _, scale in request.controlnets]
+        # One ControlNet: diffusers takes a single image and float; several: lists in order.
+        args.update(
+            image=images[0] if len(images) == 1 else images,
+            controlnet_conditioning_scale=scales[0] if len(scales) == 1 else scales,
+        )
+    elif request.task != "txt2img":
+        if request.image is None:
+            raise ValueError(f"a {request.task} request without its decoded image (runtime.inputs.attach_images)")
+        args.update(image=request.image, strength=request.strength)
+    if request.task == "inpaint":
+        args["mask_image"] = request.mask
     if guidance_kind(pipeline) == "cfg":
         args.update(negative_prompt=request.negative_prompt, guidance_scale=request.guidance_scale)
     elif _guidance_embedder(pipeline):
@@ -90,7 +116,7 @@ def generate(pipeline: Any, request: GenerationRequest) -> list[Any]:
     # shared pipeline's scheduler is never replaced), so the result does not depend on history.
     scheduler = getattr(diffusers, SCHEDULERS[request.scheduler]).from_config(pipeline.scheduler.config)
     # A shallow copy shares every weight-holding component; only the scheduler (and the per-call
-    # attributes __call__ sets) are this request's own. Not from_pipe: it re-runs the pipeline's
+    # attributes __call__ sets) are this request's own. Not from_pipe per request: it re-runs the pipeline's
     # __init__, which rewrites some schedulers' configs (SD's clip_sample/steps_offset "fixes"), so
     # the result would differ from `pipe.scheduler = X.from_config(...)` in plain diffusers.
     pipe = copy.copy(pipeline)

@@ -5,11 +5,13 @@ from __future__ import annotations
 import logging
 import os
 import time
-from dataclasses import dataclass
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from runtime.artifact import PIPELINE_DIR, Manifest, read_manifest
+from runtime.artifact import PIPELINE_DIR, ArtifactError, Manifest, read_manifest
 
 # Artifacts are complete: nothing at serve time may reach the Hub. Set before diffusers or
 # huggingface_hub are imported (the loader imports them lazily, after this line).
@@ -24,9 +26,42 @@ DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
 class Loaded:
     path: Path
     manifest: Manifest
-    pipeline: Any
+    pipeline: Any  # the pipeline loaded from disk (manifest.pipeline_class)
     device: str
     load_seconds: float
+    # task -> the pipeline that serves it, all derived at load from `pipeline` (see task_pipelines)
+    pipelines: dict[str, Any] = field(default_factory=dict)
+    lora_adapters: dict[str, str] = field(default_factory=dict)  # switchable LoRA name -> adapter
+    controlnets: dict[str, Any] = field(default_factory=dict)  # name -> ControlNetModel
+    _controlnet_pipelines: dict[tuple[str, ...], Any] = field(default_factory=dict)
+
+    @contextmanager
+    def loras(self, chosen: tuple[tuple[str, float], ...]) -> Iterator[None]:
+        """The request's switchable LoRAs on for the duration of the call, at their scales, and
+        off again afterwards whatever happens, so nothing leaks into the next request. The layers
+        are shared by every task pipeline (same modules), so one switch serves all of them."""
+        if not chosen:
+            yield
+            return
+        pipe = self.pipeline
+        pipe.enable_lora()
+        pipe.set_adapters([self.lora_adapters[n] for n, _ in chosen], adapter_weights=[s for _, s in chosen])
+        try:
+            yield
+        finally:
+            pipe.disable_lora()
+
+    def controlnet_pipeline(self, names: tuple[str, ...]) -> Any:
+        """The ControlNet pipeline for these ControlNets (in order), derived from the loaded one
+        with from_pipe (shared UNet, VAE, text encoders) once per combination, then reused."""
+        if names not in self._controlnet_pipelines:
+            import diffusers
+
+            models = [self.controlnets[n] for n in names]
+            cls = getattr(diffusers, self.manifest.capabilities.pipelines["controlnet"])
+            controlnet = models[0] if len(models) == 1 else diffusers.MultiControlNetModel(models)
+            self._controlnet_pipelines[names] = _derive(self.pipeline, cls, controlnet=controlnet)
+        return self._controlnet_pipelines[names]
 
 
 def transformers_logging() -> Any:
@@ -59,6 +94,9 @@ def load(artifact_dir: Path, device: str | None = None) -> Loaded:
     )
     pipe.to(device)
     pipe.set_progress_bar_config(disable=True)
+    pipelines = task_pipelines(pipe, manifest)
+    adapters = load_switchable_loras(pipe, manifest, Path(artifact_dir))
+    controlnets = load_controlnets(manifest, Path(artifact_dir), pipe.dtype, device)
     seconds = time.perf_counter() - t0
     log.info(
         "loaded %s (%s, %s) on %s in %.2f s",
@@ -68,4 +106,88 @@ def load(artifact_dir: Path, device: str | None = None) -> Loaded:
         device,
         seconds,
     )
-    return Loaded(Path(artifact_dir), manifest, pipe, device, seconds)
+    return Loaded(Path(artifact_dir), manifest, pipe, device, seconds, pipelines, adapters, controlnets)
+
+
+def load_switchable_loras(pipe: Any, manifest: Manifest, artifact_dir: Path) -> dict[str, str]:
+    """Each `fuse: false` LoRA loaded as a named adapter (internal names: a user's name could
+    clash with a torch.nn.Module attribute), then all disabled: requests turn theirs on."""
+    adapters = {}
+    for i, lora in enumerate(lora for lora in manifest.loras if lora.file):
+        assert lora.file is not None
+        adapters[lora.name] = f"uiw_lora_{i}"
+        pipe.load_lora_weights(str(artifact_dir / lora.file), adapter_name=adapters[lora.name])
+    if adapters:
+        pipe.disable_lora()
+    return adapters
+
+
+def load_controlnets(manifest: Manifest, artifact_dir: Path, dtype: Any, device: str) -> dict[str, Any]:
+    if not manifest.controlnets:
+        return {}
+    from diffusers import ControlNetModel
+
+    return {
+        c.name: ControlNetModel.from_pretrained(artifact_dir / c.path, dtype=dtype, local_files_only=True).to(device)
+        for c in manifest.controlnets
+    }
+
+
+def _derive(pipe: Any, cls: Any, **components: Any) -> Any:
+    """``cls.from_pipe`` with its two leaks kept out (see task_pipelines)."""
+    scheduler = type(pipe.scheduler).from_config(pipe.scheduler.config)
+    derived = cls.from_pipe(pipe, scheduler=scheduler, dtype=pipe.dtype, **components)
+    derived.set_progress_bar_config(disable=True)
+    return derived
+
+
+def _dtypes(pipe: Any) -> dict[str, frozenset[Any]]:
+    import torch
+
+    return {
+        name: frozenset(p.dtype for p in module.parameters())
+        for name, module in pipe.components.items()
+        if isinstance(module, torch.nn.Module)
+    }
+
+
+def task_pipelines(pipe: Any, manifest: Manifest) -> dict[str, Any]:
+    """task -> pipeline, every one built once, at load, from the loaded one with diffusers'
+    ``from_pipe``: the same UNet/transformer, VAE, text encoders and tokenizers objects, so
+    img2img and inpaint cost no memory beyond a few Python objects, and nothing is built while a
+    request waits. Eager rather than lazy: a task that cannot be derived fails the load with the
+    artifact named, not a request later.
+
+    Two things of from_pipe's that would leak into the shared components are kept out:
+    - it casts every component to its `dtype` argument, float32 when none is given, in place: an
+      fp16 artifact would silently turn fp32 for every task. The loaded pipeline's dtype is
+      passed, and the component dtypes are checked unchanged.
+    - a new pipeline's __init__ may rewrite its scheduler's config (SD's steps_offset,
+      clip_sample, skip_prk_steps "fixes"; the inpaint pipeline has one the txt2img one has not),
+      so each derived pipeline gets its own scheduler, made from the loaded one's config.
+    """
+    import diffusers
+
+    classes = dict(manifest.capabilities.pipelines)
+    if not classes:  # manifests from before per-task classes: the one loaded pipeline, one task
+        classes = {manifest.capabilities.tasks[0]: manifest.pipeline_class}
+    before = _dtypes(pipe)
+    out: dict[str, Any] = {}
+    for task in manifest.capabilities.tasks:
+        if task == "controlnet":  # one per set of ControlNets a request names: Loaded.controlnet_pipeline
+            continue
+        name = classes.get(task)
+        cls = getattr(diffusers, name, None) if name else None
+        if cls is None:
+            raise ArtifactError(
+                f"manifest of {manifest.recipe} ({manifest.cache_key[:12]}): the {task} task has "
+                f"{'no pipeline class' if not name else f'pipeline class {name!r}, which this diffusers lacks'}. "
+                "hint: recompile the recipe with the compiler that matches this runtime."
+            )
+        if cls is type(pipe):
+            out[task] = pipe
+            continue
+        out[task] = _derive(pipe, cls)
+    if _dtypes(pipe) != before:
+        raise RuntimeError(f"deriving the task pipelines changed component dtypes: {before} -> {_dtypes(pipe)}")
+    return out

@@ -18,6 +18,7 @@ from typing import Any
 
 from runtime.artifact import ArtifactError, resolve_artifact
 from runtime.encode import data_uri
+from runtime.inputs import attach_images
 from runtime.loader import Loaded, load
 from runtime.schema import RequestError, validate
 
@@ -54,29 +55,40 @@ class Service:
     def run(self, raw_input: Any) -> dict[str, Any]:
         request_id = uuid.uuid4().hex[:12]
         artifact = self.default
+        t_in = time.perf_counter()
         try:
             request, warnings = validate(raw_input, artifact.manifest)
+            # Image inputs are fetched and decoded here, bounded, before any model work.
+            request, image_warnings = attach_images(request, artifact.manifest.serving.limits)
         except RequestError as e:
             return {"error": "; ".join(e.errors), "errors": e.errors}
+        warnings = [*warnings, *image_warnings]
         from runtime.generate import generate, request_warnings
 
+        if request.task == "controlnet":
+            pipeline = artifact.controlnet_pipeline(tuple(n for n, _ in request.controlnets))
+        else:
+            pipeline = artifact.pipelines[request.task]
         t0 = time.perf_counter()
         try:
             # Settings the model ignores or changes (a FLUX.1 [dev] negative prompt) are said, not dropped silently.
-            warnings = [*warnings, *request_warnings(artifact.pipeline, request)]
-            images = generate(artifact.pipeline, request)
+            warnings = [*warnings, *request_warnings(pipeline, request)]
+            with artifact.loras(request.loras):
+                images = generate(pipeline, request)
         except Exception as e:
             log.exception("request %s failed during generation", request_id)
             return {"error": f"generation failed: {type(e).__name__}: {e}", "refresh_worker": True}
         t1 = time.perf_counter()
         encoded = [data_uri(im) for im in images]
         log.info(
-            "request %s: %dx%d, %d steps, %d image(s): generate %.2f s, encode %.3f s",
+            "request %s: %s %dx%d, %d steps, %d image(s): inputs %.3f s, generate %.2f s, encode %.3f s",
             request_id,
+            request.task,
             request.width,
             request.height,
             request.steps,
             len(images),
+            t0 - t_in,
             t1 - t0,
             time.perf_counter() - t1,
         )

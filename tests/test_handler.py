@@ -131,10 +131,8 @@ BAD = [
     ({"num_images": 5}, "num_images: Input should be less than or equal to 4"),
     ({"num_outputs": 5}, "num_images: Input should be less than or equal to 4"),
     ({"high_noise_frac": 2}, "high_noise_frac: Input should be less than or equal to 1"),
-    (
-        {"image_url": "https://example.com/a.png"},
-        "image_url: the img2img task is not supported by this artifact; it supports: txt2img",
-    ),
+    # (an artifact without the img2img task: tests/test_img2img.py)
+    ({"image_url": "ftp://example.com/a.png"}, "image_url: unsupported scheme 'ftp'"),
     ({"image_url": 5}, "image_url: Input should be a valid string"),
     ({"foo": 1}, "Unexpected input. foo is not a valid input option."),
     ({"num_outputs": 1, "num_images": 1}, "num_outputs: both 'num_outputs' and its canonical name 'num_images' given"),

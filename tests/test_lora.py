@@ -54,8 +54,10 @@ MODULES = [
 RECIPE = """base: builtin:tiny-sd15
 precision: fp32
 scheduler: K_EULER
-defaults:
+defaults:  # the demo recipe's, so that images compare with the demo artifact's
   steps: 4
+  guidance_scale: 7.5
+  negative_prompt: blurry, low quality
 loras:
 {loras}
 """

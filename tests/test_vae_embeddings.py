@@ -64,12 +64,15 @@ def test_vae_and_embeddings_are_built_in(tmp_path, tiny, demo_image):
     save_file({"emb_params": style}, recipes / "tiny-style.safetensors")
     cat = torch.randn(32, generator=g)  # diffusers learned_embeds: the key is the token
     save_file({"<cat-toy>": cat}, recipes / "learned_embeds.safetensors")
+    old = torch.randn(3, 32, generator=g)  # an A1111 .pt (a pickle): read with weights_only
+    a1111 = {"string_to_token": {"*": 265}, "string_to_param": {"*": old}, "name": "old-style", "step": 500}
+    torch.save(a1111, recipes / "old-style.pt")
 
     proc = _compile(
         tmp_path,
         "r",
-        "vae: ./other-vae.safetensors\nembeddings:\n  - source: ./tiny-style.safetensors\n"
-        "  - source: ./learned_embeds.safetensors",
+        "vae: ./other-vae.safetensors\nallow_pickle: true\nembeddings:\n  - source: ./tiny-style.safetensors\n"
+        "  - source: ./learned_embeds.safetensors\n  - source: ./old-style.pt",
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     artifact = Path(proc.stdout.strip())
@@ -79,10 +82,12 @@ def test_vae_and_embeddings_are_built_in(tmp_path, tiny, demo_image):
 
     assert torch.equal(_token_rows(artifact, "text_encoder", "tokenizer", "tiny-style"), style)
     assert torch.equal(_token_rows(artifact, "text_encoder", "tokenizer", "<cat-toy>"), cat[None])
+    assert torch.equal(_token_rows(artifact, "text_encoder", "tokenizer", "old-style"), old)
     manifest = json.loads((artifact / "manifest.json").read_text())
     assert manifest["embeddings"] == [
         {"token": "tiny-style", "vectors": 2, "text_encoders": ["text_encoder"]},
         {"token": "<cat-toy>", "vectors": 1, "text_encoders": ["text_encoder"]},
+        {"token": "old-style", "vectors": 3, "text_encoders": ["text_encoder"]},
     ]
     # The same prompt, with the token, on the artifact without it: another image.
     req = {**REQ, "prompt": "a tiny-style fox, <cat-toy>"}
