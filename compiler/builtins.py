@@ -265,28 +265,15 @@ def _build_tiny_sdxl() -> Any:
         scaling_factor=0.13025,  # SDXL's VAE
         force_upcast=True,  # SDXL's VAE overflows in fp16: diffusers decodes in fp32
     )
-    # SDXL base 1.0's scheduler_config.json (stabilityai/stable-diffusion-xl-base-1.0), verbatim,
-    # plus explicit values for the settings it omits: explicit values make the in-memory model
-    # behave exactly like its saved folder (see the SD 1.5 builtin).
+    # SDXL base 1.0's scheduler_config.json (the registry's copy), plus explicit values for the
+    # settings it omits: explicit values make the in-memory model behave exactly like its saved
+    # folder (see the SD 1.5 builtin); left implicit, another scheduler's from_config would
+    # replace them with its own defaults.
+    from compiler.family_configs import SDXL_SCHEDULER
+
     scheduler = EulerDiscreteScheduler.from_config(
         {
-            "_class_name": "EulerDiscreteScheduler",
-            "beta_end": 0.012,
-            "beta_schedule": "scaled_linear",
-            "beta_start": 0.00085,
-            "clip_sample": False,
-            "interpolation_type": "linear",
-            "num_train_timesteps": 1000,
-            "prediction_type": "epsilon",
-            "sample_max_value": 1.0,
-            "set_alpha_to_one": False,
-            "skip_prk_steps": True,
-            "steps_offset": 1,
-            "timestep_spacing": "leading",
-            "trained_betas": None,
-            "use_karras_sigmas": False,
-            # This diffusers' settings the file predates, at their defaults (the saved folder
-            # writes them out; left implicit, another scheduler's from_config would replace them).
+            **{k: v for k, v in SDXL_SCHEDULER.items() if k != "_diffusers_version"},
             "final_sigmas_type": "zero",
             "rescale_betas_zero_snr": False,
             "sigma_max": None,

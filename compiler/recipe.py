@@ -211,7 +211,7 @@ def parse_recipe(name: str, path: Path, fields: dict[str, Any], civitai_hosts: t
                 parsed[field] = uri.parse(fields[field], base_dir=path.parent, civitai_hosts=civitai_hosts)
             except uri.SourceError as e:
                 problems.append(Problem(f"{where}: {field}", str(e), _HINTS[field]))
-    loras = _loras(fields, checked, where, path, civitai_hosts, problems)
+    loras = _loras(checked, where, path, civitai_hosts, problems)
     embeddings = _embeddings(checked, where, path, civitai_hosts, problems)
     controlnets = _controlnets(checked, where, path, civitai_hosts, problems)
     vae = parsed.get("vae")
@@ -261,18 +261,14 @@ def _controlnets(
     checked: _Fields | None, where: str, path: Path, civitai_hosts: tuple[str, ...], problems: list[Problem]
 ) -> tuple[ControlNet, ...]:
     out: list[ControlNet] = []
+    taken: set[str] = set()
     for i, cn in enumerate(checked.controlnets if checked else ()):
-        try:
-            src = uri.parse(cn.source, base_dir=path.parent, civitai_hosts=civitai_hosts)
-        except uri.SourceError as e:
-            problems.append(Problem(f"{where}: controlnets.{i}.source", str(e), _HINTS["checkpoint"]))
-            continue
-        name = cn.name or _stem(src, i, "controlnet")
-        if name in {o.name for o in out}:
-            problems.append(
-                Problem(f"{where}: controlnets.{i}.name", f"two ControlNets are named {name!r}", "give each a `name:`")
-            )
-        out.append(ControlNet(source=src, name=name, scale=cn.scale))
+        at = f"{where}: controlnets.{i}"
+        src = _adapter_source(cn.source, at, path, civitai_hosts, problems)
+        if src is not None:
+            name = cn.name or _stem(src, i, "controlnet")
+            _unique(name, taken, at, "ControlNets", problems)
+            out.append(ControlNet(source=src, name=name, scale=cn.scale))
     return tuple(out)
 
 
@@ -281,47 +277,52 @@ def _embeddings(
 ) -> tuple[Embedding, ...]:
     out: list[Embedding] = []
     for i, emb in enumerate(checked.embeddings if checked else ()):
-        try:
-            src = uri.parse(emb.source, base_dir=path.parent, civitai_hosts=civitai_hosts)
-        except uri.SourceError as e:
-            problems.append(Problem(f"{where}: embeddings.{i}.source", str(e), _HINTS["checkpoint"]))
+        at = f"{where}: embeddings.{i}"
+        src = _adapter_source(emb.source, at, path, civitai_hosts, problems)
+        if src is None:
             continue
         if emb.token is not None and emb.token in {o.token for o in out}:
-            problems.append(
-                Problem(
-                    f"{where}: embeddings.{i}.token", f"two embeddings use {emb.token!r}", "give each its own token"
-                )
-            )
+            problems.append(Problem(f"{at}.token", f"two embeddings use {emb.token!r}", "give each its own token"))
         out.append(Embedding(source=src, token=emb.token, stem=_stem(src, i, "embedding")))
     return tuple(out)
 
 
+def _adapter_source(
+    raw: str, at: str, path: Path, civitai_hosts: tuple[str, ...], problems: list[Problem]
+) -> uri.Source | None:
+    """One adapter's source, parsed; it must name one file. None (and a problem) otherwise."""
+    try:
+        src = uri.parse(raw, base_dir=path.parent, civitai_hosts=civitai_hosts)
+    except uri.SourceError as e:
+        problems.append(Problem(f"{at}.source", str(e), _HINTS["checkpoint"]))
+        return None
+    if uri.is_single_file(src) is False:
+        problems.append(Problem(f"{at}.source", f"{src} names a whole pipeline", "name one .safetensors file"))
+        return None
+    return src
+
+
+def _unique(name: str, taken: set[str], at: str, what: str, problems: list[Problem]) -> None:
+    """Requests select LoRAs and ControlNets by name: two of one kind may not share one."""
+    if name in taken:
+        problems.append(
+            Problem(f"{at}.name", f"two {what} are named {name!r}", f"give each of the {what} its own `name:`")
+        )
+    taken.add(name)
+
+
 def _loras(
-    fields: dict[str, Any],
-    checked: _Fields | None,
-    where: str,
-    path: Path,
-    civitai_hosts: tuple[str, ...],
-    problems: list[Problem],
+    checked: _Fields | None, where: str, path: Path, civitai_hosts: tuple[str, ...], problems: list[Problem]
 ) -> tuple[Lora, ...]:
-    """Each LoRA's source parsed and its name settled (unique: a request selects LoRAs by name)."""
-    if checked is None:
-        return ()
     out: list[Lora] = []
-    for i, lora in enumerate(checked.loras):
+    taken: set[str] = set()
+    for i, lora in enumerate(checked.loras if checked else ()):
         at = f"{where}: loras.{i}"
-        try:
-            src = uri.parse(lora.source, base_dir=path.parent, civitai_hosts=civitai_hosts)
-        except uri.SourceError as e:
-            problems.append(Problem(f"{at}.source", str(e), _HINTS["checkpoint"]))
-            continue
-        if uri.is_single_file(src) is False:
-            problems.append(Problem(f"{at}.source", f"{src} names a whole pipeline", "name one .safetensors file"))
-            continue
-        name = lora.name or _stem(src, i)
-        if name in {o.name for o in out}:
-            problems.append(Problem(f"{at}.name", f"two LoRAs are named {name!r}", "give each LoRA its own `name:`"))
-        out.append(Lora(source=src, name=name, scale=lora.scale, fuse=lora.fuse))
+        src = _adapter_source(lora.source, at, path, civitai_hosts, problems)
+        if src is not None:
+            name = lora.name or _stem(src, i)
+            _unique(name, taken, at, "LoRAs", problems)
+            out.append(Lora(source=src, name=name, scale=lora.scale, fuse=lora.fuse))
     return tuple(out)
 
 

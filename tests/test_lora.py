@@ -223,7 +223,10 @@ def test_lora_recipe_errors_are_reported_with_hints(tmp_path):
         tmp_path, "  - source: ./a.safetensors\n  - source: ./a.safetensors\n  - source: ftp://x/y", name="bad"
     )
     assert proc.returncode == 2
-    assert "loras.1.name: two LoRAs are named 'a'" in proc.stderr and "give each LoRA its own `name:`" in proc.stderr
+    assert (
+        "loras.1.name: two LoRAs are named 'a'" in proc.stderr
+        and "give each of the LoRAs its own `name:`" in proc.stderr
+    )
     assert "loras.2.source" in proc.stderr
     typo = _compile(tmp_path, "  - source: ./a.safetensors\n    fuse: maybe", name="typo")
     assert typo.returncode == 2 and "loras.0.fuse" in typo.stderr and "'maybe'" in typo.stderr
