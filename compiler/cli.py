@@ -26,7 +26,7 @@ from compiler.fetch import fetch_entry
 from compiler.lock import LockEntry
 from compiler.locking import Locked, civitai_base_model, lock_sources
 from compiler.plan import BuildPlan, cache_key, make_plan
-from compiler.recipe import Recipe, parse_recipe
+from compiler.recipe import Recipe, file_stem, parse_recipe
 from compiler.sources import Context, Fetched, describe_file, describe_pipeline
 from compiler.sources.base import Pinned
 from compiler.sources.hf import diffusers_variant
@@ -53,7 +53,7 @@ ADAPTER_KINDS = {"loras": "lora", "vae": "vae", "embeddings": "embedding", "cont
 def environment() -> dict[str, str]:
     """Versions of what writes the artifact's bytes, read without importing torch."""
     env = {"compiler_revision": COMPILER_REVISION}
-    for dist in ("torch", "diffusers", "transformers", "safetensors"):
+    for dist in ("torch", "diffusers", "transformers", "safetensors", "peft"):  # peft: LoRA fusing
         env[dist] = metadata.version(dist)
     return env
 
@@ -132,6 +132,7 @@ def prepare(argv: list[str]) -> Prepared:
     store = Store(composed.home)
     ctx = Context.from_env(store)
     locked = lock_sources(recipe, composed.lock, ctx)
+    recipe = named_by_lock(recipe, locked)
     where = f"{recipe.path}: "
     base_role = "base" if recipe.base is not None else "configs"
     found: Detection | None = None
@@ -170,6 +171,34 @@ def prepare(argv: list[str]) -> Prepared:
     )
     env = environment()
     return Prepared(recipe, store, ctx, locked, base_role, plan, cache_key(plan, env), env)
+
+
+def named_by_lock(recipe: Recipe, locked: Locked) -> Recipe:
+    """Adapters whose source names no file (a CivitAI version) and that the recipe did not name
+    take their locked file's stem: an A1111 embedding's token is its file name."""
+
+    def stem(role: str, fallback: str) -> str:
+        files = locked.entry(role).files
+        return (file_stem(files[0].path) if len(files) == 1 else None) or fallback
+
+    loras = tuple(
+        x.model_copy(update={"name": stem(f"loras.{i}", x.name)}) if x.from_lock else x
+        for i, x in enumerate(recipe.loras)
+    )
+    embeddings = tuple(
+        x.model_copy(update={"stem": stem(f"embeddings.{i}", x.stem)}) if x.from_lock else x
+        for i, x in enumerate(recipe.embeddings)
+    )
+    controlnets = tuple(
+        x.model_copy(update={"name": stem(f"controlnets.{i}", x.name)}) if x.from_lock else x
+        for i, x in enumerate(recipe.controlnets)
+    )
+    for what, names in (("LoRAs", [x.name for x in loras]), ("ControlNets", [x.name for x in controlnets])):
+        if len(set(names)) < len(names):
+            raise UserError.one(
+                f"{recipe.path}: {what.lower()}", f"two {what} have the same file name", "give each a `name:`"
+            )
+    return recipe.model_copy(update={"loras": loras, "embeddings": embeddings, "controlnets": controlnets})
 
 
 def build(argv: list[str]) -> Path:

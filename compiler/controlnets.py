@@ -46,7 +46,12 @@ def build_controlnets(
         os.symlink(blob.resolve(), link)
         try:
             model = ControlNetModel.from_single_file(str(link), config=str(folder), local_files_only=True)
-        except (ValueError, RuntimeError, KeyError) as e:
+        except (
+            ValueError,
+            RuntimeError,
+            KeyError,
+            NotImplementedError,
+        ) as e:  # NotImplemented: missing keys (meta tensors)
             raise UserError.one(
                 f"controlnets.{i}",
                 f"this ControlNet does not fit the base: {str(e).splitlines()[0][:400]}",

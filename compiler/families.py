@@ -250,6 +250,20 @@ CONTEXT_FAMILY: dict[int, str] = {f.context_dim: f.id for f in FAMILIES.values()
 ADM_FAMILY: dict[int, str] = {f.adm_channels: f.id for f in FAMILIES.values() if f.adm_channels}
 
 
+# Families whose adapters share one architecture (a FLUX LoRA fits dev, schnell and Fill; an SD 3
+# LoRA's header cannot tell Medium from 3.5): detection names the first, the build checks shapes.
+LINEAGE: dict[str, str] = {
+    "flux-schnell": "flux-dev",
+    "flux-fill": "flux-dev",
+    "sd35-medium": "sd3",
+    "sd35-large": "sd3",
+}
+
+
+def lineage(family: str) -> str:
+    return LINEAGE.get(family, family)
+
+
 def family_of_civitai_base_model(base_model: str | None) -> str | None:
     for family in FAMILIES.values():
         if base_model in family.civitai_base_models:

@@ -66,7 +66,10 @@ def lock_sources(recipe: Recipe, mode: str, ctx: Context) -> Locked:
     path = lock_path(recipe.path)
     old = read_lock(path)
     roles = {role: str(src) for role, src in recipe.sources().items()}
-    new = _relock(recipe, roles, old, mode, ctx)
+    # Without a base, the lock also holds the family's config repo, which only the second pass
+    # (after detection) names: the first pass must not call it removed.
+    derived = frozenset(old.sources) - frozenset(roles.values()) if old and recipe.base is None else frozenset()
+    new = _relock(recipe, roles, old, mode, ctx, extra=derived)
     if recipe.checkpoint is not None:
         # What the file is decides how it builds (whole pipeline or UNet only) and, without a base,
         # which config repo it needs: detect it once, at lock time, and keep the answer in the lock.
@@ -155,12 +158,15 @@ def _relock(
     mode: str,
     ctx: Context,
     settled: frozenset[str] = frozenset(),
+    extra: frozenset[str] = frozenset(),
 ) -> Lock:
     """The lock for ``roles`` per the mode; ``settled`` keys were already pinned this run."""
     path = lock_path(recipe.path)
     where = {key: f"{recipe.path}: {role}" for role, key in roles.items()}
     keys = tuple(sorted(where))
     drift = lockfile.drift(old, keys)
+    if extra:  # locked keys a later pass will claim
+        drift = lockfile.Drift(added=drift.added, removed=tuple(k for k in drift.removed if k not in extra))
     if mode == "locked" and old is not None and not drift and not settled:
         # A local file can change under the same path: that is drift too (memoised hashes, cheap).
         changed = tuple(

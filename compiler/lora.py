@@ -243,6 +243,8 @@ def apply_loras(pipe: Any, loras: list[tuple[PlannedLora, Fetched]], out: Path) 
     them. The saved pipeline holds no adapter layers either way."""
     if not loras:
         return
+    from safetensors.torch import load_file, save_file
+
     # Adapter names of our own: a user's name may clash with a torch.nn.Module attribute (a LoRA
     # named "half" or "to" breaks PEFT's ModuleDict).
     names = [f"uiw_lora_{i}" for i in range(len(loras))]
@@ -253,7 +255,13 @@ def apply_loras(pipe: Any, loras: list[tuple[PlannedLora, Fetched]], out: Path) 
         if not lora.fuse:
             dest = out / LORA_DIR / f"{lora.name}.safetensors"
             dest.parent.mkdir(parents=True, exist_ok=True)
-            shutil.copyfile(path, dest)
+            # What the runtime loads must be what was checked: a kohya FLUX file is stored as
+            # converted here (prefixes and alphas diffusers' own conversion drops), others as given.
+            converted = _flux_kohya(pipe, load_file(path))
+            if converted is not None:
+                save_file({k: v.contiguous() for k, v in converted.items()}, str(dest))
+            else:
+                shutil.copyfile(path, dest)
     fused = [(adapter, lora) for adapter, (lora, _) in zip(names, loras, strict=True) if lora.fuse]
     if fused:
         pipe.set_adapters([a for a, _ in fused], adapter_weights=[lora.scale for _, lora in fused])

@@ -92,7 +92,12 @@ def replace_component(pipe: Any, name: str, scratch: Path, file: Fetched, where:
         model = type(current).from_single_file(
             _checkpoint_file(scratch, file, name), config=str(folder), local_files_only=True
         )
-    except (ValueError, RuntimeError, KeyError) as e:
+    except (
+        ValueError,
+        RuntimeError,
+        KeyError,
+        NotImplementedError,
+    ) as e:  # NotImplemented: missing keys (meta tensors)
         if where is None:
             raise
         raise UserError.one(

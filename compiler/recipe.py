@@ -144,6 +144,7 @@ class ControlNet(BaseModel):
     source: uri.Source
     name: str  # unique in the recipe: requests select ControlNets by name
     scale: float
+    from_lock: bool = False  # no name given and the source names no file: the locked file's stem
 
 
 class Embedding(BaseModel):
@@ -152,6 +153,7 @@ class Embedding(BaseModel):
     source: uri.Source
     token: str | None  # None: the file's own token (diffusers' key), else ``stem``
     stem: str  # the file's name without extension (A1111's convention: the file name is the word)
+    from_lock: bool = False  # the source names no file (a CivitAI version): stem from the lock
 
 
 class Lora(BaseModel):
@@ -161,6 +163,7 @@ class Lora(BaseModel):
     name: str  # unique in the recipe
     scale: float
     fuse: bool
+    from_lock: bool = False  # no name given and the source names no file: the locked file's stem
 
 
 _HINTS = {
@@ -266,9 +269,11 @@ def _controlnets(
         at = f"{where}: controlnets.{i}"
         src = _adapter_source(cn.source, at, path, civitai_hosts, problems)
         if src is not None:
-            name = cn.name or _stem(src, i, "controlnet")
+            name = cn.name or file_stem(str(src)) or f"controlnet{i}"
             _unique(name, taken, at, "ControlNets", problems)
-            out.append(ControlNet(source=src, name=name, scale=cn.scale))
+            out.append(
+                ControlNet(source=src, name=name, scale=cn.scale, from_lock=not cn.name and not file_stem(str(src)))
+            )
     return tuple(out)
 
 
@@ -283,7 +288,8 @@ def _embeddings(
             continue
         if emb.token is not None and emb.token in {o.token for o in out}:
             problems.append(Problem(f"{at}.token", f"two embeddings use {emb.token!r}", "give each its own token"))
-        out.append(Embedding(source=src, token=emb.token, stem=_stem(src, i, "embedding")))
+        stem = file_stem(str(src))
+        out.append(Embedding(source=src, token=emb.token, stem=stem or f"embedding{i}", from_lock=stem is None))
     return tuple(out)
 
 
@@ -320,18 +326,19 @@ def _loras(
         at = f"{where}: loras.{i}"
         src = _adapter_source(lora.source, at, path, civitai_hosts, problems)
         if src is not None:
-            name = lora.name or _stem(src, i)
+            name = lora.name or file_stem(str(src)) or f"lora{i}"
             _unique(name, taken, at, "LoRAs", problems)
-            out.append(Lora(source=src, name=name, scale=lora.scale, fuse=lora.fuse))
+            from_lock = not lora.name and not file_stem(str(src))
+            out.append(Lora(source=src, name=name, scale=lora.scale, fuse=lora.fuse, from_lock=from_lock))
     return tuple(out)
 
 
-def _stem(src: uri.Source, index: int, fallback: str = "lora") -> str:
-    """An adapter's default name: its file's stem where the source has a file name, else
-    ``fallback`` and its index (a CivitAI version names no file until it is locked)."""
-    tail = str(src).split("#")[0].split("@")[0].rstrip("/").rsplit("/", 1)[-1]
+def file_stem(name: str) -> str | None:
+    """A file's stem as an adapter name (``./detail_v2.safetensors`` -> ``detail_v2``), or None
+    where there is no file name (a CivitAI version: its file is known once it is locked)."""
+    tail = name.split("#")[0].split("@")[0].rstrip("/").rsplit("/", 1)[-1]
     stem = tail
     for ext in (".safetensors", ".ckpt", ".pt", ".pth", ".bin"):
         stem = stem.removesuffix(ext)
     clean = "".join(c if c.isalnum() or c in "_.-" else "_" for c in stem)[:64]
-    return clean if clean and clean[0].isalnum() and "." in tail else f"{fallback}{index}"
+    return clean if clean and clean[0].isalnum() and "." in tail else None

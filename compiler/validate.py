@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from compiler.detect import Detection
 from compiler.errors import UserError
-from compiler.families import family_of_civitai_base_model
+from compiler.families import family_of_civitai_base_model, lineage
 
 
 def check_checkpoint(
@@ -63,7 +63,7 @@ def check_adapter(found: Detection, kind: str, family: str, where: str) -> None:
             f"this file is {_a(found.kind)}, not {_a(kind)} (evidence: {evidence})",
             f"this field takes {FIELD_TAKES[kind]}; `python -m compiler.detect FILE` says what a file is",
         )
-    if found.family is not None and found.family != family:
+    if found.family is not None and lineage(found.family) != lineage(family):
         raise UserError.one(
             where,
             f"this {kind} is made for {found.family}, the base is {family} (evidence: {evidence})",

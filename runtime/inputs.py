@@ -74,9 +74,18 @@ def _public(ip: str) -> bool:
         addr = ipaddress.ip_address(ip.split("%", 1)[0])  # drop an IPv6 zone id
     except ValueError:
         return False
-    if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
-        addr = addr.ipv4_mapped
+    if isinstance(addr, ipaddress.IPv6Address):
+        # IPv6 forms that carry an IPv4 address a gateway will reach (mapped, 6to4, NAT64's
+        # well-known prefix): judged by that address, or 64:ff9b::a9fe:a9fe is the metadata host.
+        embedded = addr.ipv4_mapped or addr.sixtofour
+        if embedded is None and addr in _NAT64:
+            embedded = ipaddress.IPv4Address(int(addr) & 0xFFFFFFFF)
+        if embedded is not None:
+            addr = embedded
     return addr.is_global and not addr.is_multicast
+
+
+_NAT64 = ipaddress.ip_network("64:ff9b::/96")
 
 
 def _check_host(host: str, port: int) -> None:

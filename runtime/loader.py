@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -34,22 +35,28 @@ class Loaded:
     lora_adapters: dict[str, str] = field(default_factory=dict)  # switchable LoRA name -> adapter
     controlnets: dict[str, Any] = field(default_factory=dict)  # name -> ControlNetModel
     _controlnet_pipelines: dict[tuple[str, ...], Any] = field(default_factory=dict)
+    _gate: threading.Lock = field(default_factory=threading.Lock)
 
     @contextmanager
     def loras(self, chosen: tuple[tuple[str, float], ...]) -> Iterator[None]:
         """The request's switchable LoRAs on for the duration of the call, at their scales, and
         off again afterwards whatever happens, so nothing leaks into the next request. The layers
-        are shared by every task pipeline (same modules), so one switch serves all of them."""
-        if not chosen:
+        are shared by every task pipeline (same modules), so one switch serves all of them; with
+        switchable LoRAs in the artifact, generations take turns (a request running beside
+        another would see its LoRAs), without them nothing is serialised."""
+        if not self.lora_adapters:
             yield
             return
-        pipe = self.pipeline
-        pipe.enable_lora()
-        pipe.set_adapters([self.lora_adapters[n] for n, _ in chosen], adapter_weights=[s for _, s in chosen])
-        try:
-            yield
-        finally:
-            pipe.disable_lora()
+        with self._gate:
+            pipe = self.pipeline
+            try:
+                if chosen:
+                    pipe.enable_lora()
+                    names = [self.lora_adapters[n] for n, _ in chosen]
+                    pipe.set_adapters(names, adapter_weights=[s for _, s in chosen])
+                yield
+            finally:
+                pipe.disable_lora()
 
     def controlnet_pipeline(self, names: tuple[str, ...]) -> Any:
         """The ControlNet pipeline for these ControlNets (in order), derived from the loaded one

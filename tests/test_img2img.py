@@ -343,3 +343,12 @@ def test_a_task_the_artifact_lacks_is_refused_before_any_fetch(demo_manifest):
     with pytest.raises(RequestError) as e:
         validate({"prompt": "x"}, img2img_only)
     assert e.value.errors == ["image_url: required, this artifact does not generate from text; it supports: img2img"]
+
+
+def test_ipv6_forms_of_private_ipv4_addresses_are_private():
+    from runtime.inputs import _public
+
+    # IPv4-mapped, 6to4 and NAT64 forms of the metadata address reach it through a gateway.
+    for ip in ("::ffff:169.254.169.254", "2002:a9fe:a9fe::1", "64:ff9b::a9fe:a9fe", "64:ff9b::7f00:1"):
+        assert not _public(ip), ip
+    assert _public("2606:4700:4700::1111") and _public("64:ff9b::808:808")  # public v6, NAT64 of 8.8.8.8

@@ -230,3 +230,35 @@ def test_lora_recipe_errors_are_reported_with_hints(tmp_path):
     assert "loras.2.source" in proc.stderr
     typo = _compile(tmp_path, "  - source: ./a.safetensors\n    fuse: maybe", name="typo")
     assert typo.returncode == 2 and "loras.0.fuse" in typo.stderr and "'maybe'" in typo.stderr
+
+
+def test_adapters_from_civitai_versions_take_their_locked_file_names():
+    from compiler.cli import named_by_lock
+    from compiler.lock import Lock, LockedFile, LockEntry
+    from compiler.locking import Locked
+    from compiler.recipe import parse_recipe
+
+    recipe = parse_recipe(
+        "r",
+        Path("/m/r.yaml"),
+        {
+            "base": "builtin:tiny-sd15",
+            "loras": [{"source": "civitai://models/58390@62833"}, {"source": "./mine.safetensors"}],
+            "embeddings": [{"source": "civitai://models/7808@9208"}],
+        },
+    )
+    assert [x.name for x in recipe.loras] == ["lora0", "mine"] and recipe.embeddings[0].stem == "embedding0"
+
+    def entry(src: str, name: str) -> LockEntry:
+        return LockEntry(source=src, kind="file", pin="x", files=(LockedFile(path=name, sha256="sha256:0", size=1),))
+
+    sources = {
+        "civitai://models/58390@62833": entry("civitai://models/58390@62833", "add_detail.safetensors"),
+        "/m/mine.safetensors": entry("/m/mine.safetensors", "mine.safetensors"),
+        "civitai://models/7808@9208": entry("civitai://models/7808@9208", "easynegative.safetensors"),
+    }
+    roles = {"loras.0": "civitai://models/58390@62833", "loras.1": "/m/mine.safetensors"}
+    roles["embeddings.0"] = "civitai://models/7808@9208"
+    named = named_by_lock(recipe, Locked(Lock(recipe="r", sources=sources), roles))
+    assert [x.name for x in named.loras] == ["add_detail", "mine"]
+    assert named.embeddings[0].stem == "easynegative"

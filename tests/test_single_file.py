@@ -85,6 +85,9 @@ def test_checkpoint_without_base_builds_with_the_family_config_repo(tmp_path, co
     again = _compile(tmp_path, config_hub, f"checkpoint: {ckpt}", "lock=frozen")
     assert again.returncode == 0 and again.stdout == proc.stdout, again.stderr[-2000:]
     assert len(config_hub.log) == before
+    # Locked: the lock covers the recipe (its checkpoint and the derived config repo) exactly.
+    strict = _compile(tmp_path, config_hub, f"checkpoint: {ckpt}", "lock=locked")
+    assert strict.returncode == 0 and strict.stdout == proc.stdout, strict.stderr[-2000:]
 
     # `family:` settles ambiguity; it never contradicts a file whose header is clear.
     wrong = _compile(tmp_path, config_hub, f"checkpoint: {ckpt}\nfamily: sdxl")

@@ -13,7 +13,7 @@ from typing import Any
 
 from compiler import uri
 from compiler.errors import UserError
-from compiler.families import FAMILIES
+from compiler.families import FAMILIES, family_of_repo
 from compiler.lock import LockEntry
 from compiler.sources import builtin, civitai, hf, local, url
 from compiler.sources.base import Context, Fetched, Pinned, Resolved
@@ -88,6 +88,9 @@ def describe_pipeline(
             f"(evidence: {'; '.join(meta.get('family_evidence') or ()) or 'its lock entry'})",
             "remove `family:` (it is only for models whose family cannot be told), or use a base of that family",
         )
+    if family is None and "family" not in meta:  # a lock written before repo families were recorded
+        family = family_of_repo(meta.get("pipeline_class"), {}).family
+        meta = {**meta, "family_candidates": list(family_of_repo(meta.get("pipeline_class"), {}).candidates)}
     family = family or meta.get("family")
     if family is None:
         known = sorted({c for f in FAMILIES.values() for c in f.pipelines.values()})
@@ -97,7 +100,7 @@ def describe_pipeline(
             f"cannot tell the model family of {entry.source} (pipeline class {meta.get('pipeline_class')!r}"
             + (f"; candidates: {', '.join(cands)}" if cands else "; not a supported pipeline class")
             + f"; evidence: {'; '.join(meta.get('family_evidence') or ()) or 'none'})",
-            f"set `family:` in the recipe to one of {', '.join(cands)}"
+            f"set `family:` in the recipe to one of {', '.join(cands)}, or relock it (lock=update)"
             if cands
             else f"supported pipeline classes: {', '.join(known)}",
         )
