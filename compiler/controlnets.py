@@ -8,12 +8,11 @@ from __future__ import annotations
 
 import inspect
 import json
-import os
 from pathlib import Path
 from typing import Any
 
-from compiler.errors import UserError
 from compiler.plan import PlannedFile
+from compiler.singlefile import load_component
 from compiler.sources import Fetched
 from runtime.artifact import CONTROLNET_DIR, ControlNetInfo
 
@@ -40,23 +39,10 @@ def build_controlnets(
     infos = []
     for i, (planned, fetched) in enumerate(items):
         assert planned.name is not None and planned.scale is not None
-        (blob,) = fetched.files.values()
-        link = scratch / f"controlnet-{i}" / "model.safetensors"  # diffusers reads by extension
-        link.parent.mkdir()
-        os.symlink(blob.resolve(), link)
-        try:
-            model = ControlNetModel.from_single_file(str(link), config=str(folder), local_files_only=True)
-        except (
-            ValueError,
-            RuntimeError,
-            KeyError,
-            NotImplementedError,
-        ) as e:  # NotImplemented: missing keys (meta tensors)
-            raise UserError.one(
-                f"controlnets.{i}",
-                f"this ControlNet does not fit the base: {str(e).splitlines()[0][:400]}",
-                "use a ControlNet made for the base's family (its UNet widths and blocks)",
-            ) from None
+        hint = "use a ControlNet made for the base's family (its UNet widths and blocks)"
+        model = load_component(
+            ControlNetModel, fetched, scratch, f"controlnet-{i}", folder, f"controlnets.{i}", "the base's UNet", hint
+        )
         rel = f"{CONTROLNET_DIR}/{planned.name}"
         model.to(pipe.unet.dtype).save_pretrained(out / rel, safe_serialization=True)
         infos.append(ControlNetInfo(name=planned.name, scale=planned.scale, path=rel))

@@ -22,6 +22,7 @@ from compiler.embeddings import load_embeddings
 from compiler.families import PREDICTION_TYPES
 from compiler.lora import apply_loras
 from compiler.plan import BuildPlan
+from compiler.singlefile import linked, load_component
 from compiler.sources import Fetched
 from runtime.artifact import PIPELINE_DIR, SCHEDULERS, ControlNetInfo, EmbeddingInfo
 
@@ -65,15 +66,6 @@ def load_base(plan: BuildPlan, fetched: Fetched, scratch: Path, checkpoint: Fetc
     return pipe
 
 
-def _checkpoint_file(scratch: Path, checkpoint: Fetched, name: str = "checkpoint") -> str:
-    (blob,) = checkpoint.files.values()
-    # diffusers picks the reader by file extension; blobs have none (fetch checked the format).
-    path = scratch / name / "model.safetensors"
-    path.parent.mkdir()
-    os.symlink(blob.resolve(), path)
-    return str(path)
-
-
 def replace_denoiser(pipe: Any, scratch: Path, checkpoint: Fetched) -> None:
     """A UNet-only (or transformer-only) file replaces the base's; the base's other weights stay."""
     replace_component(pipe, "unet" if hasattr(pipe, "unet") else "transformer", scratch, checkpoint)
@@ -83,28 +75,11 @@ def replace_component(pipe: Any, name: str, scratch: Path, file: Fetched, where:
     """One component's weights from a single file, converted by diffusers with the base's own
     config for it, so a file that does not fit the base (another latent width, another family)
     fails here with the shapes that disagree."""
-    from compiler.errors import UserError
-
     current = getattr(pipe, name)
     folder = scratch / f"{name}-config"
     current.save_config(folder)
-    try:
-        model = type(current).from_single_file(
-            _checkpoint_file(scratch, file, name), config=str(folder), local_files_only=True
-        )
-    except (
-        ValueError,
-        RuntimeError,
-        KeyError,
-        NotImplementedError,
-    ) as e:  # NotImplemented: missing keys (meta tensors)
-        if where is None:
-            raise
-        raise UserError.one(
-            where,
-            f"this file does not fit the base's {name}: {str(e).splitlines()[0][:400]}",
-            f"use a {name} made for the base's family (same latent channels and widths)",
-        ) from None
+    hint = f"use a {name} made for the base's family (same latent channels and widths)"
+    model = load_component(type(current), file, scratch, name, folder, where, f"the base's {name}", hint)
     pipe.register_modules(**{name: model.to(current.dtype).eval()})
 
 
@@ -121,7 +96,7 @@ def load_checkpoint(cls: Any, base: Fetched, scratch: Path, checkpoint: Fetched,
     # dtype: converted straight to the build's precision (an fp16 file otherwise becomes fp32
     # tensors first: twice the peak memory).
     pipe = cls.from_single_file(
-        _checkpoint_file(scratch, checkpoint), config=str(folder), local_files_only=True, torch_dtype=dtype
+        linked(scratch, checkpoint, "checkpoint"), config=str(folder), local_files_only=True, torch_dtype=dtype
     )
     # from_single_file builds its scheduler from defaults; the base's own scheduler config is the
     # one the recipe's scheduler and every per-request one derive from.

@@ -1,0 +1,39 @@
+"""One component from one single file, through diffusers' ``from_single_file`` with a local config
+folder (nothing reaches the Hub); shapes that do not fit the config become a UserError."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+from compiler.errors import UserError
+from compiler.sources import Fetched
+
+# diffusers' conversion and loading errors; NotImplementedError: keys the file lacks leave meta
+# tensors that cannot be copied.
+LOAD_ERRORS = (ValueError, RuntimeError, KeyError, NotImplementedError)
+
+
+def linked(scratch: Path, fetched: Fetched, name: str) -> str:
+    """The fetched file as ``scratch/name/model.safetensors``: diffusers picks the reader by file
+    extension, and blobs have none (fetch checked the format)."""
+    (blob,) = fetched.files.values()
+    path = scratch / name / "model.safetensors"
+    path.parent.mkdir(parents=True)
+    os.symlink(blob.resolve(), path)
+    return str(path)
+
+
+def load_component(
+    cls: Any, fetched: Fetched, scratch: Path, name: str, config: Path, where: str | None, what: str, hint: str
+) -> Any:
+    """``cls.from_single_file`` of the file with ``config``; with ``where``, a file that does not
+    fit (``what`` it should have fitted) is a UserError there; without, the error propagates."""
+    try:
+        return cls.from_single_file(linked(scratch, fetched, name), config=str(config), local_files_only=True)
+    except LOAD_ERRORS as e:
+        if where is None:
+            raise
+        first = str(e).splitlines()[0][:400]
+        raise UserError.one(where, f"this file does not fit {what}: {first}", hint) from None
