@@ -79,8 +79,11 @@ def lock_sources(recipe: Recipe, mode: str, ctx: Context) -> Locked:
             try:
                 detected = _detect(recipe, ckpt, ctx)
             except UserError:
-                if new != old and mode in ("auto", "update"):
-                    _write(path, new)  # the pins stand; the file is what failed
+                # The pins stand (the file is what failed), the derived config repo's with them.
+                kept = {k: old.sources[k] for k in derived} if old else {}
+                partial = new.model_copy(update={"sources": dict(sorted({**new.sources, **kept}.items()))})
+                if partial != old and mode in ("auto", "update"):
+                    _write(path, partial)
                 raise
             ckpt = ckpt.model_copy(update={"meta": {**ckpt.meta, "detected": detected}})
             new = lockfile.with_entries(new, recipe.name, {key: ckpt}, tuple(new.sources))

@@ -89,6 +89,17 @@ def test_checkpoint_without_base_builds_with_the_family_config_repo(tmp_path, co
     strict = _compile(tmp_path, config_hub, f"checkpoint: {ckpt}", "lock=locked")
     assert strict.returncode == 0 and strict.stdout == proc.stdout, strict.stderr[-2000:]
 
+    # A checkpoint swapped for a file that cannot be detected fails the lock, and the config repo's
+    # pin stays in the lockfile (the next good compile does not silently move it).
+    weights = tmp_path / "recipes" / "weights" / "tiny.safetensors"
+    good = weights.read_bytes()
+    weights.write_bytes(b"PK\x03\x04 a zipped pickle")
+    bad = _compile(tmp_path, config_hub, f"checkpoint: {ckpt}")
+    assert bad.returncode == 2 and "pickle" in bad.stderr, bad.stderr[-2000:]
+    after = json.loads((tmp_path / "recipes" / "r.lock.json").read_text())
+    assert after["sources"][f"hf://{SD15_CONFIGS}@main"]["pin"] == configs["pin"]
+    weights.write_bytes(good)
+
     # `family:` settles ambiguity; it never contradicts a file whose header is clear.
     wrong = _compile(tmp_path, config_hub, f"checkpoint: {ckpt}\nfamily: sdxl")
     assert wrong.returncode == 2, wrong.stderr
