@@ -163,9 +163,10 @@ def make_plan(
         )
     if problems:
         raise UserError(problems)
-    # A file that says what it predicts (a v_pred key, modelspec metadata) is believed over the
-    # base's scheduler config; the recipe's `prediction:` over both.
-    prediction = recipe.prediction or (detected.prediction if detected and detected.prediction != "flow" else None)
+    # A file that says it predicts v (a v_pred key, modelspec metadata) is believed over the base's
+    # scheduler config; the recipe's `prediction:` over both. Detection's "eps" can be the family's
+    # default rather than the file's word, so it never overrides a base's own v_prediction.
+    prediction = recipe.prediction or ("v" if detected and detected.prediction == "v" else None)
     return BuildPlan(
         recipe=recipe.name,
         family=family.id,

@@ -259,3 +259,22 @@ def test_models_that_cannot_serve_txt2img_are_refused_at_plan(case):
     with pytest.raises(UserError) as e:
         make_plan(recipe, base, None, Pinned(pin="files:sha256:1", inputs=()), found)
     assert "cannot serve text-to-image" in str(e.value) or "only does" in str(e.value), str(e.value)
+
+
+def test_only_a_file_that_says_v_overrides_the_base_prediction():
+    from compiler.detect import Detection
+    from compiler.plan import make_plan
+    from compiler.recipe import parse_recipe
+    from compiler.sources.base import Pinned, Resolved
+
+    base = Resolved(pin="files:sha256:0", inputs=(), family="sdxl", native_size=(1024, 1024))
+    ckpt = Pinned(pin="files:sha256:1", inputs=())
+    recipe = parse_recipe("r", Path("/m/r.yaml"), {"base": "hf://a/b", "checkpoint": "./x.safetensors"})
+
+    def plan(prediction: str | None, override: str | None = None):
+        r = recipe.model_copy(update={"prediction": override})
+        return make_plan(r, base, None, ckpt, Detection("checkpoint", "sdxl", "sgm", prediction=prediction))
+
+    assert plan("v").prediction == "v" and "prediction-v" in plan("v").steps
+    assert plan("eps").prediction is None, "eps may be the family's default: the base's config stays"
+    assert plan("eps", override="v").prediction == "v" and plan("v", override="eps").prediction == "eps"
