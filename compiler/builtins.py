@@ -92,29 +92,65 @@ def tiny_t5_tokenizer() -> Any:
     return T5Tokenizer(vocab=_t5_vocab(), extra_ids=100, model_max_length=512)
 
 
+def _tiny_clip(
+    cls: Any,
+    vocab: dict[str, int],
+    *,
+    width: int,
+    act: str,
+    projection: int,
+    intermediate: int = 64,
+    pad_token_id: int | None = None,
+) -> Any:
+    """A two-layer, two-head CLIP text encoder (``cls``: with or without projection) on the tiny
+    vocabulary: every builtin's text encoders differ only in these settings."""
+    from transformers import CLIPTextConfig
+
+    end = vocab["<|endoftext|>"]
+    config = CLIPTextConfig(
+        vocab_size=len(vocab),
+        hidden_size=width,
+        intermediate_size=intermediate,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        max_position_embeddings=77,
+        hidden_act=act,
+        projection_dim=projection,
+        bos_token_id=vocab["<|startoftext|>"],
+        eos_token_id=end,
+        pad_token_id=end if pad_token_id is None else pad_token_id,
+    )
+    return cls(config)
+
+
+def _tiny_vae(**family: Any) -> Any:
+    """The four-level tiny AutoencoderKL every builtin shares; ``family``: latent channels,
+    scaling and the rest of what tells the families' VAEs apart."""
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        layers_per_block=2,
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
+        block_out_channels=(8, 16, 32, 32),
+        norm_num_groups=8,
+        sample_size=64,
+        **family,
+    )
+
+
 def _build_tiny_sd15() -> Any:
     import torch
-    from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel
+    from diffusers import PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextModel
 
     tokenizer = tiny_clip_tokenizer()
     vocab = tokenizer.get_vocab()
     # One fixed seed per component, so adding a component never shifts another's weights.
     torch.manual_seed(1501)
-    text_encoder = CLIPTextModel(
-        CLIPTextConfig(
-            vocab_size=len(vocab),
-            hidden_size=32,
-            intermediate_size=64,
-            num_hidden_layers=2,
-            num_attention_heads=2,
-            max_position_embeddings=77,
-            projection_dim=32,
-            bos_token_id=vocab["<|startoftext|>"],
-            eos_token_id=vocab["<|endoftext|>"],
-            pad_token_id=vocab["<|endoftext|>"],
-        )
-    )
+    text_encoder = _tiny_clip(CLIPTextModel, vocab, width=32, act="quick_gelu", projection=32)
     torch.manual_seed(1502)
     # SD 1.5's UNet topology (layers_per_block=2, attention in the first three down blocks, so the
     # same key names as the real model) at tiny widths. The first block is narrow and single-head
@@ -132,18 +168,7 @@ def _build_tiny_sd15() -> Any:
         norm_num_groups=8,
     )
     torch.manual_seed(1503)
-    vae = AutoencoderKL(
-        in_channels=3,
-        out_channels=3,
-        latent_channels=4,
-        layers_per_block=2,
-        down_block_types=("DownEncoderBlock2D",) * 4,
-        up_block_types=("UpDecoderBlock2D",) * 4,
-        block_out_channels=(8, 16, 32, 32),
-        norm_num_groups=8,
-        sample_size=64,
-        scaling_factor=0.18215,
-    )
+    vae = _tiny_vae(latent_channels=4, scaling_factor=0.18215)
     # SD 1.5's scheduler_config.json (runwayml/stable-diffusion-v1-5), verbatim, plus explicit values
     # for the settings it omits. Keys PNDM does not take (clip_sample) stay in the config on purpose:
     # switching to DDIM reads clip_sample=false from there, as with the real model. Omitted settings
@@ -183,50 +208,32 @@ def _build_tiny_sd15() -> Any:
 
 def _build_tiny_sdxl() -> Any:
     import torch
-    from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+    from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
     # SDXL base's two tokenizers share one vocabulary; the second (OpenCLIP's) pads with "!".
     tokenizer = tiny_clip_tokenizer()
     tokenizer_2 = tiny_clip_tokenizer(pad_token="!")
     vocab = tokenizer.get_vocab()
-    special = {"bos_token_id": vocab["<|startoftext|>"], "eos_token_id": vocab["<|endoftext|>"]}
     # The two encoders must differ in width, as CLIP-L (768) and OpenCLIP-G (1280) do: diffusers'
     # single-file loader picks which SGM weights feed which encoder by comparing widths, and with
     # equal widths it would load CLIP-L's weights into text_encoder_2 too.
     clip_l_width, clip_g_width, projection = 32, 48, 40
     torch.manual_seed(2001)
-    text_encoder = CLIPTextModel(
-        CLIPTextConfig(
-            vocab_size=len(vocab),
-            hidden_size=clip_l_width,
-            intermediate_size=64,
-            num_hidden_layers=2,  # SDXL reads the penultimate layer: at least two
-            num_attention_heads=2,
-            max_position_embeddings=77,
-            hidden_act="quick_gelu",  # OpenAI CLIP-L's activation
-            projection_dim=clip_l_width,
-            pad_token_id=vocab["<|endoftext|>"],
-            **special,
-        )
-    )
+    # OpenAI CLIP-L's activation; two layers (SDXL reads the penultimate one)
+    text_encoder = _tiny_clip(CLIPTextModel, vocab, width=clip_l_width, act="quick_gelu", projection=clip_l_width)
     torch.manual_seed(2002)
     # OpenCLIP-G with its text projection (the pooled embedding SDXL conditions on); the projection
     # is narrower than the width here (1280 = 1280 in the real model) so that a transposed or
     # mis-split projection is a shape error, not a silent swap.
-    text_encoder_2 = CLIPTextModelWithProjection(
-        CLIPTextConfig(
-            vocab_size=len(vocab),
-            hidden_size=clip_g_width,
-            intermediate_size=96,
-            num_hidden_layers=2,
-            num_attention_heads=2,
-            max_position_embeddings=77,
-            hidden_act="gelu",  # OpenCLIP-G's activation
-            projection_dim=projection,
-            pad_token_id=vocab["!"],
-            **special,
-        )
+    text_encoder_2 = _tiny_clip(  # OpenCLIP-G's activation (gelu) and padding ("!")
+        CLIPTextModelWithProjection,
+        vocab,
+        width=clip_g_width,
+        act="gelu",
+        projection=projection,
+        intermediate=96,
+        pad_token_id=vocab["!"],
     )
     torch.manual_seed(2003)
     # SDXL base's UNet topology: three levels, no attention at the first (full-resolution) one,
@@ -252,19 +259,8 @@ def _build_tiny_sdxl() -> Any:
         norm_num_groups=8,
     )
     torch.manual_seed(2004)
-    vae = AutoencoderKL(
-        in_channels=3,
-        out_channels=3,
-        latent_channels=4,
-        layers_per_block=2,
-        down_block_types=("DownEncoderBlock2D",) * 4,
-        up_block_types=("UpDecoderBlock2D",) * 4,
-        block_out_channels=(8, 16, 32, 32),
-        norm_num_groups=8,
-        sample_size=64,
-        scaling_factor=0.13025,  # SDXL's VAE
-        force_upcast=True,  # SDXL's VAE overflows in fp16: diffusers decodes in fp32
-    )
+    # SDXL's VAE scaling; it overflows in fp16, so diffusers decodes it in fp32 (force_upcast)
+    vae = _tiny_vae(latent_channels=4, scaling_factor=0.13025, force_upcast=True)
     # SDXL base 1.0's scheduler_config.json (the registry's copy), plus explicit values for the
     # settings it omits: explicit values make the in-memory model behave exactly like its saved
     # folder (see the SD 1.5 builtin); left implicit, another scheduler's from_config would
@@ -299,8 +295,8 @@ def _build_tiny_sdxl() -> Any:
 
 def _build_tiny_flux() -> Any:
     import torch
-    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
-    from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
+    from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+    from transformers import CLIPTextModel, T5Config, T5EncoderModel
 
     from compiler.family_configs import FLUX_DEV_SCHEDULER
 
@@ -311,21 +307,7 @@ def _build_tiny_flux() -> Any:
     # 4096 in the real model) so that swapped encoders are a shape error, not a silent mix-up.
     clip_width, t5_width = 32, 48
     torch.manual_seed(3001)
-    text_encoder = CLIPTextModel(
-        CLIPTextConfig(
-            vocab_size=len(vocab),
-            hidden_size=clip_width,
-            intermediate_size=64,
-            num_hidden_layers=2,
-            num_attention_heads=2,
-            max_position_embeddings=77,
-            hidden_act="quick_gelu",  # OpenAI CLIP-L's activation
-            projection_dim=clip_width,
-            bos_token_id=vocab["<|startoftext|>"],
-            eos_token_id=vocab["<|endoftext|>"],
-            pad_token_id=vocab["<|endoftext|>"],
-        )
-    )
+    text_encoder = _tiny_clip(CLIPTextModel, vocab, width=clip_width, act="quick_gelu", projection=clip_width)
     torch.manual_seed(3002)
     # T5 v1.1 XXL's encoder (gated-GELU feed-forward, relative position buckets as in the real
     # config) at tiny widths; the attention's inner width is num_heads * d_kv, as in T5. (The real
@@ -365,16 +347,8 @@ def _build_tiny_flux() -> Any:
     torch.manual_seed(3004)
     # FLUX.1's autoencoder: four levels (8x downscale, so with 2x2 packing sizes are multiples of
     # 16), 16 latent channels, no quant convs, its own latent scale and shift.
-    vae = AutoencoderKL(
-        in_channels=3,
-        out_channels=3,
+    vae = _tiny_vae(
         latent_channels=16,
-        layers_per_block=2,
-        down_block_types=("DownEncoderBlock2D",) * 4,
-        up_block_types=("UpDecoderBlock2D",) * 4,
-        block_out_channels=(8, 16, 32, 32),
-        norm_num_groups=8,
-        sample_size=64,
         scaling_factor=0.3611,
         shift_factor=0.1159,
         use_quant_conv=False,

@@ -72,13 +72,16 @@ class Prepared:
     store: Store
     ctx: Context
     locked: Locked
-    base_role: str  # "base", or "configs" for a checkpoint built with its family's config repo
     plan: BuildPlan
     key: str
     environment: dict[str, str]
 
     def where(self, role: str) -> str:
         return f"{self.recipe.path}: {role}"
+
+    @property
+    def base_role(self) -> str:
+        return base_role(self.recipe)
 
     @property
     def checkpoint(self) -> LockEntry | None:
@@ -120,11 +123,6 @@ class Prepared:
         )
         return base, ckpt or None
 
-    def detection(self) -> Detection:
-        """What the checkpoint's header says (recorded in the lock when it was pinned)."""
-        assert self.checkpoint is not None
-        return Detection.from_json(self.checkpoint.meta["detected"])
-
 
 def prepare(argv: list[str]) -> Prepared:
     composed = compose(argv)
@@ -134,16 +132,16 @@ def prepare(argv: list[str]) -> Prepared:
     locked = lock_sources(recipe, composed.lock, ctx)
     recipe = named_by_lock(recipe, locked)
     where = f"{recipe.path}: "
-    base_role = "base" if recipe.base is not None else "configs"
+    role = base_role(recipe)
     found: Detection | None = None
     ckpt: Pinned | None = None
     if "checkpoint" in locked.roles:
         entry = locked.entry("checkpoint")
         found = Detection.from_json(entry.meta["detected"])
         ckpt = describe_file(entry, where + "checkpoint")
-    base_entry = locked.entry(base_role)
+    base_entry = locked.entry(role)
     whole = found is not None and found.kind == "checkpoint"
-    base = describe_pipeline(base_entry, where + base_role, recipe.precision, configs_only=whole, family=recipe.family)
+    base = describe_pipeline(base_entry, where + role, recipe.precision, configs_only=whole, family=recipe.family)
     if found is not None:
         # Before anything is downloaded or built: the file must be of the base's family.
         check_checkpoint(
@@ -170,7 +168,13 @@ def prepare(argv: list[str]) -> Prepared:
         controlnets=tuple(pinned(f"controlnets.{i}") for i in range(len(recipe.controlnets))),
     )
     env = environment()
-    return Prepared(recipe, store, ctx, locked, base_role, plan, cache_key(plan, env), env)
+    return Prepared(recipe, store, ctx, locked, plan, cache_key(plan, env), env)
+
+
+def base_role(recipe: Recipe) -> str:
+    """The lock role that gives the pipeline: `base:`, or the config repo a base-less checkpoint's
+    family names."""
+    return "base" if recipe.base is not None else "configs"
 
 
 def named_by_lock(recipe: Recipe, locked: Locked) -> Recipe:

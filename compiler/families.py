@@ -14,7 +14,6 @@ from typing import Any
 
 SD_SCHEDULERS = ("PNDM", "KLMS", "DDIM", "K_EULER", "K_EULER_ANCESTRAL", "DPMSolverMultistep", "DPMSolverSinglestep")
 FLOW_SCHEDULERS = ("FLOW_MATCH_EULER",)
-PREDICTIONS = ("eps", "v", "flow")
 # prediction -> the scheduler config's prediction_type (flow models have no such switch)
 PREDICTION_TYPES = {"eps": "epsilon", "v": "v_prediction"}
 
@@ -30,9 +29,8 @@ class Family:
     default_steps: int
     default_guidance: float
     prediction: str  # eps, v or flow: what the denoiser predicts unless a checkpoint says otherwise
-    # dtype policy: the precision a GPU build should use, and whether the VAE must stay in fp32
-    # under fp16 (SDXL's VAE overflows to NaN/black images in fp16 unless upcast).
-    preferred_precision: str
+    # dtype policy: whether the VAE must decode in fp32 under fp16 (SDXL's VAE overflows to
+    # NaN/black images in fp16 unless upcast).
     vae_upcast_under_fp16: bool
     # header probes (compiler.detect): the denoiser's cross-attention width (text context) and,
     # for SDXL, the ADM (pooled text + size conditioning) input width.
@@ -80,7 +78,6 @@ FAMILIES: dict[str, Family] = {
             default_steps=25,
             default_guidance=7.5,
             prediction="eps",
-            preferred_precision="fp16",
             vae_upcast_under_fp16=False,
             context_dim=768,
             civitai_base_models=("SD 1.4", "SD 1.5", "SD 1.5 LCM", "SD 1.5 Hyper"),
@@ -96,7 +93,6 @@ FAMILIES: dict[str, Family] = {
             default_steps=25,
             default_guidance=7.5,
             prediction="v",  # the 768 models; the 512 "base" ones are eps (override with prediction: eps)
-            preferred_precision="fp16",
             vae_upcast_under_fp16=False,
             context_dim=1024,
             civitai_base_models=("SD 2.0", "SD 2.0 768", "SD 2.1", "SD 2.1 768", "SD 2.1 Unclip"),
@@ -112,7 +108,6 @@ FAMILIES: dict[str, Family] = {
             default_steps=25,
             default_guidance=7.5,
             prediction="eps",
-            preferred_precision="fp16",
             vae_upcast_under_fp16=True,
             context_dim=2048,
             adm_channels=2816,
@@ -141,7 +136,6 @@ FAMILIES: dict[str, Family] = {
             default_steps=25,
             default_guidance=5.0,
             prediction="eps",
-            preferred_precision="fp16",
             vae_upcast_under_fp16=True,
             context_dim=1280,
             adm_channels=2560,
@@ -157,7 +151,6 @@ FAMILIES: dict[str, Family] = {
             default_steps=28,
             default_guidance=7.0,
             prediction="flow",
-            preferred_precision="fp16",
             vae_upcast_under_fp16=False,
             civitai_base_models=("SD 3",),
             schedulers=FLOW_SCHEDULERS,
@@ -173,7 +166,6 @@ FAMILIES: dict[str, Family] = {
             default_steps=40,
             default_guidance=4.5,
             prediction="flow",
-            preferred_precision="bf16",
             vae_upcast_under_fp16=False,
             civitai_base_models=("SD 3.5 Medium",),
             schedulers=FLOW_SCHEDULERS,
@@ -189,7 +181,6 @@ FAMILIES: dict[str, Family] = {
             default_steps=28,
             default_guidance=3.5,
             prediction="flow",
-            preferred_precision="bf16",
             vae_upcast_under_fp16=False,
             civitai_base_models=("SD 3.5", "SD 3.5 Large", "SD 3.5 Large Turbo"),
             schedulers=FLOW_SCHEDULERS,
@@ -205,7 +196,6 @@ FAMILIES: dict[str, Family] = {
             default_steps=28,
             default_guidance=3.5,  # distilled guidance, fed to the transformer (no CFG pass)
             prediction="flow",
-            preferred_precision="bf16",
             vae_upcast_under_fp16=False,
             civitai_base_models=("Flux.1 D",),
             schedulers=FLOW_SCHEDULERS,
@@ -221,7 +211,6 @@ FAMILIES: dict[str, Family] = {
             default_steps=4,
             default_guidance=0.0,
             prediction="flow",
-            preferred_precision="bf16",
             vae_upcast_under_fp16=False,
             civitai_base_models=("Flux.1 S",),
             schedulers=FLOW_SCHEDULERS,
@@ -237,7 +226,6 @@ FAMILIES: dict[str, Family] = {
             default_steps=50,
             default_guidance=30.0,
             prediction="flow",
-            preferred_precision="bf16",
             vae_upcast_under_fp16=False,
             schedulers=FLOW_SCHEDULERS,
             max_size=(2048, 2048),

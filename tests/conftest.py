@@ -48,6 +48,25 @@ def run_compiler(
     )
 
 
+# The demo recipe's serving settings: an artifact compiled with them draws the demo's pixels for
+# the same request, so tests compare their images with the demo artifact's.
+DEMO_SETTINGS = """precision: fp32
+scheduler: K_EULER
+defaults:
+  steps: 4
+  guidance_scale: 7.5
+  negative_prompt: blurry, low quality
+"""
+
+
+def compile_text(tmp_path: Path, name: str, text: str, *args: str) -> subprocess.CompletedProcess[str]:
+    """Write ``tmp_path/recipes/NAME.yaml`` and compile it into the store ``tmp_path/home``."""
+    recipes = tmp_path / "recipes"
+    recipes.mkdir(exist_ok=True)
+    (recipes / f"{name}.yaml").write_text(text)
+    return run_compiler(f"recipe={name}", f"recipes_dir={recipes}", *args, home=tmp_path / "home")
+
+
 def decode_image(data_uri: str) -> np.ndarray:
     from PIL import Image
 

@@ -14,22 +14,19 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from tests.conftest import REQ, decode_image, run_compiler
+from tests.conftest import DEMO_SETTINGS, REQ, compile_text, decode_image
 
-RECIPE = """base: builtin:tiny-sd15
-precision: fp32
-scheduler: K_EULER
-defaults:  # the demo recipe's, so that images compare with the demo artifact's
-  steps: 4
-  guidance_scale: 7.5
-  negative_prompt: blurry, low quality
-controlnets:
+RECIPE = (
+    "base: builtin:tiny-sd15\n"
+    + DEMO_SETTINGS
+    + """controlnets:
   - source: ./edges.safetensors
     scale: 0.9
   - source: ./edges.safetensors
     name: edges-soft
     scale: 0.3
 """
+)
 
 
 @pytest.fixture(scope="module")
@@ -56,9 +53,8 @@ def controlnet_file(tmp_path_factory) -> Path:
 def artifact(tmp_path_factory, controlnet_file) -> Path:
     tmp = tmp_path_factory.mktemp("cn-build")
     (tmp / "recipes").mkdir()
-    (tmp / "recipes" / "r.yaml").write_text(RECIPE)
     (tmp / "recipes" / "edges.safetensors").write_bytes(controlnet_file.read_bytes())
-    proc = run_compiler("recipe=r", f"recipes_dir={tmp / 'recipes'}", home=tmp / "home")
+    proc = compile_text(tmp, "r", RECIPE)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return Path(proc.stdout.strip())
 

@@ -12,7 +12,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from tests.conftest import REQ, run_compiler, serve
+from tests.conftest import DEMO_SETTINGS, REQ, compile_text, serve
 
 RANK = 4
 # (kohya module name, diffusers component, module path): attention projections of the UNet
@@ -51,16 +51,7 @@ MODULES = [
         "encoder.layers.1.self_attn.out_proj",
     ),
 ]
-RECIPE = """base: builtin:tiny-sd15
-precision: fp32
-scheduler: K_EULER
-defaults:  # the demo recipe's, so that images compare with the demo artifact's
-  steps: 4
-  guidance_scale: 7.5
-  negative_prompt: blurry, low quality
-loras:
-{loras}
-"""
+RECIPE = "base: builtin:tiny-sd15\n" + DEMO_SETTINGS + "loras:\n{loras}\n"
 
 
 @pytest.fixture(scope="module")
@@ -105,10 +96,7 @@ def peft_file(path: Path, factors) -> Path:
 
 
 def _compile(tmp_path: Path, loras: str, name: str = "r"):
-    recipes = tmp_path / "recipes"
-    recipes.mkdir(exist_ok=True)
-    (recipes / f"{name}.yaml").write_text(RECIPE.format(loras=loras))
-    return run_compiler(f"recipe={name}", f"recipes_dir={recipes}", home=tmp_path / "home")
+    return compile_text(tmp_path, name, RECIPE.format(loras=loras))
 
 
 def _weights(artifact: Path) -> dict[str, dict[str, torch.Tensor]]:

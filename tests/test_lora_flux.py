@@ -20,7 +20,7 @@ from safetensors.torch import load_file, save_file
 from compiler.detect import detect, detect_file
 from compiler.errors import UserError
 from compiler.lora import apply_loras
-from tests.conftest import REQ, run_compiler, serve
+from tests.conftest import REQ, compile_text, serve
 
 RANK = 4
 COMPONENTS = ("transformer", "text_encoder")
@@ -393,10 +393,7 @@ def test_flux_loras_are_detected_as_flux(tmp_path, flux):
 
 
 def _compile(tmp_path: Path, loras: str, name: str):
-    recipes = tmp_path / "recipes"
-    recipes.mkdir(exist_ok=True)
-    (recipes / f"{name}.yaml").write_text(RECIPE.format(loras=loras))
-    return run_compiler(f"recipe={name}", f"recipes_dir={recipes}", home=tmp_path / "home")
+    return compile_text(tmp_path, name, RECIPE.format(loras=loras))
 
 
 def test_flux_recipe_with_kohya_and_peft_loras_compiles_and_serves(tmp_path, flux):

@@ -13,20 +13,12 @@ import numpy as np
 import pytest
 
 from compiler.families import FAMILIES, family_of_repo
-from tests.conftest import REQ, serve
+from tests.conftest import DEMO_SETTINGS, REQ, serve
 from tests.fakehub import FakeHub, tree
 from tests.test_sources import compile_recipe
 
 SD15_CONFIGS = FAMILIES["sd15"].config_repo.removeprefix("hf://")
-RECIPE = """
-{fields}
-precision: fp32
-scheduler: K_EULER
-defaults:
-  steps: 4
-  guidance_scale: 7.5
-  negative_prompt: blurry, low quality
-"""
+RECIPE = "{fields}\n" + DEMO_SETTINGS
 
 
 @pytest.fixture(scope="module")

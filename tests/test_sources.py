@@ -18,19 +18,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tests.conftest import PY, REPO, REQ, child_env, run_compiler, serve
+from tests.conftest import DEMO_SETTINGS, PY, REPO, REQ, child_env, run_compiler, serve
 from tests.fakehub import FakeHub, tree
 
 TINY = "uiw-test/tiny-sd15"
-RECIPE = """
-base: {base}
-precision: fp32
-scheduler: K_EULER
-defaults:
-  steps: 4
-  guidance_scale: 7.5
-  negative_prompt: blurry, low quality
-"""
+RECIPE = "base: {base}\n" + DEMO_SETTINGS
 
 
 @pytest.fixture(scope="session")

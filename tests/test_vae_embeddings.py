@@ -12,7 +12,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from tests.conftest import REQ, run_compiler, serve
+from tests.conftest import REQ, compile_text, serve
 from tests.ldm import VAE_PREFIX, vae_to_ldm
 
 RECIPE = """base: {base}
@@ -25,10 +25,7 @@ defaults:
 
 
 def _compile(tmp_path: Path, name: str, extra: str, base: str = "builtin:tiny-sd15"):
-    recipes = tmp_path / "recipes"
-    recipes.mkdir(exist_ok=True)
-    (recipes / f"{name}.yaml").write_text(RECIPE.format(base=base, extra=extra))
-    return run_compiler(f"recipe={name}", f"recipes_dir={recipes}", home=tmp_path / "home")
+    return compile_text(tmp_path, name, RECIPE.format(base=base, extra=extra))
 
 
 def _token_rows(artifact: Path, encoder: str, tokenizer: str, token: str) -> torch.Tensor:

@@ -89,8 +89,9 @@ def describe_pipeline(
             "remove `family:` (it is only for models whose family cannot be told), or use a base of that family",
         )
     if family is None and "family" not in meta:  # a lock written before repo families were recorded
-        family = family_of_repo(meta.get("pipeline_class"), {}).family
-        meta = {**meta, "family_candidates": list(family_of_repo(meta.get("pipeline_class"), {}).candidates)}
+        by_class = family_of_repo(meta.get("pipeline_class"), {})
+        family = by_class.family
+        meta = {**meta, "family_candidates": list(by_class.candidates)}
     family = family or meta.get("family")
     if family is None:
         known = sorted({c for f in FAMILIES.values() for c in f.pipelines.values()})
