@@ -1,5 +1,8 @@
-"""GenerationRequest + loaded pipeline -> PIL images. No shared mutable state between requests:
-each call gets its own scheduler and generator on a view of the shared components.
+"""GenerationRequest + loaded pipeline -> PIL images, in two phases: `denoise` (text encoding and
+the denoise loop, to latents; the only phase that must see a request's switchable LoRAs) and
+`decode` (VAE and post-processing, free to overlap other requests). No shared mutable state
+between requests: each call gets its own scheduler and generators on a view of the shared
+components. Several compatible requests (batch_key) can share one denoise call.
 
 The pipeline is the one of the request's task (runtime.loader.Loaded.pipelines: txt2img, img2img
 and inpaint pipelines share every weight); for img2img and inpaint the request carries its image
@@ -9,9 +12,16 @@ from __future__ import annotations
 
 import copy
 import inspect
+import threading
+import time
+import weakref
+from collections.abc import Sequence
+from contextlib import AbstractContextManager, nullcontext
+from dataclasses import dataclass
 from typing import Any, Literal
 
 from runtime.artifact import SCHEDULERS
+from runtime.progress import BatchWatch, StepWatch
 from runtime.schema import GenerationRequest
 
 # What each pipeline class does with worker-sdxl's guidance fields. An explicit table rather than
@@ -108,21 +118,192 @@ def call_arguments(pipeline: Any, request: GenerationRequest) -> dict[str, Any]:
     return args
 
 
-def generate(pipeline: Any, request: GenerationRequest) -> list[Any]:
+def batch_key(request: GenerationRequest) -> tuple[Any, ...] | None:
+    """What requests must share to run as one pipeline call, or None for a request that runs on
+    its own. Text-to-image with one image each: a batch then draws each image's noise from its own
+    generator, exactly as its solo call draws it (num_images > 1 shares one generator per request,
+    which a batch of generators cannot reproduce). Prompts and negative prompts may differ (they
+    are lists); everything that shapes the call must not."""
+    if request.task != "txt2img" or request.num_images != 1:
+        return None
+    return (
+        request.task,
+        request.width,
+        request.height,
+        request.steps,
+        request.scheduler,
+        request.guidance_scale,
+        request.loras,
+    )
+
+
+def batch_arguments(pipeline: Any, requests: Sequence[GenerationRequest]) -> dict[str, Any]:
+    """One call for several batch_key-compatible requests: prompts (and negative prompts) as lists."""
+    args = call_arguments(pipeline, requests[0])
+    args["prompt"] = [r.prompt for r in requests]
+    if "negative_prompt" in args:
+        # The pipelines read a missing negative prompt as "" (the unconditional text); a list
+        # cannot hold None, so "" stands for it, which is the same embedding.
+        args["negative_prompt"] = [r.negative_prompt or "" for r in requests]
+    return args
+
+
+# How each pipeline family turns final latents into images, for decode(); None: the pipeline
+# decodes inside its own call (a family we have not checked ours against).
+DecodeKind = Literal["sd", "sdxl", "sd3", "flux"]
+
+
+def decode_kind(pipeline: Any) -> DecodeKind | None:
+    name = type(pipeline).__name__
+    if type(getattr(pipeline, "vae", None)).__name__ != "AutoencoderKL" or name not in GUIDANCE:
+        return None
+    if name.startswith("StableDiffusionXL"):
+        return "sdxl"
+    if name.startswith("StableDiffusion3"):
+        return "sd3"
+    if name.startswith("Flux"):
+        return "flux"
+    return "sd"
+
+
+@dataclass(frozen=True)
+class Denoised:
+    """One request's share of a denoise call: its final latents, or its images when the
+    pipeline decoded them itself (decode_kind None)."""
+
+    latents: Any = None
+    images: tuple[Any, ...] = ()
+
+
+def denoise(
+    pipeline: Any,
+    requests: Sequence[GenerationRequest],
+    watches: Sequence[StepWatch | None] | None = None,
+    exclusive: AbstractContextManager[Any] | None = None,
+) -> list[Denoised]:
+    """The text encoding and denoise loop of one pipeline call for one request, or for several
+    batch_key-compatible ones, stopping at the latents. Only this phase touches the switchable
+    LoRA layers, so only it runs inside `exclusive` (runtime.loader.Loaded.loras)."""
     import diffusers
     import torch
 
+    first = requests[0]
     # Always from the base model's own scheduler config (the artifact keeps it unconverted; the
     # shared pipeline's scheduler is never replaced), so the result does not depend on history.
-    scheduler = getattr(diffusers, SCHEDULERS[request.scheduler]).from_config(pipeline.scheduler.config)
+    scheduler = getattr(diffusers, SCHEDULERS[first.scheduler]).from_config(pipeline.scheduler.config)
     # A shallow copy shares every weight-holding component; only the scheduler (and the per-call
-    # attributes __call__ sets) are this request's own. Not from_pipe per request: it re-runs the pipeline's
-    # __init__, which rewrites some schedulers' configs (SD's clip_sample/steps_offset "fixes"), so
-    # the result would differ from `pipe.scheduler = X.from_config(...)` in plain diffusers.
+    # attributes __call__ sets: _interrupt, _guidance_scale, ...) are this call's own. Not from_pipe
+    # per request: it re-runs the pipeline's __init__, which rewrites some schedulers' configs (SD's
+    # clip_sample/steps_offset "fixes"), so the result would differ from plain diffusers.
     pipe = copy.copy(pipeline)
     pipe.scheduler = scheduler
-    # A CPU generator: the same seed gives the same noise on any device, GPU kind or driver.
-    generator = torch.Generator("cpu").manual_seed(request.seed)
+    # CPU generators: the same seed gives the same noise on any device, GPU kind or driver.
+    if len(requests) == 1:
+        args = call_arguments(pipeline, first)
+        generator: Any = torch.Generator("cpu").manual_seed(first.seed)
+    else:
+        args = batch_arguments(pipeline, requests)
+        generator = [torch.Generator("cpu").manual_seed(r.seed) for r in requests]
+    kind = decode_kind(pipeline)
+    args["output_type"] = "latent" if kind else "pil"
+    watch = BatchWatch(watches or [None] * len(requests), per_request=first.num_images)
+    if any(w is not None for w in watch.watches):
+        args["callback_on_step_end"] = watch
+    with exclusive if exclusive is not None else nullcontext(), torch.inference_mode():
+        out = pipe(**args, generator=generator)
+    if getattr(pipe, "_interrupt", False):
+        # Only a watch stops the loop; in a batch, the first request whose deadline passed says
+        # so, for every request of the call (their latents are unfinished too).
+        watch.check()
+        raise RuntimeError("the denoise loop was interrupted without a deadline passing")
+    n = first.num_images
+    if kind is None:
+        images = list(out.images)
+        return [Denoised(images=tuple(images[i * n : (i + 1) * n])) for i in range(len(requests))]
+    return [Denoised(latents=out.images[i * n : (i + 1) * n]) for i in range(len(requests))]
+
+
+# diffusers' SDXL decode casts a force_upcast fp16 VAE to fp32 in place and back: the shared VAE
+# must not change dtype under another request's decode, so those decodes take turns (per VAE).
+_upcast_locks: weakref.WeakKeyDictionary[Any, threading.Lock] = weakref.WeakKeyDictionary()
+_upcast_locks_guard = threading.Lock()
+
+
+def _upcast_lock(vae: Any) -> threading.Lock:
+    with _upcast_locks_guard:
+        return _upcast_locks.setdefault(vae, threading.Lock())
+
+
+def decode(pipeline: Any, denoised: Denoised, request: GenerationRequest) -> list[Any]:
+    """Latents -> PIL images, as the pipeline's own call ends (same operations, same order, so
+    the same pixels), but outside the denoise phase: no LoRA gate, so it overlaps other requests'
+    denoising. Mirrors diffusers 0.42's StableDiffusion*, StableDiffusionXL*, StableDiffusion3*
+    and Flux* pipelines' tails (checked against them in tests/test_concurrency.py)."""
+    import torch
+
+    if denoised.latents is None:
+        return list(denoised.images)
+    kind = decode_kind(pipeline)
+    vae = pipeline.vae
+    latents = denoised.latents
+    do_denormalize = None
     with torch.inference_mode():
-        out = pipe(**call_arguments(pipeline, request), generator=generator)
-    return list(out.images)
+        if kind == "sd":
+            image = vae.decode(latents / vae.config.scaling_factor, return_dict=False)[0]
+            if getattr(pipeline, "safety_checker", None) is not None:
+                dtype = pipeline.text_encoder.dtype if pipeline.text_encoder is not None else latents.dtype
+                image, nsfw = pipeline.run_safety_checker(image, latents.device, dtype)
+                do_denormalize = None if nsfw is None else [not flagged for flagged in nsfw]
+        elif kind == "sdxl":
+            image = _decode_sdxl(vae, latents)
+            if getattr(pipeline, "watermark", None) is not None:
+                image = pipeline.watermark.apply_watermark(image)
+        elif kind in ("sd3", "flux"):
+            if kind == "flux":
+                latents = pipeline._unpack_latents(latents, request.height, request.width, pipeline.vae_scale_factor)
+            latents = (latents / vae.config.scaling_factor) + vae.config.shift_factor
+            image = vae.decode(latents, return_dict=False)[0]
+        else:  # pragma: no cover - denoise returned images for these
+            raise ValueError(f"no decode rule for {type(pipeline).__name__}")
+        return list(pipeline.image_processor.postprocess(image, output_type="pil", do_denormalize=do_denormalize))
+
+
+def _decode_sdxl(vae: Any, latents: Any) -> Any:
+    import torch
+
+    def run(latents: Any) -> Any:
+        mean, std = getattr(vae.config, "latents_mean", None), getattr(vae.config, "latents_std", None)
+        if mean is not None and std is not None:
+            mean = torch.tensor(mean).view(1, 4, 1, 1).to(latents.device, latents.dtype)
+            std = torch.tensor(std).view(1, 4, 1, 1).to(latents.device, latents.dtype)
+            latents = latents * std / vae.config.scaling_factor + mean
+        else:
+            latents = latents / vae.config.scaling_factor
+        return vae.decode(latents.to(vae.device), return_dict=False)[0]
+
+    if not (vae.dtype == torch.float16 and vae.config.force_upcast):
+        return run(latents)
+    with _upcast_lock(vae):
+        vae.to(dtype=torch.float32)
+        try:
+            return run(latents.to(next(iter(vae.post_quant_conv.parameters())).dtype))
+        finally:
+            vae.to(dtype=torch.float16)
+
+
+def generate(
+    pipeline: Any,
+    request: GenerationRequest,
+    watch: StepWatch | None = None,
+    exclusive: AbstractContextManager[Any] | None = None,
+    timings: dict[str, float] | None = None,
+) -> list[Any]:
+    """One request, both phases: denoise (inside `exclusive`) then decode (outside it).
+    `timings` (when given) receives the seconds of each: "denoise", "decode"."""
+    t0 = time.perf_counter()
+    (denoised,) = denoise(pipeline, [request], [watch], exclusive)
+    t1 = time.perf_counter()
+    images = decode(pipeline, denoised, request)
+    if timings is not None:
+        timings.update(denoise=t1 - t0, decode=time.perf_counter() - t1)
+    return images

@@ -6,13 +6,13 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from runtime.artifact import PIPELINE_DIR, ArtifactError, Manifest, read_manifest
+from runtime.gate import ModeGate
 
 # Artifacts are complete: nothing at serve time may reach the Hub. Set before diffusers or
 # huggingface_hub are imported (the loader imports them lazily, after this line).
@@ -35,32 +35,64 @@ class Loaded:
     lora_adapters: dict[str, str] = field(default_factory=dict)  # switchable LoRA name -> adapter
     controlnets: dict[str, Any] = field(default_factory=dict)  # name -> ControlNetModel
     _controlnet_pipelines: dict[tuple[str, ...], Any] = field(default_factory=dict)
-    _gate: threading.Lock = field(default_factory=threading.Lock)
+    _gate: ModeGate | None = None  # made on first use: see loras()
+    _derive_lock: threading.Lock = field(default_factory=threading.Lock)
+    low_memory: tuple[str, ...] = ()  # what enable_low_memory() turned on, in order
 
-    @contextmanager
-    def loras(self, chosen: tuple[tuple[str, float], ...]) -> Iterator[None]:
-        """The request's switchable LoRAs on for the duration of the call, at their scales, and
-        off again afterwards whatever happens, so nothing leaks into the next request. The layers
-        are shared by every task pipeline (same modules), so one switch serves all of them; with
-        switchable LoRAs in the artifact, generations take turns (a request running beside
-        another would see its LoRAs), without them nothing is serialised."""
+    def loras(self, chosen: tuple[tuple[str, float], ...]) -> AbstractContextManager[None]:
+        """Hold for a request's denoise phase (runtime.generate.denoise): its switchable LoRAs on
+        at their scales, and nobody else's. The layers are shared by every task pipeline (same
+        modules), so one switch serves all of them. Requests wanting the same set (names and
+        scales; the empty set: all off) run together; another set waits until they are done
+        (runtime.gate.ModeGate). An artifact without switchable LoRAs has nothing to guard."""
         if not self.lora_adapters:
-            yield
-            return
-        with self._gate:
-            pipe = self.pipeline
-            try:
-                if chosen:
-                    pipe.enable_lora()
-                    names = [self.lora_adapters[n] for n, _ in chosen]
-                    pipe.set_adapters(names, adapter_weights=[s for _, s in chosen])
-                yield
-            finally:
-                pipe.disable_lora()
+            return nullcontext()
+        if self._gate is None:
+            with self._derive_lock:
+                if self._gate is None:
+                    self._gate = ModeGate(self._switch_loras)
+        return self._gate.hold(tuple(chosen))
+
+    def _switch_loras(self, chosen: Any) -> None:
+        pipe = self.pipeline
+        if chosen:
+            pipe.enable_lora()
+            pipe.set_adapters([self.lora_adapters[n] for n, _ in chosen], adapter_weights=[s for _, s in chosen])
+        else:
+            pipe.disable_lora()
+
+    def enable_low_memory(self) -> tuple[str, ...]:
+        """After an out-of-memory: the memory savers diffusers offers, on for this artifact from
+        now on (a worker that ran out once will again): VAE tiling and slicing, attention slicing,
+        and on CUDA model CPU offload. Returns what it turned on."""
+        with self._derive_lock:
+            if self.low_memory:
+                return self.low_memory
+            done = []
+            vae = getattr(self.pipeline, "vae", None)
+            if vae is not None and hasattr(vae, "enable_tiling"):
+                vae.enable_tiling()
+                vae.enable_slicing()
+                done += ["VAE tiling", "VAE slicing"]
+            if hasattr(self.pipeline, "enable_attention_slicing") and getattr(self.pipeline, "unet", None) is not None:
+                self.pipeline.enable_attention_slicing()
+                done.append("attention slicing")
+            if self.device.startswith("cuda") and not getattr(self.pipeline, "_all_hooks", None):
+                # Every task pipeline shares these modules: offloading them through the loaded
+                # pipeline moves them for all (diffusers' hooks follow the modules). Not twice:
+                # an artifact compiled with offload has its hooks already.
+                self.pipeline.enable_model_cpu_offload(device=self.device)
+                done.append("model CPU offload")
+            self.low_memory = tuple(done)
+            return self.low_memory
 
     def controlnet_pipeline(self, names: tuple[str, ...]) -> Any:
         """The ControlNet pipeline for these ControlNets (in order), derived from the loaded one
         with from_pipe (shared UNet, VAE, text encoders) once per combination, then reused."""
+        with self._derive_lock:  # two requests naming a new combination derive it once
+            return self._controlnet_pipeline(names)
+
+    def _controlnet_pipeline(self, names: tuple[str, ...]) -> Any:
         if names not in self._controlnet_pipelines:
             import diffusers
 
