@@ -17,9 +17,10 @@ private network, none of which a client should be able to reach through us. So h
 to a non-public address (loopback, link-local, private, CGNAT, multicast, reserved) are refused,
 and the address actually connected to is checked again before the body is read (a DNS answer that
 changes between our lookup and httpx's, "DNS rebinding", gets no body back). Operators who serve
-images from their own network set UIW_ALLOW_PRIVATE_IMAGE_URLS=1 (the tests do: they serve on
-127.0.0.1). Proxies and .netrc are ignored (trust_env=False): a proxy would hide the peer address,
-and .netrc would send the operator's credentials to a host a client chose.
+images from their own network set UIW_ALLOW_PRIVATE_URLS=1 (the older name
+UIW_ALLOW_PRIVATE_IMAGE_URLS=1 still works; the tests do: they serve on 127.0.0.1). Proxies and
+.netrc are ignored (trust_env=False): a proxy would hide the peer address, and .netrc would send
+the operator's credentials to a host a client chose.
 
 Every problem becomes a RequestError naming the field; a URL is echoed shortened, base64 never.
 """
@@ -50,7 +51,8 @@ FETCH_TIMEOUT_S = 10.0  # connect, and each read
 FETCH_DEADLINE_S = 30.0  # the whole download, redirects included
 MAX_REDIRECTS = 3
 FORMATS = ("PNG", "JPEG", "MPO", "WEBP", "GIF", "BMP")  # MPO: the JPEG variant many phones write
-ALLOW_PRIVATE_ENV = "UIW_ALLOW_PRIVATE_IMAGE_URLS"
+ALLOW_PRIVATE_ENV = "UIW_ALLOW_PRIVATE_URLS"
+ALLOW_PRIVATE_ENV_OLD = "UIW_ALLOW_PRIVATE_IMAGE_URLS"  # the first name, kept working
 USER_AGENT = "universal-image-worker"
 
 _SCHEME = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*):")
@@ -62,7 +64,10 @@ class _Bad(Exception):
 
 
 def allow_private() -> bool:
-    return os.environ.get(ALLOW_PRIVATE_ENV, "").strip().lower() in ("1", "true", "yes")
+    return any(
+        os.environ.get(n, "").strip().lower() in ("1", "true", "yes")
+        for n in (ALLOW_PRIVATE_ENV, ALLOW_PRIVATE_ENV_OLD)
+    )
 
 
 def _shown(url: str, limit: int = 120) -> str:
