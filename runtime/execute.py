@@ -1,0 +1,254 @@
+"""A validated request on a loaded artifact -> images, with the serving concerns around the model
+call: the time limit, progress, batching, the out-of-memory retry and the classification of
+failures. runtime.service calls it between validation and encoding.
+
+Failures come back as GenerationFailed with a kind (runtime.metrics.ErrorKind) and whether the
+worker should be replaced (`refresh_worker`): a time limit or an out-of-memory leaves the worker
+healthy; a CUDA error or any other failure inside the pipeline does not (device state or the
+shared pipeline may be broken).
+"""
+
+from __future__ import annotations
+
+import gc
+import logging
+import os
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from runtime import generate as gen
+from runtime.batching import Batcher, BatchSettings, SettingError
+from runtime.loader import Loaded
+from runtime.metrics import ErrorKind
+from runtime.progress import Deadline, Listener, StepWatch, TimeLimitExceeded
+from runtime.schema import GenerationRequest, RequestError
+
+log = logging.getLogger(__name__)
+
+DEFAULT_REQUEST_TIMEOUT_S = 600.0
+MAX_REQUEST_TIMEOUT_S = 24 * 3600.0
+# Serving options a request may send beside the generation fields; popped before validation
+# (like `model`), so the generation schema stays the artifact's.
+OPTION_FIELDS = ("timeout", "preview")
+
+
+def _flag(name: str) -> bool:
+    return os.environ.get(name, "").strip().lower() in ("1", "true", "yes")
+
+
+@dataclass(frozen=True)
+class ExecSettings:
+    request_timeout_s: float | None = DEFAULT_REQUEST_TIMEOUT_S  # None: no limit
+    preview: bool = False  # progress events carry a latent preview unless the request says
+    batch: BatchSettings = field(default_factory=BatchSettings)
+
+    @classmethod
+    def from_env(cls) -> ExecSettings:
+        raw = os.environ.get("UIW_REQUEST_TIMEOUT", "").strip()
+        timeout: float | None = DEFAULT_REQUEST_TIMEOUT_S
+        if raw:
+            try:
+                value = float(raw)
+            except ValueError:
+                value = -1.0
+            if not 0 <= value <= MAX_REQUEST_TIMEOUT_S:
+                raise SettingError(
+                    f"UIW_REQUEST_TIMEOUT={raw!r}: expected seconds from 0 (no limit) to {MAX_REQUEST_TIMEOUT_S:g}. "
+                    f"hint: unset it for {DEFAULT_REQUEST_TIMEOUT_S:g} s"
+                )
+            timeout = value or None
+        return cls(request_timeout_s=timeout, preview=_flag("UIW_PREVIEW"), batch=BatchSettings.from_env())
+
+
+@dataclass(frozen=True)
+class Options:
+    timeout_s: float | None = None
+    preview: bool | None = None
+
+
+def pop_options(raw: Any, settings: ExecSettings) -> tuple[Options, Any]:
+    """`timeout` (seconds, > 0, at most UIW_REQUEST_TIMEOUT) and `preview` (bool) out of the
+    input. Raises RequestError naming the field."""
+    if not isinstance(raw, dict) or not any(f in raw for f in OPTION_FIELDS):
+        return Options(), raw
+    rest = dict(raw)
+    timeout, preview = rest.pop("timeout", None), rest.pop("preview", None)
+    errors = []
+    if timeout is not None:
+        top = settings.request_timeout_s
+        if isinstance(timeout, bool) or not isinstance(timeout, int | float) or not timeout > 0:
+            errors.append(f"timeout: expected seconds greater than 0, got {timeout!r}")
+        elif top is not None and timeout > top:
+            errors.append(
+                f"timeout: {timeout!r} s is more than this worker's limit of {top:g} s (UIW_REQUEST_TIMEOUT); "
+                "send at most that, or leave it out"
+            )
+    if preview is not None and not isinstance(preview, bool):
+        errors.append(f"preview: expected true or false, got {preview!r}")
+    if errors:
+        raise RequestError(errors)
+    return Options(float(timeout) if timeout is not None else None, preview), rest
+
+
+@dataclass(frozen=True)
+class RunContext:
+    """What the handler knows of a job beyond its input."""
+
+    request_id: str | None = None  # the RunPod job id
+    received: float | None = None  # time.monotonic() when the handler got the job
+    listener: Listener | None = None  # per-step progress
+    stream: bool = False  # a streaming handler: previews follow UIW_PREVIEW / the request
+
+
+class GenerationFailed(Exception):
+    def __init__(self, kind: ErrorKind, message: str, refresh_worker: bool):
+        self.kind, self.refresh_worker = kind, refresh_worker
+        super().__init__(message)
+
+    def reply(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"error": str(self)}
+        if self.refresh_worker:
+            out["refresh_worker"] = True
+        return out
+
+
+@dataclass(frozen=True)
+class Generated:
+    images: list[Any]
+    warnings: list[str]
+    timings: dict[str, float]  # seconds: denoise, decode
+    batch_size: int
+
+
+@dataclass(frozen=True)
+class _Item:
+    artifact: Loaded
+    pipeline: Any
+    request: GenerationRequest
+    watch: StepWatch | None
+
+
+def _is_oom(e: BaseException) -> bool:
+    import torch
+
+    # torch.cuda.OutOfMemoryError is torch.OutOfMemoryError; the CPU allocator raises a plain
+    # RuntimeError with this text.
+    return isinstance(e, torch.OutOfMemoryError) or "can't allocate memory" in str(e)
+
+
+def _is_device_error(e: BaseException) -> bool:
+    import torch
+
+    accelerator = getattr(torch, "AcceleratorError", None)
+    text = str(e)
+    return (accelerator is not None and isinstance(e, accelerator)) or any(
+        s in text for s in ("CUDA error", "device-side assert", "CUBLAS_STATUS", "cuDNN error")
+    )
+
+
+def _free_memory() -> None:
+    import torch
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+class Executor:
+    def __init__(self, settings: ExecSettings):
+        self.settings = settings
+        self.batcher: Batcher[_Item, gen.Denoised] = Batcher(settings.batch, self._denoise_batch)
+
+    def deadline(self, options: Options, context: RunContext) -> Deadline | None:
+        start = context.received
+        if options.timeout_s is not None:
+            return Deadline.after(options.timeout_s, "the request's timeout", start)
+        if self.settings.request_timeout_s is not None:
+            return Deadline.after(self.settings.request_timeout_s, "UIW_REQUEST_TIMEOUT", start)
+        return None
+
+    def generate(
+        self, artifact: Loaded, request: GenerationRequest, options: Options, context: RunContext
+    ) -> Generated:
+        if request.task == "controlnet":
+            pipeline = artifact.controlnet_pipeline(tuple(n for n, _ in request.controlnets))
+        else:
+            pipeline = artifact.pipelines[request.task]
+        # Settings the model ignores or changes (a FLUX.1 [dev] negative prompt) are said, not dropped silently.
+        warnings = list(gen.request_warnings(pipeline, request))
+        deadline = self.deadline(options, context)
+        if deadline is not None and deadline.passed():
+            raise GenerationFailed("timeout", str(TimeLimitExceeded(deadline.limit_s, deadline.source, 0, 0)), False)
+        preview = options.preview if options.preview is not None else self.settings.preview
+        watch = (
+            StepWatch(context.listener, deadline, preview, (request.width, request.height))
+            if context.listener is not None or deadline is not None
+            else None
+        )
+        try:
+            try:
+                return self._attempt(artifact, pipeline, request, watch, warnings, batch=True)
+            except Exception as e:
+                if not _is_oom(e):
+                    raise
+                log.warning("out of memory (%s); retrying once in low-memory mode", e)
+                _free_memory()
+                saved = artifact.enable_low_memory()
+                warnings.append(
+                    f"out of memory on the first try; retried once with {', '.join(saved) or 'memory freed'} "
+                    "(this model stays in low-memory mode on this worker)"
+                )
+                if watch is not None:
+                    watch = StepWatch(watch.listener, deadline, watch.preview, watch.size)
+                return self._attempt(artifact, pipeline, request, watch, warnings, batch=False)
+        except TimeLimitExceeded as e:
+            raise GenerationFailed("timeout", str(e), False) from e
+        except Exception as e:
+            if _is_oom(e):
+                _free_memory()
+                raise GenerationFailed(
+                    "oom",
+                    f"out of memory, also in low-memory mode ({type(e).__name__}: {e}). hint: ask for a smaller "
+                    "size or fewer images",
+                    False,
+                ) from e
+            device = _is_device_error(e)
+            log.exception("generation failed (%s)", "device error" if device else "pipeline error")
+            what = "the device failed" if device else "generation failed"
+            raise GenerationFailed(
+                "device" if device else "generation", f"{what}: {type(e).__name__}: {e}", True
+            ) from e
+
+    def _attempt(
+        self,
+        artifact: Loaded,
+        pipeline: Any,
+        request: GenerationRequest,
+        watch: StepWatch | None,
+        warnings: list[str],
+        batch: bool,
+    ) -> Generated:
+        key = gen.batch_key(request) if batch and self.settings.batch.max_batch > 1 else None
+        if key is None:
+            # The one-request path goes through runtime.generate.generate (both phases; the LoRA
+            # gate only around its denoise).
+            timings: dict[str, float] = {}
+            images = gen.generate(pipeline, request, watch, artifact.loras(request.loras), timings)
+            return Generated(images, warnings, timings, 1)
+        t0 = time.perf_counter()
+        denoised, size = self.batcher.submit(
+            (id(artifact), id(pipeline), *key), _Item(artifact, pipeline, request, watch)
+        )
+        t1 = time.perf_counter()
+        images = gen.decode(pipeline, denoised, request)
+        return Generated(images, warnings, {"denoise": t1 - t0, "decode": time.perf_counter() - t1}, size)
+
+    def _denoise_batch(self, items: list[_Item]) -> list[gen.Denoised]:
+        first = items[0]
+        return gen.denoise(
+            first.pipeline,
+            [i.request for i in items],
+            [i.watch for i in items],
+            first.artifact.loras(first.request.loras),
+        )
