@@ -1,20 +1,30 @@
-"""Request validation: worker-sdxl's fields and aliases, bounded by the artifact's limits.
+"""Request validation and the JSON Schema of one artifact's requests, from one source.
 
 Our own checks, before any model work (the RunPod SDK's validator skips ranges). Every problem is
-collected; unknown keys get worker-sdxl's wording. The bounds come from the manifest, so each
-artifact gets its own request model (and, later, its own JSON Schema from the same model).
+collected; unknown keys get worker-sdxl's wording. What a request may say depends on the artifact
+(its limits, tasks, switchable LoRAs, ControlNets), so each artifact gets its own pydantic request
+model (``request_model``, built from a ``RequestSpec`` taken from the manifest). That one model
+validates requests and is the base of the JSON Schema that ``describe`` publishes
+(``request_json_schema``); the rules between fields, which a pydantic field cannot carry, are
+written twice, once as Python (for the error messages) and once as JSON Schema (``_rules``), and
+tests/test_describe_schema.py checks with the independent ``jsonschema`` validator, on generated
+inputs, that both accept and reject exactly the same requests.
 """
 
 from __future__ import annotations
 
+import copy
+import json
+import math
 import secrets
 from dataclasses import dataclass
 from functools import lru_cache
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, WithJsonSchema, create_model
+from pydantic_core import PydanticCustomError
 
-from runtime.artifact import SCHEDULERS, Limits, Manifest, Task
+from runtime.artifact import SCHEDULERS, Defaults, Limits, Manifest, Task
 
 # Older RunPod workers' and public endpoints' names -> worker-sdxl's.
 ALIASES = {
@@ -32,6 +42,13 @@ MIN_SIZE = 64
 # Denoising strength when a request gives none: worker-sdxl's default (0.3, its img2img refiner
 # pass) for img2img; inpainting regenerates the masked region from noise (diffusers' 1.0).
 DEFAULT_STRENGTH: dict[Task, float] = {"img2img": 0.3, "inpaint": 1.0}
+MAX_ADAPTERS = 8
+
+ImageFormat = Literal["png", "jpeg", "webp"]
+IMAGE_FORMATS: tuple[ImageFormat, ...] = ("png", "jpeg", "webp")
+# jpeg/webp quality when a request gives none: visually close to lossless at a fraction of PNG's
+# bytes (Pillow's own defaults, 75 and 80, show blocking on smooth gradients).
+DEFAULT_QUALITY = 90
 
 
 class RequestError(ValueError):
@@ -68,63 +85,158 @@ class GenerationRequest:
     controlnets: tuple[tuple[str, float], ...] = ()
     control_urls: tuple[str, ...] = ()
     control_images: tuple[Any, ...] = ()
+    # How the reply carries the images (runtime.outputs); quality is None for lossless PNG.
+    image_format: ImageFormat = "png"
+    quality: int | None = None
+
+
+@dataclass(frozen=True)
+class RequestSpec:
+    """What of a manifest shapes its requests: the one input of the request model and its schema
+    (hashable, so both are built once per distinct artifact)."""
+
+    title: str
+    limits: Limits
+    defaults: Defaults
+    scheduler: str
+    tasks: tuple[Task, ...]
+    loras: tuple[str, ...]  # switchable, chosen per request by name
+    fused_loras: tuple[tuple[str, float], ...]  # always on: named only to say so
+    controlnets: tuple[str, ...]
+    embedding_tokens: tuple[str, ...]
+
+    @classmethod
+    def of(cls, manifest: Manifest) -> RequestSpec:
+        return cls(
+            title=f"{manifest.recipe} ({manifest.cache_key[:12]})",
+            limits=manifest.serving.limits,
+            defaults=manifest.serving.defaults,
+            scheduler=manifest.serving.scheduler,
+            tasks=tuple(manifest.capabilities.tasks),
+            loras=tuple(sorted(lora.name for lora in manifest.loras if not lora.fused)),
+            fused_loras=tuple(sorted((lora.name, lora.scale) for lora in manifest.loras if lora.fused)),
+            controlnets=tuple(sorted(c.name for c in manifest.controlnets)),
+            embedding_tokens=tuple(e.token for e in manifest.embeddings),
+        )
 
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
 
 
-class LoraChoice(_Strict):
-    name: str = Field(min_length=1, max_length=64)
-    scale: float | None = Field(None, ge=-4, le=4)  # None: the recipe's scale
+def _refuse_every_name(value: str) -> str:
+    raise PydanticCustomError("literal_error", "this artifact has none")
 
 
-class ControlNetChoice(_Strict):
-    name: str = Field(min_length=1, max_length=64)
-    image: str = Field(min_length=1)  # URL, data: URI or base64, like image_url
-    scale: float | None = Field(None, ge=0, le=4)  # None: the recipe's scale
-
-
-MAX_ADAPTERS = 8
+def _one_of(names: tuple[str, ...]) -> Any:
+    """The type of a name chosen from the artifact's own: an enum, in validation and schema alike.
+    With no names at all nothing is accepted (``enum: []``; Literal cannot be empty)."""
+    if names:
+        return Literal[names]
+    return Annotated[str, AfterValidator(_refuse_every_name), WithJsonSchema({"enum": []})]
 
 
 @lru_cache(maxsize=64)
-def request_model(lim: Limits) -> type[BaseModel]:
+def request_model(spec: RequestSpec) -> type[BaseModel]:
     """The pydantic model of one artifact's requests (strict types; floats accept ints)."""
+    lim, d = spec.limits, spec.defaults
+    tokens = ", ".join(spec.embedding_tokens)
+    words = f" Textual-inversion tokens this artifact knows, used as words: {tokens}." if tokens else ""
+    lora = create_model(
+        "LoraChoice",
+        __base__=_Strict,
+        name=(_one_of(spec.loras), Field(description="a switchable LoRA of this artifact")),
+        scale=(float | None, Field(None, ge=-4, le=4, description="default: the recipe's scale")),
+    )
+    controlnet = create_model(
+        "ControlNetChoice",
+        __base__=_Strict,
+        name=(_one_of(spec.controlnets), Field(description="a ControlNet of this artifact")),
+        image=(str, Field(min_length=1, description="control image: URL, data: URI or base64, like image_url")),
+        scale=(float | None, Field(None, ge=0, le=4, description="conditioning scale; default: the recipe's")),
+    )
+    # `default` in the schema is what the server fills in, not the model's None placeholder.
     fields: dict[str, Any] = {
-        "prompt": (str, Field(min_length=1, max_length=MAX_PROMPT_CHARS)),
-        "negative_prompt": (str | None, Field(None, max_length=MAX_PROMPT_CHARS)),
-        "width": (int | None, Field(None, ge=MIN_SIZE, le=lim.max_width, multiple_of=8)),
-        "height": (int | None, Field(None, ge=MIN_SIZE, le=lim.max_height, multiple_of=8)),
-        "seed": (int | None, Field(None, ge=0, le=MAX_SEED)),
-        "scheduler": (Literal[tuple(SCHEDULERS)] | None, None),
-        "num_inference_steps": (int | None, Field(None, ge=1, le=lim.max_steps)),
-        "refiner_inference_steps": (int | None, Field(None, ge=1, le=lim.max_steps)),
-        "guidance_scale": (float | None, Field(None, ge=0, le=MAX_GUIDANCE)),
-        "strength": (float | None, Field(None, ge=0, le=1)),
-        "image_url": (str | None, None),
-        "mask_url": (str | None, None),
-        "num_images": (int | None, Field(None, ge=1, le=lim.max_images)),
-        "high_noise_frac": (float | None, Field(None, ge=0, le=1)),
-        "loras": (list[LoraChoice], Field(default_factory=list, max_length=MAX_ADAPTERS)),
-        "controlnets": (list[ControlNetChoice], Field(default_factory=list, max_length=MAX_ADAPTERS)),
+        "prompt": (str, Field(min_length=1, max_length=MAX_PROMPT_CHARS, description="what to draw." + words)),
+        "negative_prompt": (
+            str | None,
+            Field(None, max_length=MAX_PROMPT_CHARS, json_schema_extra={"default": d.negative_prompt}),
+        ),
+        "width": (
+            int | None,
+            Field(None, ge=MIN_SIZE, le=lim.max_width, multiple_of=8, json_schema_extra={"default": d.width}),
+        ),
+        "height": (
+            int | None,
+            Field(None, ge=MIN_SIZE, le=lim.max_height, multiple_of=8, json_schema_extra={"default": d.height}),
+        ),
+        "seed": (int | None, Field(None, ge=0, le=MAX_SEED, description="default: random, returned in the reply")),
+        "scheduler": (Literal[tuple(SCHEDULERS)] | None, Field(None, json_schema_extra={"default": spec.scheduler})),
+        "num_inference_steps": (
+            int | None,
+            Field(None, ge=1, le=lim.max_steps, json_schema_extra={"default": d.steps}),
+        ),
+        "refiner_inference_steps": (int | None, Field(None, ge=1, le=lim.max_steps, description="ignored: no refiner")),
+        "guidance_scale": (
+            float | None,
+            Field(None, ge=0, le=MAX_GUIDANCE, json_schema_extra={"default": d.guidance_scale}),
+        ),
+        "strength": (
+            float | None,
+            Field(
+                None, ge=0, le=1, description="img2img/inpaint denoising strength; default 0.3 (img2img), 1 (inpaint)"
+            ),
+        ),
+        "image_url": (str | None, Field(None, description="img2img/inpaint source: URL, data: URI or base64")),
+        "mask_url": (str | None, Field(None, description="inpaint mask (white: repaint); needs image_url")),
+        "num_images": (int | None, Field(None, ge=1, le=lim.max_images, json_schema_extra={"default": 1})),
+        "high_noise_frac": (float | None, Field(None, ge=0, le=1, description="ignored: no refiner")),
+        "loras": (list[lora], Field(default_factory=list, max_length=MAX_ADAPTERS)),  # type: ignore[valid-type]
+        "controlnets": (list[controlnet], Field(default_factory=list, max_length=MAX_ADAPTERS)),  # type: ignore[valid-type]
+        "image_format": (
+            ImageFormat | None,
+            Field(None, description="encoding of the reply's images", json_schema_extra={"default": "png"}),
+        ),
+        "quality": (
+            int | None,
+            Field(None, ge=1, le=100, description=f"jpeg/webp quality (default {DEFAULT_QUALITY}); png: ignored"),
+        ),
     }
-    return create_model("Request", __config__=ConfigDict(extra="forbid", strict=True, frozen=True), **fields)
+    config = ConfigDict(extra="forbid", strict=True, frozen=True, title=f"Request to {spec.title}")
+    return create_model("Request", __config__=config, **fields)
 
 
-def _message(err: Any) -> str:
-    field = ".".join(str(p) for p in err["loc"]) or "input"
+def _message(err: Any, spec: RequestSpec) -> str:
+    loc = err["loc"]
+    field = ".".join(str(p) for p in loc) or "input"
     msg = err["msg"]
-    if err["type"] == "literal_error" and field == "scheduler":
-        msg = f"unknown scheduler; expected one of {', '.join(SCHEDULERS)}"
+    if err["type"] == "literal_error":
+        value = err["input"]
+        if field == "scheduler":
+            msg = f"unknown scheduler; expected one of {', '.join(SCHEDULERS)}"
+        elif loc[0] == "loras" and loc[-1] == "name":
+            fused = dict(spec.fused_loras)
+            if value in fused:
+                return (
+                    f"{field}: {value!r} is fused into this artifact at scale {fused[value]} (always on); "
+                    "only LoRAs compiled with `fuse: false` are chosen per request"
+                )
+            have = ", ".join(repr(n) for n in spec.loras) or "none"
+            return f"{field}: no switchable LoRA {value!r}; this artifact has: {have}"
+        elif loc[0] == "controlnets" and loc[-1] == "name":
+            have = ", ".join(repr(n) for n in spec.controlnets) or "none"
+            return f"{field}: no ControlNet {value!r}; this artifact has: {have}"
     return f"{field}: {msg}, got {err['input']!r}"
 
 
 def validate(raw: Any, manifest: Manifest) -> tuple[GenerationRequest, list[str]]:
-    """job["input"] -> (request, warnings). Raises RequestError listing every problem."""
+    """job["input"] -> (request, warnings). Raises RequestError listing every problem.
+
+    Every rule here has its JSON Schema twin in ``_rules``: change both together."""
     if not isinstance(raw, dict):
         raise RequestError([f"input: expected a JSON object, got {type(raw).__name__}"])
-    model = request_model(manifest.serving.limits)
+    spec = RequestSpec.of(manifest)
+    model = request_model(spec)
     errors: list[str] = []
     data = dict(raw)
     for alias, name in ALIASES.items():
@@ -139,7 +251,7 @@ def validate(raw: Any, manifest: Manifest) -> tuple[GenerationRequest, list[str]
     try:
         checked = model.model_validate(data)
     except ValidationError as e:
-        errors.extend(_message(err) for err in e.errors())
+        errors.extend(_message(err, spec) for err in e.errors())
         checked = None
     if errors or checked is None:
         raise RequestError(errors)
@@ -154,11 +266,14 @@ def validate(raw: Any, manifest: Manifest) -> tuple[GenerationRequest, list[str]
             errors.append(
                 "controlnets: with image_url (img2img/inpaint) is not supported; send a text-to-image request"
             )
-    errors.extend(_adapter_errors(values, manifest))
-    supported = ", ".join(manifest.capabilities.tasks)
+    if len({c["name"] for c in values["loras"]}) < len(values["loras"]):
+        errors.append("loras: a LoRA is named twice; name each once with its scale")
+    if len({c["name"] for c in values["controlnets"]}) < len(values["controlnets"]):
+        errors.append("controlnets: a ControlNet is named twice")
+    supported = ", ".join(spec.tasks)
     if mask_url and not image_url:
         errors.append("mask_url: a mask needs the image it masks; send image_url (or init_image) with it")
-    elif task not in manifest.capabilities.tasks:
+    elif task not in spec.tasks:
         if task == "txt2img":
             errors.append(f"image_url: required, this artifact does not generate from text; it supports: {supported}")
         else:
@@ -167,7 +282,7 @@ def validate(raw: Any, manifest: Manifest) -> tuple[GenerationRequest, list[str]
     if errors:
         raise RequestError(errors)
 
-    d = manifest.serving.defaults
+    d = spec.defaults
     steps = values["num_inference_steps"] or d.steps
     warnings = [f"{f}: ignored, this artifact has no refiner" for f in REFINER_FIELDS if values[f] is not None]
     strength = None
@@ -184,6 +299,14 @@ def validate(raw: Any, manifest: Manifest) -> tuple[GenerationRequest, list[str]
                     f"(steps x strength must be at least 1); raise strength or num_inference_steps"
                 ]
             )
+    image_format: ImageFormat = values["image_format"] or "png"
+    quality = values["quality"]
+    if image_format == "png":
+        if quality is not None:
+            warnings.append("quality: ignored, png is lossless (ask for image_format jpeg or webp)")
+        quality = None
+    elif quality is None:
+        quality = DEFAULT_QUALITY
 
     seed = values["seed"] if values["seed"] is not None else secrets.randbelow(2**32)
     loras = {lora.name: lora.scale for lora in manifest.loras}
@@ -196,7 +319,7 @@ def validate(raw: Any, manifest: Manifest) -> tuple[GenerationRequest, list[str]
         height=values["height"] or d.height,
         steps=steps,
         guidance_scale=values["guidance_scale"] if values["guidance_scale"] is not None else d.guidance_scale,
-        scheduler=values["scheduler"] or manifest.serving.scheduler,
+        scheduler=values["scheduler"] or spec.scheduler,
         seed=seed,
         num_images=values["num_images"] or 1,
         strength=strength,
@@ -208,33 +331,136 @@ def validate(raw: Any, manifest: Manifest) -> tuple[GenerationRequest, list[str]
             (c["name"], c["scale"] if c["scale"] is not None else controlnets[c["name"]]) for c in values["controlnets"]
         ),
         control_urls=tuple(c["image"] for c in values["controlnets"]),
+        image_format=image_format,
+        quality=quality,
     )
     return request, warnings
 
 
-def _adapter_errors(values: dict[str, Any], manifest: Manifest) -> list[str]:
-    """Requested LoRAs must be the artifact's switchable ones, ControlNets its ControlNets."""
-    errors = []
-    switchable = {lora.name for lora in manifest.loras if not lora.fused}
-    fused = {lora.name: lora.scale for lora in manifest.loras if lora.fused}
-    names = [c["name"] for c in values["loras"]]
-    for i, name in enumerate(names):
-        if name in fused:
-            errors.append(
-                f"loras.{i}.name: {name!r} is fused into this artifact at scale {fused[name]} (always on); "
-                "only LoRAs compiled with `fuse: false` are chosen per request"
-            )
-        elif name not in switchable:
-            have = ", ".join(repr(n) for n in sorted(switchable)) or "none"
-            errors.append(f"loras.{i}.name: no switchable LoRA {name!r}; this artifact has: {have}")
-    if len(set(names)) < len(names):
-        errors.append("loras: a LoRA is named twice; name each once with its scale")
-    known = {c.name for c in manifest.controlnets}
-    cn = [c["name"] for c in values["controlnets"]]
-    for i, name in enumerate(cn):
-        if name not in known:
-            have = ", ".join(repr(n) for n in sorted(known)) or "none"
-            errors.append(f"controlnets.{i}.name: no ControlNet {name!r}; this artifact has: {have}")
-    if len(set(cn)) < len(cn):
-        errors.append("controlnets: a ControlNet is named twice")
-    return errors
+# --- the JSON Schema ----------------------------------------------------------------------------
+
+JSON_SCHEMA_DIALECT = "https://json-schema.org/draft/2020-12/schema"
+
+
+def request_json_schema(manifest: Manifest) -> dict[str, Any]:
+    """The JSON Schema (draft 2020-12) of one artifact's requests: the request model's own schema
+    (fields, ranges, enums of scheduler, LoRA and ControlNet names), the aliases, and every rule
+    between fields that ``validate`` applies. A fresh dict on every call (callers may change it)."""
+    return json.loads(_schema_text(RequestSpec.of(manifest)))
+
+
+@lru_cache(maxsize=64)
+def _schema_text(spec: RequestSpec) -> str:
+    schema = request_model(spec).model_json_schema()
+    props = schema["properties"]
+    # What the server fills in when a field is absent (pydantic would say null).
+    for alias, name in ALIASES.items():
+        props[alias] = copy.deepcopy(props[name]) | {"title": alias, "description": f"alias of {name}"}
+    for kind, names in (("loras", spec.loras), ("controlnets", spec.controlnets)):
+        # Each name at most once in the list: with names from a closed enum, "unique by name" is
+        # expressible in plain JSON Schema (one maxContains per name).
+        if names:
+            props[kind]["allOf"] = [
+                {
+                    "contains": {"required": ["name"], "properties": {"name": {"const": n}}},
+                    "minContains": 0,
+                    "maxContains": 1,
+                }
+                for n in names
+            ]
+    schema = {
+        "$schema": JSON_SCHEMA_DIALECT,
+        **schema,
+        "description": (
+            f"worker-sdxl compatible request to {spec.title}; tasks: {', '.join(spec.tasks)}. "
+            "The x- keywords are annotations (no validation)."
+        ),
+        # An alias and its canonical name are one field: giving both is refused.
+        "dependentSchemas": {alias: {"not": {"required": [name]}} for alias, name in ALIASES.items()},
+        "allOf": _rules(spec),
+        "x-tasks": list(spec.tasks),
+        "x-embedding-tokens": list(spec.embedding_tokens),
+        "x-fused-loras": dict(spec.fused_loras),
+    }
+    return json.dumps(schema, sort_keys=False)
+
+
+def _given(field: str) -> dict[str, Any]:
+    """A string field given and not empty under its name or any alias (worker-sdxl: `if image_url:`)."""
+    names = [field, *(a for a, n in ALIASES.items() if n == field)]
+    return {"anyOf": [{"required": [k], "properties": {k: {"type": "string", "minLength": 1}}} for k in names]}
+
+
+def min_strength(steps: int) -> float:
+    """The least float x with ``steps * x >= 1`` in float arithmetic, as validate (and diffusers'
+    int(steps * strength)) computes it: 1/steps, or the float next to it where the product rounds
+    the other way (49 * (1/49) < 1)."""
+    x = 1.0 / steps
+    while steps * x < 1:
+        x = math.nextafter(x, 2.0)
+    while steps * (y := math.nextafter(x, 0.0)) >= 1:
+        x = y
+    return x
+
+
+def min_steps(strength: float) -> int:
+    """The least step count s >= 1 with ``s * strength >= 1`` (strength > 0)."""
+    s = max(1, math.ceil(1 / strength) - 1)
+    while s * strength < 1:
+        s += 1
+    return s
+
+
+def _rules(spec: RequestSpec) -> list[dict[str, Any]]:
+    """validate()'s rules between fields, as JSON Schema, in its order."""
+    image, mask = _given("image_url"), _given("mask_url")
+    control = {"required": ["controlnets"], "properties": {"controlnets": {"type": "array", "minItems": 1}}}
+    rules: list[dict[str, Any]] = [
+        {"$comment": "controlnets only with text-to-image", "if": control, "then": {"not": image}},
+        {"$comment": "mask_url needs image_url", "if": mask, "then": image},
+    ]
+    # The task follows from the inputs: mask -> inpaint, image -> img2img, controlnets -> controlnet.
+    refused = {
+        "txt2img": {"$comment": "no text-to-image: an input image is required", "anyOf": [image, mask, control]},
+        "img2img": {"$comment": "no img2img", "not": {"allOf": [image, {"not": mask}]}},
+        "inpaint": {"$comment": "no inpainting", "not": {"allOf": [image, mask]}},
+        "controlnet": {"$comment": "no ControlNets", "not": control},
+    }
+    rules += [rule for task, rule in refused.items() if task not in spec.tasks]
+    rules += [_denoise_rule(spec, image, mask)]
+    return rules
+
+
+def _denoise_rule(spec: RequestSpec, image: dict[str, Any], mask: dict[str, Any]) -> dict[str, Any]:
+    """img2img/inpaint run int(steps x strength) steps, so steps x strength >= 1. No arithmetic in
+    JSON Schema, but steps is a bounded integer: one minimum strength per step count (exact, from
+    min_strength), and for an absent strength the task's default gives a minimum step count."""
+    d = spec.defaults.steps
+
+    def steps_are(s: int) -> dict[str, Any]:
+        if s == d:  # absent and null mean the default
+            return {"properties": {"num_inference_steps": {"enum": [None, s]}}}
+        return {"required": ["num_inference_steps"], "properties": {"num_inference_steps": {"const": s}}}
+
+    strength_names = ["strength", *(a for a, n in ALIASES.items() if n == "strength")]
+    clauses: list[dict[str, Any]] = [
+        {
+            "if": steps_are(s),
+            "then": {"properties": {k: {"minimum": min_strength(s)} for k in strength_names}},
+        }
+        for s in sorted({*range(1, spec.limits.max_steps + 1), d})
+    ]
+    no_strength = {"properties": {k: {"type": "null"} for k in strength_names}}  # absent or null
+    for task, default in DEFAULT_STRENGTH.items():
+        least = min_steps(default)
+        if least <= 1:
+            continue
+        steps_rule: dict[str, Any] = {"properties": {"num_inference_steps": {"minimum": least}}}
+        if d < least:  # the default step count is too few: the request must name enough
+            steps_rule = {
+                "required": ["num_inference_steps"],
+                "properties": {"num_inference_steps": {"type": "integer", "minimum": least}},
+            }
+        is_task = mask if task == "inpaint" else {"not": mask}
+        clauses.append({"if": {"allOf": [no_strength, is_task]}, "then": steps_rule})
+    return {"$comment": "img2img/inpaint: num_inference_steps x strength >= 1", "if": image, "then": {"allOf": clauses}}
