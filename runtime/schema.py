@@ -191,8 +191,8 @@ def request_model(spec: RequestSpec) -> type[BaseModel]:
         "mask_url": (str | None, Field(None, description="inpaint mask (white: repaint); needs image_url")),
         "num_images": (int | None, Field(None, ge=1, le=lim.max_images, json_schema_extra={"default": 1})),
         "high_noise_frac": (float | None, Field(None, ge=0, le=1, description="ignored: no refiner")),
-        "loras": (list[lora], Field(default_factory=list, max_length=MAX_ADAPTERS)),  # type: ignore[valid-type]
-        "controlnets": (list[controlnet], Field(default_factory=list, max_length=MAX_ADAPTERS)),  # type: ignore[valid-type]
+        "loras": (list[lora], Field(default_factory=list, max_length=MAX_ADAPTERS)),
+        "controlnets": (list[controlnet], Field(default_factory=list, max_length=MAX_ADAPTERS)),
         "image_format": (
             ImageFormat | None,
             Field(None, description="encoding of the reply's images", json_schema_extra={"default": "png"}),
@@ -420,7 +420,7 @@ def _rules(spec: RequestSpec) -> list[dict[str, Any]]:
         {"$comment": "mask_url needs image_url", "if": mask, "then": image},
     ]
     # The task follows from the inputs: mask -> inpaint, image -> img2img, controlnets -> controlnet.
-    refused = {
+    refused: dict[str, dict[str, Any]] = {
         "txt2img": {"$comment": "no text-to-image: an input image is required", "anyOf": [image, mask, control]},
         "img2img": {"$comment": "no img2img", "not": {"allOf": [image, {"not": mask}]}},
         "inpaint": {"$comment": "no inpainting", "not": {"allOf": [image, mask]}},
