@@ -16,12 +16,13 @@ logging.basicConfig(
     format="%(asctime)s %(levelname)s %(name)s: %(message)s",
 )
 
-if os.environ.get("UIW_PRELOAD", "1") == "1":
-    # Load before taking jobs, so that the first request pays no load; a failure here still lets
-    # the worker start and answer every job with the load error.
-    try:
-        get_service()
-    except Exception as e:
-        logging.getLogger("runtime").error("preload failed: %s", e)
+# Check the settings (served names, UIW_MEMORY_BUDGET) and load what UIW_PRELOAD names (default
+# `1`: the default model; `all`, `0`, or a comma list of names) before taking jobs, so that the
+# first request pays no load. A failure here still lets the worker start and answer every job
+# with the error.
+try:
+    get_service()
+except Exception as e:
+    logging.getLogger("runtime").error("start-up failed: %s", e)
 
 runpod.serverless.start({"handler": handler})

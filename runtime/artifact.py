@@ -26,6 +26,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 FORMAT_VERSION = 1
 ARTIFACTS_SUBDIR = "artifacts/v1"
 NAMES_SUBDIR = "names"
+ALIASES_SUBDIR = "aliases"  # <alias>.json: public name -> weighted routes, with history
 MANIFEST = "manifest.json"
 READY = "READY"
 CONTROLNET_DIR = "controlnets"  # one diffusers ControlNetModel folder per ControlNet
@@ -216,6 +217,46 @@ class NameFile(_Frozen):
     name: str
     current: NameRecord
     history: tuple[NameRecord, ...] = ()  # previous currents, newest first
+
+
+# --- aliases: a public name -> weighted routes to artifacts, with history ---------------------
+
+
+class AliasRoute(_Frozen):
+    """One route of an alias. ``target`` is what `alias set` was given (a recipe name or a cache
+    key); ``cache_key`` is the artifact it named then, pinned, so that recompiling a recipe never
+    moves an alias behind its users' backs and a rollback restores exactly what was served."""
+
+    target: str
+    cache_key: str
+    weight: float = Field(1.0, ge=0)  # relative; 0 keeps a route listed but sends it nothing
+
+
+class AliasRecord(_Frozen):
+    routes: tuple[AliasRoute, ...] = Field(min_length=1)
+    set_at: str
+
+
+class AliasFile(_Frozen):
+    name: str
+    current: AliasRecord
+    history: tuple[AliasRecord, ...] = ()  # previous currents, newest first
+
+
+def alias_path(home: Path, name: str) -> Path:
+    return Path(home) / ALIASES_SUBDIR / f"{name}.json"
+
+
+def read_alias(home: Path, name: str) -> AliasFile | None:
+    p = alias_path(home, name)
+    try:
+        return AliasFile.model_validate_json(p.read_bytes())
+    except FileNotFoundError:
+        return None
+    except (OSError, ValidationError) as e:
+        raise ArtifactError(
+            f"{p}: unreadable alias file ({e}). hint: rewrite it with `python -m compiler.store alias set {name} ...`."
+        ) from e
 
 
 def names_path(home: Path, name: str) -> Path:

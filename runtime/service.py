@@ -9,32 +9,121 @@ from __future__ import annotations
 
 import logging
 import os
+import random
 import threading
 import time
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
-from runtime.artifact import ArtifactError, resolve_artifact
+from runtime import schema as schema_module
+from runtime.aliases import AliasWatch, Route, choose
+from runtime.artifact import (
+    ArtifactError,
+    Manifest,
+    alias_path,
+    names_path,
+    read_alias,
+    read_manifest,
+    resolve_artifact,
+)
 from runtime.encode import data_uri
 from runtime.inputs import attach_images
-from runtime.loader import Loaded, load
+from runtime.loader import Loaded
+from runtime.pool import Pool, default_budget, parse_budget
 from runtime.schema import RequestError, validate
 
 log = logging.getLogger(__name__)
 
 
+MODEL_FIELDS = ("model", "recipe")  # the request field that picks the artifact, and its alias
+PRELOAD_CHOICES = "1 (the default artifact), all, 0, or a comma list of served names"
+
+
 @dataclass(frozen=True)
 class Settings:
-    artifacts: tuple[str, ...]  # directories or recipe names; the first is the default
+    artifacts: tuple[str, ...]  # directories, recipe names or alias names; the first is the default
     home: Path
+    memory_budget: int | None = None  # bytes; None: from the device (runtime.pool.default_budget)
+    preload: str = "1"  # UIW_PRELOAD: see PRELOAD_CHOICES
+    routing_seed: int | None = None  # UIW_ROUTING_SEED: reproducible A/B choices (tests, replays)
 
     @classmethod
     def from_env(cls) -> Settings:
         entries = tuple(e.strip() for e in os.environ.get("UIW_ARTIFACTS", "").split(",") if e.strip())
         home = Path(os.environ.get("UIW_HOME", "~/.cache/uiw")).expanduser()
-        return cls(artifacts=entries, home=home)
+        budget = os.environ.get("UIW_MEMORY_BUDGET", "").strip()
+        seed = os.environ.get("UIW_ROUTING_SEED", "").strip()
+        if seed and not seed.isdigit():
+            raise ArtifactError(f"UIW_ROUTING_SEED: {seed!r} is not a whole number. hint: unset it or give e.g. 0.")
+        return cls(
+            artifacts=entries,
+            home=home,
+            memory_budget=parse_budget(budget) if budget else None,
+            preload=os.environ.get("UIW_PRELOAD", "1").strip() or "1",
+            routing_seed=int(seed) if seed else None,
+        )
+
+
+@dataclass(frozen=True)
+class Served:
+    """One public name of this worker: a fixed artifact (a directory or a recipe name, resolved
+    at start) or an alias (its routes re-read when its file changes)."""
+
+    name: str
+    kind: Literal["artifact", "recipe", "alias"]
+    path: Path | None = None
+    alias: AliasWatch | None = None
+
+    def routes(self) -> tuple[Route, ...]:
+        if self.alias is not None:
+            return self.alias.routes()
+        assert self.path is not None
+        return (Route(self.name, self.path.name, 1.0, self.path),)
+
+
+@dataclass(frozen=True)
+class Selection:
+    served: Served
+    route: Route
+    manifest: Manifest
+
+    def reply_field(self) -> dict[str, str]:
+        return {"name": self.served.name, "recipe": self.manifest.recipe, "artifact": self.manifest.cache_key[:12]}
+
+
+def resolve_served(entry: str, home: Path) -> Served:
+    """An entry of UIW_ARTIFACTS -> its public name and what it serves."""
+    p = Path(entry).expanduser()
+    if p.is_dir() or os.sep in entry or entry.startswith("."):
+        path = resolve_artifact(entry, home)
+        return Served(read_manifest(path).recipe, "artifact", path=path)
+    is_alias = alias_path(home, entry).is_file()
+    if is_alias and names_path(home, entry).is_file():
+        raise ArtifactError(
+            f"UIW_ARTIFACTS: {entry!r} is both an alias ({alias_path(home, entry)}) and a recipe name "
+            f"({names_path(home, entry)}). hint: rename the alias (`python -m compiler.store alias set OTHER ...`) "
+            "so that one name means one thing."
+        )
+    if is_alias:
+        read_alias(home, entry)  # a broken file fails here, at start
+        return Served(entry, "alias", alias=AliasWatch(home, entry))
+    return Served(entry, "recipe", path=resolve_artifact(entry, home))
+
+
+@dataclass
+class _Manifests:
+    """Manifests by artifact directory, read once (an artifact never changes once READY)."""
+
+    cache: dict[Path, Manifest] = field(default_factory=dict)
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def get(self, path: Path) -> Manifest:
+        with self.lock:
+            if path not in self.cache:
+                self.cache[path] = read_manifest(path)
+            return self.cache[path]
 
 
 class Service:
@@ -42,27 +131,130 @@ class Service:
         if not settings.artifacts:
             raise ArtifactError(
                 "UIW_ARTIFACTS is empty. hint: set it to the directory `python -m compiler recipe=NAME` "
-                "printed, or to the recipe name (resolved through $UIW_HOME/names/)."
+                "printed, to the recipe name (resolved through $UIW_HOME/names/), or to an alias name; "
+                "several, comma-separated, serve several models (the first is the default)."
             )
         self.settings = settings
-        self.paths = [resolve_artifact(e, settings.home) for e in settings.artifacts]
-        self.loaded: list[Loaded] = [load(p) for p in self.paths[:1]]
+        self.served: dict[str, Served] = {}
+        for entry in settings.artifacts:
+            s = resolve_served(entry, settings.home)
+            if s.name in self.served:
+                raise ArtifactError(
+                    f"UIW_ARTIFACTS: two entries are served as {s.name!r} ({entry!r} and an earlier one). "
+                    "hint: list each model once; to serve two builds of one recipe, give them aliases "
+                    "(`python -m compiler.store alias set NAME CACHE_KEY`) and list the aliases."
+                )
+            self.served[s.name] = s
+        self.default_name = next(iter(self.served))
+        self.manifests = _Manifests()
+        for s in self.served.values():  # every fixed artifact is checked (READY, manifest) at start
+            for r in s.routes():
+                self.manifests.get(r.path)
+        if settings.memory_budget is not None:
+            budget, source = settings.memory_budget, "UIW_MEMORY_BUDGET"
+        else:
+            budget, source = default_budget()
+        log.info("memory budget %d B (%s); serving %s", budget, source, ", ".join(self.served))
+        self.pool = Pool(budget)
+        self._rng = random.Random(settings.routing_seed)
+        self._rng_lock = threading.Lock()
+        self.preload(settings.preload)
+
+    def preload(self, spec: str) -> list[str]:
+        """Load what UIW_PRELOAD names, in order, as far as the budget allows without evicting;
+        returns the names loaded."""
+        spec = spec.strip()
+        if spec == "0":
+            return []
+        if spec == "1":
+            names = [self.default_name]
+        elif spec == "all":
+            names = list(self.served)
+        else:
+            names = [n.strip() for n in spec.split(",") if n.strip()]
+            unknown = [n for n in names if n not in self.served]
+            if unknown:
+                raise ArtifactError(
+                    f"UIW_PRELOAD: {', '.join(map(repr, unknown))} not served by this worker. hint: use "
+                    f"{PRELOAD_CHOICES}; served: {', '.join(self.served)}."
+                )
+        done = []
+        for name in names:
+            for r in self.served[name].routes():
+                if r.weight > 0 and self.pool.preload(r.path, self.manifests.get(r.path)):
+                    done.append(name)
+        return done
 
     @property
     def default(self) -> Loaded:
-        return self.loaded[0]
+        """The default model's artifact, loaded (its first route for an alias)."""
+        route = self.served[self.default_name].routes()[0]
+        with self.pool.acquire(route.path, self.manifests.get(route.path)) as lease:
+            loaded: Loaded = lease.loaded
+        return loaded
+
+    def select(self, raw_input: Any) -> tuple[Selection, Any]:
+        """Pop ``model`` (or ``recipe``) from the input and pick the artifact that serves it (for an
+        alias: one route at random by weight). Returns the selection and the rest of the input."""
+        if not isinstance(raw_input, dict):
+            served = self.served[self.default_name]
+            rest: Any = raw_input
+        else:
+            rest = dict(raw_input)
+            given = [f for f in MODEL_FIELDS if f in rest]
+            if len(given) == 2:
+                raise RequestError(["recipe: both 'model' and its alias 'recipe' given; send only 'model'"])
+            name = rest.pop(given[0]) if given else self.default_name
+            if not isinstance(name, str) or name not in self.served:
+                raise RequestError(
+                    [
+                        f"{given[0] if given else 'model'}: unknown model {name!r}; this worker serves: "
+                        f"{', '.join(map(repr, self.served))}. hint: send one of these names, or leave the "
+                        f"field out for the default ({self.default_name!r})"
+                    ]
+                )
+            served = self.served[name]
+        routes = served.routes()
+        with self._rng_lock:
+            route = choose(routes, self._rng)
+        return Selection(served, route, self.manifests.get(route.path)), rest
+
+    def describe(self, raw_input: dict[str, Any]) -> dict[str, Any]:
+        return describe(self, raw_input)
 
     def run(self, raw_input: Any) -> dict[str, Any]:
         request_id = uuid.uuid4().hex[:12]
-        artifact = self.default
         t_in = time.perf_counter()
+        if isinstance(raw_input, dict) and "describe" in raw_input:
+            return self.describe(raw_input)
         try:
-            request, warnings = validate(raw_input, artifact.manifest)
+            selection, raw_input = self.select(raw_input)
+            # Validated against the chosen artifact's own manifest: its limits, LoRAs, tasks.
+            request, warnings = validate(raw_input, selection.manifest)
             # Image inputs are fetched and decoded here, bounded, before any model work.
-            request, image_warnings = attach_images(request, artifact.manifest.serving.limits)
+            request, image_warnings = attach_images(request, selection.manifest.serving.limits)
         except RequestError as e:
             return {"error": "; ".join(e.errors), "errors": e.errors}
+        except ArtifactError as e:  # an alias file gone or broken since start
+            return {"error": str(e)}
         warnings = [*warnings, *image_warnings]
+        try:
+            with self.pool.acquire(selection.route.path, selection.manifest) as lease:
+                reply = self._generate(request_id, lease.loaded, request, warnings, t_in)
+        except ArtifactError as e:  # bigger than the budget, no room in time, a broken artifact
+            return {"error": str(e), "model": selection.reply_field()}
+        except Exception as e:
+            log.exception("request %s: loading %s failed", request_id, selection.route.path)
+            return {"error": f"loading the model failed: {type(e).__name__}: {e}", "refresh_worker": True}
+        reply["model"] = selection.reply_field()
+        if lease.load_seconds is not None:
+            reply["load_seconds"] = round(lease.load_seconds, 3)
+            log.info("request %s: loaded %s for it in %.2f s", request_id, selection.served.name, lease.load_seconds)
+        return reply
+
+    def _generate(
+        self, request_id: str, artifact: Loaded, request: Any, warnings: list[str], t_in: float
+    ) -> dict[str, Any]:
         from runtime.generate import generate, request_warnings
 
         if request.task == "controlnet":
@@ -96,6 +288,59 @@ class Service:
         if warnings:
             reply["warnings"] = warnings
         return reply
+
+
+def describe(service: Service, raw_input: dict[str, Any]) -> dict[str, Any]:
+    """``{"describe": true}`` -> the served models, their artifacts (loaded or not, footprint,
+    load time) and each artifact's request JSON Schema. ``model`` narrows it to one name."""
+    rest = {k: v for k, v in raw_input.items() if k not in ("describe", "model")}
+    if raw_input.get("describe") is not True or rest:
+        return {"error": 'describe: send {"describe": true} (optionally with "model"), and nothing else'}
+    names = list(service.served)
+    if "model" in raw_input:
+        if raw_input["model"] not in service.served:
+            return {"error": f"model: unknown model {raw_input['model']!r}; this worker serves: {', '.join(names)}"}
+        names = [raw_input["model"]]
+    # TODO(S1): call runtime.schema.request_json_schema directly once helper O's commit lands.
+    json_schema = getattr(schema_module, "request_json_schema", None)
+    models: list[dict[str, Any]] = []
+    artifacts: dict[str, dict[str, Any]] = {}
+    for name in names:
+        served = service.served[name]
+        try:
+            routes = served.routes()
+        except ArtifactError as e:
+            models.append({"name": name, "kind": served.kind, "error": str(e)})
+            continue
+        models.append(
+            {
+                "name": name,
+                "kind": served.kind,
+                "default": name == service.default_name,
+                "routes": [{"target": r.target, "weight": r.weight, "artifact": r.cache_key[:12]} for r in routes],
+            }
+        )
+        for r in routes:
+            if r.cache_key[:12] in artifacts:
+                continue
+            manifest = service.manifests.get(r.path)
+            st = service.pool.status(manifest)
+            artifacts[r.cache_key[:12]] = {
+                "recipe": manifest.recipe,
+                "family": manifest.family,
+                "cache_key": manifest.cache_key,
+                "dtype": manifest.runtime.dtype,
+                "loaded": st.loaded,
+                "load_seconds": None if st.load_seconds is None else round(st.load_seconds, 3),
+                "footprint_bytes": st.footprint,
+                "footprint": "measured" if st.measured else "estimated from the weight files",
+                "schema": json_schema(manifest) if json_schema else None,
+            }
+    return {
+        "models": models,
+        "artifacts": artifacts,
+        "memory": {"budget_bytes": service.pool.budget, "used_bytes": service.pool.used},
+    }
 
 
 _service: Service | None = None
