@@ -25,6 +25,8 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationErr
 from pydantic_core import PydanticCustomError
 
 from runtime.artifact import SCHEDULERS, Defaults, Limits, Manifest, Task
+from runtime.encode import DEFAULT_QUALITY
+from runtime.encode import Format as ImageFormat
 
 # Older RunPod workers' and public endpoints' names -> worker-sdxl's.
 ALIASES = {
@@ -43,12 +45,6 @@ MIN_SIZE = 64
 # pass) for img2img; inpainting regenerates the masked region from noise (diffusers' 1.0).
 DEFAULT_STRENGTH: dict[Task, float] = {"img2img": 0.3, "inpaint": 1.0}
 MAX_ADAPTERS = 8
-
-ImageFormat = Literal["png", "jpeg", "webp"]
-IMAGE_FORMATS: tuple[ImageFormat, ...] = ("png", "jpeg", "webp")
-# jpeg/webp quality when a request gives none: visually close to lossless at a fraction of PNG's
-# bytes (Pillow's own defaults, 75 and 80, show blocking on smooth gradients).
-DEFAULT_QUALITY = 90
 
 
 class RequestError(ValueError):
