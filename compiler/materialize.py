@@ -163,6 +163,12 @@ def materialize(
             pipe.vae.register_to_config(force_upcast=True)
         pipe.save_pretrained(out / PIPELINE_DIR, safe_serialization=True)
         _drop_load_options(out / PIPELINE_DIR)
+        # The target-hardware pass (compiler.optimize): quantized weights stored as served, then
+        # compile caches warmed from the final files.
+        from compiler.optimize import capture_compile_cache, quantize_denoiser
+
+        quantize_denoiser(plan, out)
+        capture_compile_cache(plan, out)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
     log.info("materialized %s (%s, %s)", plan.base, plan.precision, plan.scheduler)

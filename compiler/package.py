@@ -17,7 +17,6 @@ from runtime.artifact import (
     FileEntry,
     LoraInfo,
     Manifest,
-    RuntimeOptions,
     Serving,
     content_digest,
     fsync_path,
@@ -68,7 +67,7 @@ def package(
             )
             for lora in plan.loras
         ),
-        runtime=RuntimeOptions(dtype=plan.precision),
+        runtime=plan.runtime_options(),
         environment=environment,
         provenance=dict(provenance),
         inputs=tuple(

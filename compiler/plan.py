@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from compiler import COMPILER_REVISION
@@ -17,7 +17,8 @@ from compiler.errors import Problem, UserError
 from compiler.families import FAMILIES, main_task
 from compiler.recipe import Recipe
 from compiler.sources.base import Pinned, Resolved
-from runtime.artifact import Defaults, Limits
+from compiler.validate import check_performance
+from runtime.artifact import CompileOptions, Defaults, Limits, RuntimeOptions
 
 
 @dataclass(frozen=True)
@@ -66,6 +67,26 @@ class BuildPlan:
     vae: PlannedFile | None = None
     embeddings: tuple[PlannedFile, ...] = ()
     controlnets: tuple[PlannedFile, ...] = ()
+    # Performance options (normalised: compile off carries no mode/shapes, so equal meanings hash
+    # equal). quantize changes the stored weights; the rest the runtime applies at load.
+    offload: str = "none"
+    compile: CompileOptions = field(default_factory=CompileOptions)
+    channels_last: bool = False
+    fused_qkv: bool = False
+    attention: str | None = None
+    quantize: str = "none"
+
+    def runtime_options(self) -> RuntimeOptions:
+        """The manifest's record of what the runtime applies after load."""
+        return RuntimeOptions(
+            dtype=self.precision,
+            offload=self.offload,
+            compile=self.compile,
+            channels_last=self.channels_last,
+            fused_qkv=self.fused_qkv,
+            attention=self.attention,
+            quantize=self.quantize,
+        )
 
     @property
     def adapter_inputs(self) -> tuple[tuple[str, str], ...]:
@@ -83,6 +104,7 @@ class BuildPlan:
         d["controlnets"] = [asdict(c) for c in self.controlnets]
         d["base_inputs"] = [list(i) for i in self.base_inputs]
         d["checkpoint_inputs"] = [list(i) for i in self.checkpoint_inputs]
+        d["compile"] = self.compile.model_dump(mode="json")
         return d
 
 
@@ -161,8 +183,20 @@ def make_plan(
         problems.append(
             Problem(f"{where}: prediction", f"{family.label} is a flow-matching model", "remove `prediction:`")
         )
+    problems.extend(check_performance(recipe, (limits.max_width, limits.max_height)))
     if problems:
         raise UserError(problems)
+    wanted = recipe.compile
+    compile_options = (
+        CompileOptions(
+            scope=wanted.scope,
+            mode=wanted.mode,
+            dynamic=wanted.dynamic,
+            shapes=wanted.shapes or ((defaults.width, defaults.height),),
+        )
+        if wanted.scope != "off"
+        else CompileOptions()
+    )
     # A file that says it predicts v (a v_pred key, modelspec metadata) is believed over the base's
     # scheduler config; the recipe's `prediction:` over both. Detection's "eps" can be the family's
     # default rather than the file's word, so it never overrides a base's own v_prediction.
@@ -192,6 +226,8 @@ def make_plan(
             *(f"controlnet-{c.name}" for c in recipe.controlnets),
             f"cast-{recipe.precision}",
             "save",
+            *((f"quantize-{recipe.quantize}",) if recipe.quantize != "none" else ()),
+            *((f"compile-cache-{wanted.scope}",) if wanted.scope != "off" else ()),
         ),
         tasks={t: c for t, c in family.pipelines.items() if t != "controlnet" or recipe.controlnets},
         loras=tuple(
@@ -207,6 +243,12 @@ def make_plan(
             PlannedFile(pin=p.pin, inputs=p.inputs, name=c.name, scale=c.scale)
             for c, p in zip(recipe.controlnets, controlnets, strict=True)
         ),
+        offload=recipe.offload,
+        compile=compile_options,
+        channels_last=recipe.channels_last,
+        fused_qkv=recipe.fused_qkv,
+        attention=recipe.attention,
+        quantize=recipe.quantize,
     )
 
 

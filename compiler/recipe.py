@@ -14,7 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from compiler import uri
 from compiler.errors import Problem, UserError
 from compiler.families import FAMILIES
-from runtime.artifact import SCHEDULERS
+from runtime.artifact import ATTENTION_BACKENDS, SCHEDULERS, CompileScope, Offload, Quantize
 
 Precision = Literal["fp32", "fp16", "bf16"]
 
@@ -40,6 +40,30 @@ class RecipeLimits(_Strict):
     max_height: int | None = Field(None, ge=64, multiple_of=8)
     max_steps: int | None = Field(None, ge=1)
     max_images: int | None = Field(None, ge=1)
+
+
+class RecipeCompile(_Strict):
+    """torch.compile of the denoiser at load, its caches warmed for ``shapes`` at build time."""
+
+    scope: CompileScope = "off"
+    mode: Literal["default", "max-autotune"] = "default"
+    dynamic: bool = False
+    # (width, height) pairs the build warms (on a GPU); default: the recipe's default size.
+    shapes: tuple[tuple[int, int], ...] = ()
+
+    @field_validator("shapes", mode="before")
+    @classmethod
+    def _pairs(cls, v: Any) -> Any:
+        # YAML gives lists; strict mode wants tuples. A pair is two multiples of 8, at least 64.
+        if not isinstance(v, list | tuple):
+            return v
+        out = []
+        for pair in v:
+            ok = isinstance(pair, list | tuple) and len(pair) == 2
+            if not ok or not all(type(x) is int and x >= 64 and x % 8 == 0 for x in pair):
+                raise ValueError(f"each shape is [width, height], multiples of 8 and at least 64; found {pair!r}")
+            out.append(tuple(pair))
+        return tuple(out)
 
 
 class RecipeLora(_Strict):
@@ -85,6 +109,32 @@ class _Fields(_Strict):
     controlnets: list[RecipeControlNet] = Field(default_factory=list)
     # Known, so that a recipe naming them gets the reason instead of "unknown key" (see parse_recipe).
     hypernetworks: list[Any] = Field(default_factory=list)
+    # Performance (README: Precision, offload and compile). quantize is baked into the weights;
+    # the others are applied by the runtime at load, as the manifest's runtime options say.
+    offload: Offload = "none"
+    compile: RecipeCompile = Field(default_factory=RecipeCompile)
+    channels_last: bool = False
+    fused_qkv: bool = False
+    attention: str | None = None
+    quantize: Quantize = "none"
+
+    @field_validator("compile", mode="before")
+    @classmethod
+    def _compile_shorthand(cls, v: Any) -> Any:
+        # YAML reads a bare `off` as false; `compile: regional` (and `compile=regional` on the
+        # command line) is short for `compile: {scope: regional}`.
+        if v is False:
+            return {"scope": "off"}
+        if isinstance(v, str):
+            return {"scope": v}
+        return v
+
+    @field_validator("attention")
+    @classmethod
+    def _known_backend(cls, v: str | None) -> str | None:
+        if v is not None and v not in ATTENTION_BACKENDS:
+            raise ValueError(f"unknown attention backend {v!r}")
+        return v
 
     @field_validator("family")
     @classmethod
@@ -119,6 +169,12 @@ class Recipe(BaseModel):
     vae: uri.Source | None = None
     embeddings: tuple[Embedding, ...] = ()
     controlnets: tuple[ControlNet, ...] = ()
+    offload: str = "none"
+    compile: RecipeCompile = RecipeCompile()
+    channels_last: bool = False
+    fused_qkv: bool = False
+    attention: str | None = None
+    quantize: str = "none"
 
     def sources(self) -> dict[str, uri.Source]:
         """Every source the recipe names, by field path (what the lock pins)."""
@@ -176,12 +232,25 @@ _HINTS = {
     "prediction": "eps or v: what the model predicts, for v-prediction fine-tunes whose files do not say so",
     "precision": "one of fp32, fp16, bf16 (override with precision=fp16 on the command line)",
     "scheduler": f"one of {', '.join(SCHEDULERS)} (worker-sdxl's names)",
+    "offload": "one of none, model, sequential, group (diffusers' CPU offload kinds; they matter on CUDA only)",
+    "compile": "off, regional, full, or {scope: off|regional|full, mode: default|max-autotune, dynamic: "
+    "true|false, shapes: [[width, height], ...]}",
+    "compile.scope": "one of off, regional (the repeated blocks), full (the whole denoiser)",
+    "compile.mode": "default or max-autotune",
+    "compile.shapes": "a list of [width, height] pairs, multiples of 8, at least 64",
+    "attention": f"one of {', '.join(ATTENTION_BACKENDS)} (diffusers' attention backends)",
+    "quantize": "one of none, int8, fp8: the denoiser's weights, stored quantized (optimum-quanto)",
     "defaults.width": "a multiple of 8, at least 64",
     "defaults.height": "a multiple of 8, at least 64",
     "limits.max_width": "a multiple of 8, at least 64",
     "limits.max_height": "a multiple of 8, at least 64",
 }
-_SECTIONS: dict[str, type[BaseModel]] = {"": _Fields, "defaults": RecipeDefaults, "limits": RecipeLimits}
+_SECTIONS: dict[str, type[BaseModel]] = {
+    "": _Fields,
+    "defaults": RecipeDefaults,
+    "limits": RecipeLimits,
+    "compile": RecipeCompile,
+}
 
 
 def _problem(where: str, err: Any) -> Problem:
@@ -257,6 +326,12 @@ def parse_recipe(name: str, path: Path, fields: dict[str, Any], civitai_hosts: t
         vae=vae,
         embeddings=embeddings,
         controlnets=controlnets,
+        offload=checked.offload,
+        compile=checked.compile,
+        channels_last=checked.channels_last,
+        fused_qkv=checked.fused_qkv,
+        attention=checked.attention,
+        quantize=checked.quantize,
     )
 
 

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 from compiler.detect import Detection
-from compiler.errors import UserError
+from compiler.errors import Problem, UserError
 from compiler.families import family_of_civitai_base_model, lineage
+from compiler.recipe import Recipe
 
 
 def check_checkpoint(
@@ -81,3 +82,68 @@ FIELD_TAKES = {
 
 def _a(kind: str) -> str:
     return ("an " if kind[0] in "aeiou" else "a ") + kind
+
+
+def check_performance(recipe: Recipe, limits: tuple[int, int]) -> list[Problem]:
+    """dtype x offload x compile x quantize x fused QKV x switchable LoRAs: the combinations that
+    cannot work, each with the reason and a fix. ``limits``: the artifact's (max_width,
+    max_height). Returns every problem found (the plan reports them with its own)."""
+    where = str(recipe.path)
+    out: list[Problem] = []
+    switchable = [lora.name for lora in recipe.loras if not lora.fuse]
+    moving = recipe.offload in ("sequential", "group")
+    if recipe.compile.scope != "off" and moving:
+        out.append(
+            Problem(
+                f"{where}: compile",
+                f"compile {recipe.compile.scope} with offload {recipe.offload}: the offload hooks move weights "
+                "inside every forward, which torch.compile turns into graph breaks and recompiles",
+                "use `offload: model` (whole components move, the compiled denoiser stays intact) or `offload: none`",
+            )
+        )
+    if recipe.quantize != "none":
+        if moving:
+            out.append(
+                Problem(
+                    f"{where}: quantize",
+                    f"quantize {recipe.quantize} with offload {recipe.offload}: optimum-quanto's weights cannot be "
+                    "offloaded leaf by leaf (diffusers refuses quanto with a CPU/disk device map)",
+                    "use `offload: model` or `offload: none` with a quantized denoiser",
+                )
+            )
+        if recipe.fused_qkv:
+            out.append(
+                Problem(
+                    f"{where}: fused_qkv",
+                    "fused_qkv with quantize: the fuse concatenates float weights, the quantized layers hold int8/fp8 "
+                    "ones with per-layer scales",
+                    "choose one: `quantize:` (smaller weights) or `fused_qkv: true` (fewer, larger matmuls)",
+                )
+            )
+        if switchable:
+            out.append(
+                Problem(
+                    f"{where}: quantize",
+                    f"switchable LoRAs ({', '.join(switchable)}) need float layers; quantized ones have none",
+                    "fuse them (`fuse: true`: baked in before quantizing) or drop `quantize:`",
+                )
+            )
+    if recipe.fused_qkv and switchable:
+        out.append(
+            Problem(
+                f"{where}: fused_qkv",
+                f"switchable LoRAs ({', '.join(switchable)}) target to_q/to_k/to_v, which fused_qkv replaces with "
+                "one to_qkv layer: they would silently stop applying",
+                "fuse the LoRAs (`fuse: true`) or drop `fused_qkv:`",
+            )
+        )
+    for i, (w, h) in enumerate(recipe.compile.shapes if recipe.compile.scope != "off" else ()):
+        if w > limits[0] or h > limits[1]:
+            out.append(
+                Problem(
+                    f"{where}: compile.shapes.{i}",
+                    f"[{w}, {h}] exceeds the artifact's limits ({limits[0]}x{limits[1]})",
+                    "warm sizes that requests may ask for, or raise limits.max_width/max_height",
+                )
+            )
+    return out

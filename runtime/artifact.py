@@ -20,7 +20,7 @@ import tempfile
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 # Bump when a reader of the previous version could misread a new artifact.
 FORMAT_VERSION = 1
@@ -117,10 +117,54 @@ class EmbeddingInfo(_Frozen):
     text_encoders: tuple[str, ...]
 
 
+Offload = Literal["none", "model", "sequential", "group"]
+CompileScope = Literal["off", "regional", "full"]
+Quantize = Literal["none", "int8", "fp8"]
+COMPILE_DIR = "compile"  # compile/<key>/: torch.compiler cache artifacts, key = GPU kind + versions
+
+# diffusers attention backends (``ModelMixin.set_attention_backend``) a recipe may name: the ones
+# that need no download at serve time (the *_hub ones fetch kernels). Checked against this
+# diffusers' AttentionBackendName by a test. Only these run on a CPU:
+ATTENTION_BACKENDS = (
+    "native",
+    "_native_math",
+    "_native_flash",
+    "_native_efficient",
+    "_native_cudnn",
+    "flex",
+    "flash",
+    "flash_varlen",
+    "_flash_3",
+    "sage",
+    "sage_varlen",
+    "xformers",
+)
+CPU_ATTENTION_BACKENDS = ("native", "_native_math")
+
+
+class CompileOptions(_Frozen):
+    scope: CompileScope = "off"
+    mode: Literal["default", "max-autotune"] = "default"
+    dynamic: bool = False
+    shapes: tuple[tuple[int, int], ...] = ()  # (width, height) the build warmed
+
+
 class RuntimeOptions(_Frozen):
+    """What the runtime applies after loading (runtime.optimize); quantize is already in the weights.
+    Every field has a default so that manifests written before it existed stay readable."""
+
     dtype: Precision
-    offload: Literal["none"] = "none"
-    compile: Literal["off"] = "off"
+    offload: Offload = "none"
+    compile: CompileOptions = Field(default_factory=CompileOptions)
+    channels_last: bool = False
+    fused_qkv: bool = False
+    attention: str | None = None
+    quantize: Quantize = "none"
+
+    @field_validator("compile", mode="before")
+    @classmethod
+    def _old_compile(cls, v: object) -> object:
+        return {"scope": "off"} if v == "off" else v  # manifests before compile options said "off"
 
 
 class FileEntry(_Frozen):

@@ -136,6 +136,11 @@ def load(artifact_dir: Path, device: str | None = None) -> Loaded:
     pipelines = task_pipelines(pipe, manifest)
     adapters = load_switchable_loras(pipe, manifest, Path(artifact_dir))
     controlnets = load_controlnets(manifest, Path(artifact_dir), pipe.dtype, device)
+    # The manifest's runtime options (channels_last, fused QKV, attention, offload, compile and
+    # its cache), applied to the shared modules after every adapter is in place.
+    from runtime.optimize import apply
+
+    apply(pipe, manifest.runtime, device, Path(artifact_dir))
     seconds = time.perf_counter() - t0
     log.info(
         "loaded %s (%s, %s) on %s in %.2f s",
@@ -175,7 +180,16 @@ def load_controlnets(manifest: Manifest, artifact_dir: Path, dtype: Any, device:
 def _derive(pipe: Any, cls: Any, **components: Any) -> Any:
     """``cls.from_pipe`` with its two leaks kept out (see task_pipelines)."""
     scheduler = type(pipe.scheduler).from_config(pipe.scheduler.config)
-    derived = cls.from_pipe(pipe, scheduler=scheduler, dtype=pipe.dtype, **components)
+    if any(getattr(m, "is_quantized", False) for m in pipe.components.values()):
+        # from_pipe casts every component to `dtype`, which diffusers refuses for a quantized model
+        # even when the dtype is unchanged: the constructor gets the same components as they are.
+        import inspect
+
+        params = [n for n in inspect.signature(cls.__init__).parameters if n != "self"]
+        given = {n: pipe.components[n] if n in pipe.components else pipe.config[n] for n in params if n in pipe.config}
+        derived = cls(**{**given, "scheduler": scheduler, **components})
+    else:
+        derived = cls.from_pipe(pipe, scheduler=scheduler, dtype=pipe.dtype, **components)
     derived.set_progress_bar_config(disable=True)
     return derived
 
