@@ -17,7 +17,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from runtime import schema as schema_module
 from runtime.aliases import AliasWatch, Route, choose
 from runtime.artifact import (
     ArtifactError,
@@ -32,7 +31,7 @@ from runtime.encode import data_uri
 from runtime.inputs import attach_images
 from runtime.loader import Loaded
 from runtime.pool import Pool, default_budget, parse_budget
-from runtime.schema import RequestError, validate
+from runtime.schema import RequestError, request_json_schema, validate
 
 log = logging.getLogger(__name__)
 
@@ -301,8 +300,6 @@ def describe(service: Service, raw_input: dict[str, Any]) -> dict[str, Any]:
         if raw_input["model"] not in service.served:
             return {"error": f"model: unknown model {raw_input['model']!r}; this worker serves: {', '.join(names)}"}
         names = [raw_input["model"]]
-    # TODO(S1): call runtime.schema.request_json_schema directly once helper O's commit lands.
-    json_schema = getattr(schema_module, "request_json_schema", None)
     models: list[dict[str, Any]] = []
     artifacts: dict[str, dict[str, Any]] = {}
     for name in names:
@@ -334,7 +331,7 @@ def describe(service: Service, raw_input: dict[str, Any]) -> dict[str, Any]:
                 "load_seconds": None if st.load_seconds is None else round(st.load_seconds, 3),
                 "footprint_bytes": st.footprint,
                 "footprint": "measured" if st.measured else "estimated from the weight files",
-                "schema": json_schema(manifest) if json_schema else None,
+                "schema": request_json_schema(manifest),  # the one validation also follows
             }
     return {
         "models": models,
