@@ -217,6 +217,9 @@ def cmd_gc(home: Path, recipe_dirs: list[Path], dry_run: bool) -> int:
     inv = Inventory.read(home)
     keep_art = {nf.current.cache_key for nf in inv.names.values()}
     keep_art |= {h.cache_key for nf in inv.names.values() for h in nf.history}
+    from compiler.store.alias import alias_keys
+
+    keep_art |= alias_keys(home)  # what an alias routes to, now or in its history (rollback)
     keep_blobs = _lock_blobs(recipe_dirs)
     for key in keep_art & set(inv.artifacts):
         m = _manifest(inv.artifacts[key])
@@ -278,6 +281,13 @@ def main(argv: list[str]) -> int:
         help="folders whose *.lock.json pins are kept (default: env UIW_RECIPES or ./recipes)",
     )
     p_gc.add_argument("--dry-run", action="store_true")
+    p_alias = sub.add_parser(
+        "alias",
+        help="public names for workers: alias set NAME TARGET[=WEIGHT]... | alias rollback NAME | alias show NAME",
+    )
+    p_alias.add_argument("action", choices=("set", "rollback", "show"))
+    p_alias.add_argument("name")
+    p_alias.add_argument("targets", nargs="*", help="set: recipe names or cache keys, each with an optional =WEIGHT")
     args = ap.parse_args(argv)
     logging.basicConfig(stream=sys.stderr, level=os.environ.get("UIW_LOG_LEVEL", "WARNING"))
     home = (args.home or default_home()).expanduser().resolve()
@@ -292,6 +302,10 @@ def main(argv: list[str]) -> int:
             return cmd_fetch(args.overrides + ([f"home={args.home}"] if args.home else []))
         if args.cmd == "verify":
             return cmd_verify(home, args.keys)
+        if args.cmd == "alias":
+            from compiler.store.alias import cmd_alias
+
+            return cmd_alias(home, args.action, args.name, args.targets)
         dirs = args.recipes or [Path(os.environ.get("UIW_RECIPES", "recipes"))]
         return cmd_gc(home, [d for d in dirs if d.is_dir()], args.dry_run)
     except UserError as e:
