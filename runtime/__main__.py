@@ -2,19 +2,24 @@
 --rp_serve_api work as with any RunPod handler)."""
 
 import logging
-import os
 import sys
 
 import runpod
 
-from runtime.handler import handler
+from runtime.batching import SettingError
+from runtime.handler import start_config
+from runtime.logs import configure, log_format
 from runtime.service import get_service
 
-logging.basicConfig(
-    stream=sys.stderr,
-    level=os.environ.get("UIW_LOG_LEVEL", "INFO"),
-    format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-)
+try:
+    # One JSON object per line by default (what log collectors parse); UIW_LOG_FORMAT=text for
+    # a person at a terminal. Handler choice (UIW_STREAM) and UIW_CONCURRENCY are checked here:
+    # a bad value stops the worker at start with the reason, not at its first job.
+    configure(log_format("json"))
+    config = start_config()
+except (ValueError, SettingError) as e:
+    print(f"runtime: {e}", file=sys.stderr)
+    sys.exit(2)
 
 # Check the settings (served names, UIW_MEMORY_BUDGET) and load what UIW_PRELOAD names (default
 # `1`: the default model; `all`, `0`, or a comma list of names) before taking jobs, so that the
@@ -25,4 +30,4 @@ try:
 except Exception as e:
     logging.getLogger("runtime").error("start-up failed: %s", e)
 
-runpod.serverless.start({"handler": handler})
+runpod.serverless.start(config)

@@ -1,33 +1,167 @@
-"""RunPod adapter only: job dict -> reply dict. The logic lives in runtime.service.
+"""RunPod adapter only: job dict -> reply dict (or a stream of events). The logic lives in
+runtime.service.
 
-`handler` is a coroutine so the SDK's event loop stays free while model work runs in a thread;
-it keeps no loop-bound state, so repeated `asyncio.run(handler(job))` calls work.
+RunPod fixes per worker whether a handler streams, so there are two, chosen at start
+(runtime.__main__, UIW_STREAM):
+- `handler` (default): a coroutine returning the reply; per-step progress goes out through
+  `runpod.serverless.progress_update` (shown by /status while the job runs). The SDK's
+  progress_update posts to RunPod's job-done URL; off RunPod (the local dev server, tests) there
+  is none and each call would only log an error, so progress is sent only when that URL is
+  configured (RUNPOD_WEBHOOK_POST_OUTPUT), at most every UIW_PROGRESS_INTERVAL seconds.
+- `stream_handler` (UIW_STREAM=1): an async generator yielding `{"status": "progress", "step",
+  "steps", "elapsed_s"[, "preview"]}` per denoise step, then the normal reply as its last item.
+  Such a worker answers /runsync with the list of everything it yielded (the SDK aggregates;
+  `return_aggregate_stream` makes /status and /run's result carry the list too).
+
+Model work runs in a thread (asyncio.to_thread) so the SDK's event loop stays free and, with
+UIW_CONCURRENCY > 1, several jobs run at once. No loop-bound state is kept: repeated
+`asyncio.run(handler(job))` calls work.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import os
+import threading
+import time
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 from runtime.artifact import ArtifactError
+from runtime.batching import SettingError
+from runtime.execute import RunContext
+from runtime.progress import Progress
 from runtime.service import get_service
 
 log = logging.getLogger(__name__)
 
+MAX_CONCURRENCY = 64
+DEFAULT_PROGRESS_INTERVAL_S = 1.0
 
-async def handler(job: dict[str, Any]) -> dict[str, Any]:
+
+def concurrency() -> int:
+    """UIW_CONCURRENCY: jobs this worker runs at once (default 1)."""
+    raw = os.environ.get("UIW_CONCURRENCY", "").strip()
+    if not raw:
+        return 1
+    if not raw.isdigit() or not 1 <= int(raw) <= MAX_CONCURRENCY:
+        raise SettingError(
+            f"UIW_CONCURRENCY={raw!r}: expected a whole number from 1 to {MAX_CONCURRENCY}. "
+            "hint: 1 runs one job at a time; more overlap input fetching, decoding and encoding with denoising"
+        )
+    return int(raw)
+
+
+def concurrency_modifier(current: int) -> int:
+    """The SDK's `concurrency_modifier`: a fixed UIW_CONCURRENCY (read at start, see start_config)."""
+    return _concurrency
+
+
+_concurrency = 1
+
+
+def start_config() -> dict[str, Any]:
+    """The `runpod.serverless.start` config for this worker's environment (raises SettingError)."""
+    global _concurrency
+    _concurrency = concurrency()
+    stream = os.environ.get("UIW_STREAM", "").strip().lower() in ("1", "true", "yes")
+    config: dict[str, Any] = {
+        "handler": stream_handler if stream else handler,
+        "concurrency_modifier": concurrency_modifier,
+    }
+    if stream:
+        config["return_aggregate_stream"] = True
+    return config
+
+
+async def _service() -> tuple[Any, dict[str, Any] | None]:
     try:
-        service = await asyncio.to_thread(get_service)
-    except ArtifactError as e:
-        return {"error": str(e)}
+        return await asyncio.to_thread(get_service), None
+    except (ArtifactError, SettingError) as e:
+        return None, {"error": str(e)}
     except Exception as e:
         log.exception("loading the artifacts failed")
-        return {"error": f"loading the artifacts failed: {type(e).__name__}: {e}", "refresh_worker": True}
+        return None, {"error": f"loading the artifacts failed: {type(e).__name__}: {e}", "refresh_worker": True}
+
+
+def _job_id(job: dict[str, Any]) -> str | None:
+    value = job.get("id")
+    return value if isinstance(value, str) else None
+
+
+async def _run(job: Any, listener: Callable[[Progress], None] | None, stream: bool) -> dict[str, Any]:
+    received = time.monotonic()
+    service, failed = await _service()
+    if failed is not None:
+        return failed
     if not isinstance(job, dict):
         return {"error": "job: expected a JSON object with an `input` field"}
+    context = RunContext(request_id=_job_id(job), received=received, listener=listener, stream=stream)
     try:
-        return await asyncio.to_thread(service.run, job.get("input"))
+        reply: dict[str, Any] = await asyncio.to_thread(service.run, job.get("input"), context)
+        return reply
     except Exception as e:  # a bug of ours; the worker must still answer
         log.exception("request failed")
         return {"error": f"internal error: {type(e).__name__}: {e}", "refresh_worker": True}
+
+
+class _Throttled:
+    """progress_update at most every `interval` seconds, and always for the last step."""
+
+    def __init__(self, job: dict[str, Any], interval: float):
+        self.job, self.interval = job, interval
+        self.last = 0.0
+        self.lock = threading.Lock()
+
+    def __call__(self, progress: Progress) -> None:
+        now = time.monotonic()
+        with self.lock:
+            if progress.step < progress.steps and now - self.last < self.interval:
+                return
+            self.last = now
+        import runpod.serverless
+
+        runpod.serverless.progress_update(self.job, progress.event())
+
+
+def _progress_listener(job: Any) -> Callable[[Progress], None] | None:
+    if not isinstance(job, dict) or not _job_id(job) or not os.environ.get("RUNPOD_WEBHOOK_POST_OUTPUT"):
+        return None
+    raw = os.environ.get("UIW_PROGRESS_INTERVAL", "").strip()
+    try:
+        interval = float(raw) if raw else DEFAULT_PROGRESS_INTERVAL_S
+    except ValueError:
+        interval = DEFAULT_PROGRESS_INTERVAL_S
+    return _Throttled(job, interval)
+
+
+async def handler(job: dict[str, Any]) -> dict[str, Any]:
+    return await _run(job, _progress_listener(job), stream=False)
+
+
+async def stream_handler(job: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
+    """Progress events as the denoise loop makes them, then the reply (an error reply too)."""
+    loop = asyncio.get_running_loop()
+    events: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
+
+    def listener(progress: Progress) -> None:  # called in the worker thread
+        loop.call_soon_threadsafe(events.put_nowait, progress.event())
+
+    task = asyncio.ensure_future(_run(job, listener, stream=True))
+    try:
+        while not task.done():
+            get = asyncio.ensure_future(events.get())
+            done, _ = await asyncio.wait({get, task}, return_when=asyncio.FIRST_COMPLETED)
+            if get in done:
+                yield get.result()
+            else:
+                get.cancel()
+        # Events the thread queued before it returned are delivered before the task's result
+        # (call_soon_threadsafe keeps order); any still waiting come out here, in order.
+        while not events.empty():
+            yield events.get_nowait()
+        yield task.result()
+    finally:
+        if not task.done():  # the client went away: let the job finish in its thread, unobserved
+            task.add_done_callback(lambda t: t.exception())

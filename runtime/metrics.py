@@ -22,12 +22,13 @@ PHASES = ("queue", "load", "inputs", "denoise", "decode", "encode", "total")
 
 # Why a request failed, as counted and logged:
 #   invalid: the request broke a rule (validation, inputs) - the client's to fix
+#   model:   the model it names cannot be served (unknown alias target, over the budget, load failed)
 #   timeout: it ran past its time limit (UIW_REQUEST_TIMEOUT or its own `timeout`)
 #   oom:     out of memory even after the low-memory retry
 #   device:  the device (CUDA) failed; the worker asks to be replaced (refresh_worker)
 #   generation: anything else during generation; refresh_worker too
 #   internal: a bug of ours outside generation
-ErrorKind = Literal["invalid", "timeout", "oom", "device", "generation", "internal"]
+ErrorKind = Literal["invalid", "model", "timeout", "oom", "device", "generation", "internal"]
 
 
 class Metrics:

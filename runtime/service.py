@@ -28,10 +28,13 @@ from runtime.artifact import (
     resolve_artifact,
 )
 from runtime.encode import data_uri
+from runtime.execute import ExecSettings, Executor, GenerationFailed, Options, RunContext, pop_options
 from runtime.inputs import attach_images
 from runtime.loader import Loaded
+from runtime.metrics import METRICS
 from runtime.pool import Pool, default_budget, parse_budget
 from runtime.schema import RequestError, request_json_schema, validate
+from runtime.trace import Trace
 
 log = logging.getLogger(__name__)
 
@@ -155,6 +158,7 @@ class Service:
             budget, source = default_budget()
         log.info("memory budget %d B (%s); serving %s", budget, source, ", ".join(self.served))
         self.pool = Pool(budget)
+        self.executor = Executor(ExecSettings.from_env())  # time limit, batching, previews
         self._rng = random.Random(settings.routing_seed)
         self._rng_lock = threading.Lock()
         self.preload(settings.preload)
@@ -221,71 +225,78 @@ class Service:
     def describe(self, raw_input: dict[str, Any]) -> dict[str, Any]:
         return describe(self, raw_input)
 
-    def run(self, raw_input: Any) -> dict[str, Any]:
-        request_id = uuid.uuid4().hex[:12]
-        t_in = time.perf_counter()
+    def run(self, raw_input: Any, context: RunContext | None = None) -> dict[str, Any]:
+        """job["input"] -> reply. `context`: what the handler knows of the job (its id, arrival
+        time, a progress listener). Every request ends with one log line and one metrics entry."""
         if isinstance(raw_input, dict) and "describe" in raw_input:
             return self.describe(raw_input)
+        context = context or RunContext()
+        trace = Trace(context.request_id or uuid.uuid4().hex[:12], context.received or time.monotonic())
+        trace.phases["queue"] = time.monotonic() - trace.received
+        reply = self._run(raw_input, context, trace)
+        trace.finish(reply)
+        return reply
+
+    def _run(self, raw_input: Any, context: RunContext, trace: Trace) -> dict[str, Any]:
+        t_in = time.perf_counter()
         try:
             selection, raw_input = self.select(raw_input)
+            trace.fields.update(model=selection.served.name, artifact=selection.manifest.cache_key[:12])
+            # Serving options (timeout, preview) beside the generation fields, like `model`.
+            options, raw_input = pop_options(raw_input, self.executor.settings)
             # Validated against the chosen artifact's own manifest: its limits, LoRAs, tasks.
             request, warnings = validate(raw_input, selection.manifest)
             # Image inputs are fetched and decoded here, bounded, before any model work.
             request, image_warnings = attach_images(request, selection.manifest.serving.limits)
         except RequestError as e:
+            trace.kind = "invalid"
             return {"error": "; ".join(e.errors), "errors": e.errors}
         except ArtifactError as e:  # an alias file gone or broken since start
+            trace.kind = "model"
             return {"error": str(e)}
+        trace.phases["inputs"] = time.perf_counter() - t_in
+        trace.fields.update(
+            task=request.task,
+            width=request.width,
+            height=request.height,
+            steps=request.steps,
+            images=request.num_images,
+        )
         warnings = [*warnings, *image_warnings]
         try:
             with self.pool.acquire(selection.route.path, selection.manifest) as lease:
-                reply = self._generate(request_id, lease.loaded, request, warnings, t_in)
+                trace.phases["load"] = lease.load_seconds or 0.0
+                reply = self._generate(lease.loaded, request, warnings, options, context, trace)
         except ArtifactError as e:  # bigger than the budget, no room in time, a broken artifact
+            trace.kind = "model"
             return {"error": str(e), "model": selection.reply_field()}
         except Exception as e:
-            log.exception("request %s: loading %s failed", request_id, selection.route.path)
+            log.exception("request %s: loading %s failed", trace.request_id, selection.route.path)
+            trace.kind = "model"
             return {"error": f"loading the model failed: {type(e).__name__}: {e}", "refresh_worker": True}
         reply["model"] = selection.reply_field()
         if lease.load_seconds is not None:
             reply["load_seconds"] = round(lease.load_seconds, 3)
-            log.info("request %s: loaded %s for it in %.2f s", request_id, selection.served.name, lease.load_seconds)
         return reply
 
     def _generate(
-        self, request_id: str, artifact: Loaded, request: Any, warnings: list[str], t_in: float
+        self, artifact: Loaded, request: Any, warnings: list[str], options: Options, context: RunContext, trace: Trace
     ) -> dict[str, Any]:
-        from runtime.generate import generate, request_warnings
-
-        if request.task == "controlnet":
-            pipeline = artifact.controlnet_pipeline(tuple(n for n, _ in request.controlnets))
-        else:
-            pipeline = artifact.pipelines[request.task]
-        t0 = time.perf_counter()
         try:
-            # Settings the model ignores or changes (a FLUX.1 [dev] negative prompt) are said, not dropped silently.
-            warnings = [*warnings, *request_warnings(pipeline, request)]
-            with artifact.loras(request.loras):
-                images = generate(pipeline, request)
-        except Exception as e:
-            log.exception("request %s failed during generation", request_id)
-            return {"error": f"generation failed: {type(e).__name__}: {e}", "refresh_worker": True}
+            generated = self.executor.generate(artifact, request, options, context)
+        except GenerationFailed as e:
+            trace.kind = e.kind
+            return e.reply()
+        trace.phases.update(generated.timings)
+        if generated.batch_size > 1:
+            trace.fields["batch"] = generated.batch_size
+        images, warnings = generated.images, [*warnings, *generated.warnings]
         t1 = time.perf_counter()
         encoded = [data_uri(im) for im in images]
-        log.info(
-            "request %s: %s %dx%d, %d steps, %d image(s): inputs %.3f s, generate %.2f s, encode %.3f s",
-            request_id,
-            request.task,
-            request.width,
-            request.height,
-            request.steps,
-            len(images),
-            t0 - t_in,
-            t1 - t0,
-            time.perf_counter() - t1,
-        )
         reply: dict[str, Any] = {"images": encoded, "image_url": encoded[0], "seed": request.seed}
         if warnings:
             reply["warnings"] = warnings
+        trace.phases["encode"] = time.perf_counter() - t1
         return reply
 
 
@@ -337,6 +348,8 @@ def describe(service: Service, raw_input: dict[str, Any]) -> dict[str, Any]:
         "models": models,
         "artifacts": artifacts,
         "memory": {"budget_bytes": service.pool.budget, "used_bytes": service.pool.used},
+        # Counts by outcome and latency percentiles per phase (runtime.metrics).
+        "stats": METRICS.snapshot(),
     }
 
 
