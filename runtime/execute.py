@@ -13,6 +13,7 @@ from __future__ import annotations
 import gc
 import logging
 import os
+import threading
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -159,6 +160,8 @@ class Executor:
     def __init__(self, settings: ExecSettings):
         self.settings = settings
         self.batcher: Batcher[_Item, gen.Denoised] = Batcher(settings.batch, self._denoise_batch)
+        self._in_flight = 0  # requests inside generate(): a lone one never waits for a batch
+        self._in_flight_lock = threading.Lock()
 
     def deadline(self, options: Options, context: RunContext) -> Deadline | None:
         start = context.received
@@ -169,6 +172,17 @@ class Executor:
         return None
 
     def generate(
+        self, artifact: Loaded, request: GenerationRequest, options: Options, context: RunContext
+    ) -> Generated:
+        with self._in_flight_lock:
+            self._in_flight += 1
+        try:
+            return self._generate(artifact, request, options, context)
+        finally:
+            with self._in_flight_lock:
+                self._in_flight -= 1
+
+    def _generate(
         self, artifact: Loaded, request: GenerationRequest, options: Options, context: RunContext
     ) -> Generated:
         if request.task == "controlnet":
@@ -237,9 +251,9 @@ class Executor:
             images = gen.generate(pipeline, request, watch, artifact.loras(request.loras), timings)
             return Generated(images, warnings, timings, 1)
         t0 = time.perf_counter()
-        denoised, size = self.batcher.submit(
-            (id(artifact), id(pipeline), *key), _Item(artifact, pipeline, request, watch)
-        )
+        item = _Item(artifact, pipeline, request, watch)
+        alone = self._in_flight <= 1
+        denoised, size = self.batcher.submit((id(artifact), id(pipeline), *key), item, alone)
         t1 = time.perf_counter()
         images = gen.decode(pipeline, denoised, request)
         return Generated(images, warnings, {"denoise": t1 - t0, "decode": time.perf_counter() - t1}, size)

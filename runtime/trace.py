@@ -33,11 +33,15 @@ class Trace:
         outcome = f"error:{self.kind or 'invalid'}" if failed else "ok"
         phases = {**self.phases, "total": total}
         metrics.record(outcome, phases)
+        now = time.time()
         line: dict[str, Any] = {
             "request_id": self.request_id,
             **self.fields,
             "outcome": outcome,
             "seconds": {k: round(v, 4) for k, v in phases.items()},
+            # Wall-clock arrival and end (Unix seconds): which requests overlapped in time.
+            "received_at": round(now - total, 4),
+            "finished_at": round(now, 4),
         }
         if failed:
             line["error"] = str(reply["error"])[:500]
