@@ -1,0 +1,112 @@
+"""Two cheap artifacts for the serving tests: builtin tiny-sd15 compiled twice, once with the demo's
+serving settings (``fox-euler``) and once with DDIM as its scheduler (``fox-ddim``): same weights,
+different pixels for the same request. Compiled once per test session into one store, and a
+worker subprocess (the RunPod SDK's local dev server) helper shared by the tests that use them."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import DEMO_SETTINGS, LEAKY, PY, REPO, compile_text
+
+A, B = "fox-euler", "fox-ddim"
+RECIPES = {
+    A: "base: builtin:tiny-sd15\n" + DEMO_SETTINGS,
+    B: "base: builtin:tiny-sd15\n" + DEMO_SETTINGS.replace("scheduler: K_EULER", "scheduler: DDIM"),
+}
+
+
+@dataclass(frozen=True)
+class Pair:
+    home: Path
+    paths: dict[str, Path]  # recipe name -> artifact directory
+
+
+_cache: dict[str, Pair] = {}
+
+
+def compiled_pair(factory: pytest.TempPathFactory) -> Pair:
+    if "pair" not in _cache:
+        root = factory.mktemp("pair")
+        paths = {}
+        for name, text in RECIPES.items():
+            proc = compile_text(root, name, text)
+            assert proc.returncode == 0, proc.stderr
+            paths[name] = Path(proc.stdout.strip())
+        assert paths[A].name != paths[B].name
+        _cache["pair"] = Pair(root / "home", paths)
+    return _cache["pair"]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def post(url: str, body: dict, timeout: float = 120) -> dict:
+    req = urllib.request.Request(url, data=json.dumps(body).encode(), headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=timeout) as resp:
+        return json.loads(resp.read())
+
+
+@dataclass
+class Worker:
+    url: str
+    log: Path
+
+    def run(self, job_input: dict) -> dict:
+        """POST /runsync; the job's output (a failed job's error comes back as {"error": ...})."""
+        out = post(f"{self.url}/runsync", {"input": job_input})
+        if out.get("status") == "FAILED":
+            return {"error": out.get("error"), "failed": True}
+        assert out.get("status") == "COMPLETED", out
+        return out["output"]
+
+
+@contextmanager
+def worker(home: Path, env: dict[str, str], log: Path, timeout: float = 180) -> Iterator[Worker]:
+    """`python -m runtime --rp_serve_api` on 127.0.0.1 with these settings, stopped afterwards."""
+    port = free_port()
+    child = {k: v for k, v in os.environ.items() if k not in LEAKY}
+    child.update({"UIW_HOME": str(home), **env})
+    with open(log, "w") as out:
+        proc = subprocess.Popen(
+            [PY, "-m", "runtime", "--rp_serve_api", "--rp_api_host", "127.0.0.1", "--rp_api_port", str(port)],
+            cwd=REPO,
+            env=child,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                urllib.request.urlopen(f"{url}/docs", timeout=2)
+                break
+            except (urllib.error.URLError, ConnectionError):
+                assert proc.poll() is None, log.read_text()
+                assert time.monotonic() < deadline, "the dev server did not come up"
+                time.sleep(0.25)
+        yield Worker(url, log)
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout=20)
