@@ -20,6 +20,14 @@ from urllib.parse import urlsplit
 
 from compiler import COMPILER_REVISION
 from compiler.compose import compose
+from compiler.converted import (
+    PROVENANCE_ROLE,
+    ConvertedBase,
+    ConvertedStore,
+    converted_key,
+    link_identical,
+    provenance_value,
+)
 from compiler.detect import Detection, detect_file
 from compiler.errors import UserError
 from compiler.fetch import fetch_entry
@@ -32,7 +40,7 @@ from compiler.sources.base import Pinned
 from compiler.sources.hf import diffusers_variant
 from compiler.store import Store
 from compiler.validate import check_adapter, check_checkpoint
-from runtime.artifact import READY, read_name
+from runtime.artifact import PIPELINE_DIR, READY, read_name
 
 log = logging.getLogger("compiler")
 
@@ -226,8 +234,13 @@ def build(argv: list[str]) -> Path:
             from compiler.materialize import materialize
             from compiler.package import package
 
-            built = materialize(plan, staging, base, store.scratch(), ckpt, adapters)
+            converted = converted_base(p)
+            built = materialize(plan, staging, base, store.scratch(), ckpt, adapters, converted)
             provenance = {role: _provenance(p.locked.entry(role)) for role in p.locked.roles}
+            if converted is not None and (entry := converted.store.lookup(converted.key)) is not None:
+                provenance[PROVENANCE_ROLE] = provenance_value(converted.key)  # gc keeps the entry by it
+                shared = link_identical(entry / PIPELINE_DIR, staging / PIPELINE_DIR)
+                log.info("%.1f MiB hard-linked from the converted base", shared / 2**20)
             package(
                 staging, plan, key, built.components, p.environment, provenance, built.embeddings, built.controlnets
             )
@@ -235,6 +248,17 @@ def build(argv: list[str]) -> Path:
             log.info("built %s in %.1f s", hit, time.perf_counter() - t0)
     _record(store, plan.recipe, key, hit)
     return hit
+
+
+def converted_base(p: Prepared) -> ConvertedBase | None:
+    """Where a whole-pipeline single-file checkpoint's conversion is cached, or None."""
+    key = converted_key(p.plan, p.environment)
+    if key is None:
+        return None
+    plan = p.plan
+    about = {"checkpoint": str(plan.checkpoint), "configs": plan.base, "family": plan.family}
+    about["precision"] = plan.precision
+    return ConvertedBase(ConvertedStore(p.store.home), key, about)
 
 
 def _provenance(entry: LockEntry) -> str:

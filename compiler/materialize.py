@@ -18,6 +18,7 @@ from typing import Any
 from compiler import uri
 from compiler.builtins import BUILTINS
 from compiler.controlnets import build_controlnets
+from compiler.converted import ConvertedBase
 from compiler.embeddings import load_embeddings
 from compiler.families import PREDICTION_TYPES
 from compiler.lora import apply_loras
@@ -48,14 +49,28 @@ def _builtin(fetched: Fetched) -> Any:
     return BUILTINS[src.name].build()
 
 
-def load_base(plan: BuildPlan, fetched: Fetched, scratch: Path, checkpoint: Fetched | None) -> Any:
+def load_base(
+    plan: BuildPlan,
+    fetched: Fetched,
+    scratch: Path,
+    checkpoint: Fetched | None,
+    converted: ConvertedBase | None = None,
+) -> Any:
     import diffusers
     import torch
 
     cls = getattr(diffusers, plan.pipeline_class)
     dtype = getattr(torch, DTYPES[plan.precision])
     if checkpoint is not None and plan.checkpoint_kind == "checkpoint":
-        return load_checkpoint(cls, fetched, scratch, checkpoint, dtype)
+        if converted is None:
+            return load_checkpoint(cls, fetched, scratch, checkpoint, dtype)
+        # Converted once per (checkpoint, configs, precision, versions): a rebuild that changed
+        # only what goes on top (a LoRA's scale) loads the converted folder instead.
+        return converted.load_or_convert(
+            convert=lambda: load_checkpoint(cls, fetched, scratch, checkpoint, dtype),
+            load=lambda folder: _load_converted(cls, folder, dtype),
+            save=_save_converted,
+        )
     if fetched.kind == "builtin":
         pipe = _builtin(fetched)
     else:
@@ -105,6 +120,25 @@ def load_checkpoint(cls: Any, base: Fetched, scratch: Path, checkpoint: Fetched,
     return pipe
 
 
+def _load_converted(cls: Any, folder: Path, dtype: Any) -> Any:
+    from diffusers.configuration_utils import FrozenDict
+
+    pipe = cls.from_pretrained(folder, dtype=dtype, use_safetensors=True)
+    # from_pretrained records the folder it read as `_name_or_path` in every config, which
+    # save_pretrained writes again: the store's path, not the weights' identity. Dropped, so that
+    # every store builds the same bytes (and as the converter, which records none, would).
+    for obj in (pipe, *pipe.components.values()):
+        config = getattr(obj, "_internal_dict", None)
+        if config is not None and "_name_or_path" in config:
+            obj._internal_dict = FrozenDict({k: v for k, v in config.items() if k != "_name_or_path"})
+    return pipe
+
+
+def _save_converted(pipe: Any, folder: Path) -> None:
+    pipe.save_pretrained(folder, safe_serialization=True)
+    _drop_load_options(folder)
+
+
 # transformers records how a tokenizer was loaded in the config it saves; from_single_file loads
 # them with local_files_only, so without this the same weights would give two content digests.
 _LOAD_OPTIONS = ("is_local", "local_files_only")
@@ -134,13 +168,14 @@ def materialize(
     scratch: Path,
     checkpoint: Fetched | None = None,
     adapters: dict[str, Fetched] | None = None,
+    converted: ConvertedBase | None = None,
 ) -> Materialized:
     """Build the plan's pipeline and save it under ``out/pipeline``."""
     import diffusers
     import torch
 
     try:
-        pipe = load_base(plan, fetched, scratch, checkpoint)
+        pipe = load_base(plan, fetched, scratch, checkpoint, converted)
         if type(pipe).__name__ != plan.pipeline_class:
             raise ValueError(f"{plan.base} built {type(pipe).__name__}, the plan expects {plan.pipeline_class}")
         # The base's own scheduler config is kept as it is: the runtime derives the recipe's default

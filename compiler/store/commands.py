@@ -1,7 +1,8 @@
 """The store's commands: list, show a recipe's lock and plan, verify hashes, collect garbage.
 
 What is kept by ``gc``: every artifact a name points at (current or in its history, so rollbacks
-keep working), every blob such an artifact was built from (``manifest.inputs``), and every blob a
+keep working), every blob such an artifact was built from (``manifest.inputs``), every converted
+single-file base such an artifact came from (``manifest.provenance["converted"]``), and every blob a
 lockfile in the given recipe folders pins. Everything else under ``artifacts/``, ``blobs/``,
 ``tmp/`` and stale partial downloads goes.
 """
@@ -20,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from compiler.converted import ConvertedStore, key_of
 from compiler.errors import UserError
 from runtime.artifact import (
     NAMES_SUBDIR,
@@ -45,6 +47,7 @@ class Inventory:
     artifacts: dict[str, Path]  # cache key -> folder (READY ones)
     names: dict[str, NameFile]
     blobs: dict[str, Path]  # sha256 hex -> file
+    converted: dict[str, Path]  # converted-base key -> folder (READY ones)
 
     @classmethod
     def read(cls, home: Path) -> Inventory:
@@ -58,7 +61,17 @@ class Inventory:
                 log.warning("%s: unreadable name file (%s)", p, e)
         bdir = home / "blobs" / "sha256"
         blobs = {p.name: p for p in sorted(bdir.iterdir()) if p.is_file()} if bdir.is_dir() else {}
-        return cls(artifacts, names, blobs)
+        return cls(artifacts, names, blobs, ConvertedStore(home).entries())
+
+    def converted_users(self) -> dict[str, list[str]]:
+        """Converted-base key -> the artifacts (cache keys) that came from it."""
+        users: dict[str, list[str]] = {}
+        for key, path in self.artifacts.items():
+            m = _manifest(path)
+            base = key_of(m.provenance) if m else None
+            if base is not None:
+                users.setdefault(base, []).append(key)
+        return users
 
 
 def _size(path: Path) -> int:
@@ -99,6 +112,11 @@ def cmd_ls(home: Path, as_json: bool) -> int:
         for n, nf in inv.names.items()
     }
     blob_bytes = sum(p.stat().st_size for p in inv.blobs.values())
+    users = inv.converted_users()
+    converted = [
+        {"key": k, "bytes": _size(p), "artifacts": sorted(users.get(k, [])), **_about(p)}
+        for k, p in inv.converted.items()
+    ]
     if as_json:
         print(
             json.dumps(
@@ -107,6 +125,7 @@ def cmd_ls(home: Path, as_json: bool) -> int:
                     "artifacts": rows,
                     "names": names,
                     "blobs": {"count": len(inv.blobs), "bytes": blob_bytes},
+                    "converted": converted,
                 },
                 indent=2,
             )
@@ -123,7 +142,22 @@ def cmd_ls(home: Path, as_json: bool) -> int:
     for n, v in names.items():
         print(f"  {n} -> {v['current'][:16]}" + (f"  (history: {len(v['history'])})" if v["history"] else ""))
     print(f"blobs: {len(inv.blobs)} files, {blob_bytes / 2**20:.1f} MiB")
+    print(f"converted single-file bases ({len(converted)}):")
+    for c in converted:
+        print(
+            f"  {c['key'][:16]}  {c.get('family', '?'):<6} {c.get('precision', '?'):<5} {c['bytes'] / 2**20:9.1f} MiB  "
+            f"used by {len(c['artifacts'])} artifacts"
+        )
     return 0
+
+
+def _about(entry: Path) -> dict[str, Any]:
+    """What a converted base was converted from (its entry.json, without the file list)."""
+    try:
+        about = json.loads((entry / "entry.json").read_text())
+    except (OSError, ValueError):
+        return {}
+    return {k: v for k, v in about.items() if k in ("checkpoint", "configs", "family", "precision")}
 
 
 def cmd_show(overrides: list[str]) -> int:
@@ -189,9 +223,13 @@ def cmd_verify(home: Path, keys: list[str]) -> int:
         for digest, p in inv.blobs.items():
             if sha256_file(p) != digest:
                 bad.append(f"blob {digest}: bytes hash to something else")
+        converted = ConvertedStore(home)
+        bad += [f"converted {k}: {problem}" for k in inv.converted for problem in converted.verify(k)]
     for line in bad:
         print(f"BAD {line}")
-    checked = f"{len(targets)} artifacts" + ("" if keys else f", {len(inv.blobs)} blobs")
+    checked = f"{len(targets)} artifacts" + (
+        "" if keys else f", {len(inv.blobs)} blobs, {len(inv.converted)} converted"
+    )
     print(f"verified {checked}: {'all good' if not bad else f'{len(bad)} problems'}")
     if bad:
         print("hint: delete the bad artifact or blob (or run gc) and compile again; it is rebuilt or refetched")
@@ -226,6 +264,11 @@ def cmd_gc(home: Path, recipe_dirs: list[Path], dry_run: bool) -> int:
         keep_blobs |= set(m.inputs) if m else set()
     doomed: list[Path] = [p for k, p in inv.artifacts.items() if k not in keep_art]
     doomed += [p for h, p in inv.blobs.items() if h not in keep_blobs]
+    users = inv.converted_users()
+    keep_converted = {k for k in inv.converted if set(users.get(k, ())) & keep_art}
+    doomed += [p for k, p in inv.converted.items() if k not in keep_converted]
+    # unfinished fills (no READY) whose key's lock nobody holds
+    doomed += [p for p in ConvertedStore(home).staging_dirs() if not _filling(home, p)]
     arts = home / "artifacts" / "v1"
     if arts.is_dir():  # unfinished builds: no READY (a running build holds its key's lock)
         doomed += [p for p in arts.iterdir() if p.is_dir() and not (p / READY).is_file() and not _busy(home, p)]
@@ -243,7 +286,7 @@ def cmd_gc(home: Path, recipe_dirs: list[Path], dry_run: bool) -> int:
             shutil.rmtree(p) if p.is_dir() else p.unlink()
     print(
         f"{'would free' if dry_run else 'freed'} {freed / 2**20:.1f} MiB; kept {len(keep_art & set(inv.artifacts))} "
-        f"artifacts and {len(keep_blobs & set(inv.blobs))} blobs"
+        f"artifacts, {len(keep_blobs & set(inv.blobs))} blobs and {len(keep_converted)} converted bases"
     )
     return 0
 
@@ -255,6 +298,18 @@ def _busy(home: Path, staging: Path) -> bool:
     key = staging.name.removeprefix(".staging-").split("-")[0]
     try:
         with FileLock(str(home / "locks" / f"{key}.lock"), timeout=0):
+            return False
+    except Timeout:
+        return True
+
+
+def _filling(home: Path, folder: Path) -> bool:
+    """A converted-base folder without READY whose key's lock is held is being filled."""
+    from filelock import Timeout
+
+    key = folder.name.removeprefix(".staging-").split("-")[0]
+    try:
+        with ConvertedStore(home).lock(key).acquire(timeout=0):
             return False
     except Timeout:
         return True
