@@ -111,7 +111,7 @@ class _Throttled:
 
     def __init__(self, job: dict[str, Any], interval: float):
         self.job, self.interval = job, interval
-        self.last = 0.0
+        self.last = float("-inf")
         self.lock = threading.Lock()
 
     def __call__(self, progress: Progress) -> None:
