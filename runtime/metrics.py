@@ -18,7 +18,7 @@ import numpy as np
 
 WINDOW = 1000
 PERCENTILES = (50, 95, 99)
-PHASES = ("queue", "load", "inputs", "denoise", "decode", "encode", "total")
+PHASES = ("queue", "load", "inputs", "denoise", "decode", "encode", "upload", "total")
 
 # Why a request failed, as counted and logged:
 #   invalid: the request broke a rule (validation, inputs) - the client's to fix
@@ -28,7 +28,7 @@ PHASES = ("queue", "load", "inputs", "denoise", "decode", "encode", "total")
 #   device:  the device (CUDA) failed; the worker asks to be replaced (refresh_worker)
 #   generation: anything else during generation; refresh_worker too
 #   internal: a bug of ours outside generation
-ErrorKind = Literal["invalid", "model", "timeout", "oom", "device", "generation", "internal"]
+ErrorKind = Literal["invalid", "model", "upload", "timeout", "oom", "device", "generation", "internal"]
 
 
 class Metrics:

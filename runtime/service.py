@@ -27,14 +27,15 @@ from runtime.artifact import (
     read_manifest,
     resolve_artifact,
 )
-from runtime.encode import data_uri
 from runtime.execute import ExecSettings, Executor, GenerationFailed, Options, RunContext, pop_options
 from runtime.inputs import attach_images
 from runtime.loader import Loaded
 from runtime.metrics import METRICS
+from runtime.outputs import UploadError, deliver, destination
 from runtime.pool import Pool, default_budget, parse_budget
 from runtime.schema import RequestError, request_json_schema, validate
 from runtime.trace import Trace
+from runtime.upload import Bucket
 
 log = logging.getLogger(__name__)
 
@@ -246,6 +247,8 @@ class Service:
             options, raw_input = pop_options(raw_input, self.executor.settings)
             # Validated against the chosen artifact's own manifest: its limits, LoRAs, tasks.
             request, warnings = validate(raw_input, selection.manifest)
+            # Where the images go (a bucket or data URIs): a half-configured bucket fails here.
+            bucket = destination()
             # Image inputs are fetched and decoded here, bounded, before any model work.
             request, image_warnings = attach_images(request, selection.manifest.serving.limits)
         except RequestError as e:
@@ -253,6 +256,9 @@ class Service:
             return {"error": "; ".join(e.errors), "errors": e.errors}
         except ArtifactError as e:  # an alias file gone or broken since start
             trace.kind = "model"
+            return {"error": str(e)}
+        except UploadError as e:
+            trace.kind = "upload"
             return {"error": str(e)}
         trace.phases["inputs"] = time.perf_counter() - t_in
         trace.fields.update(
@@ -266,7 +272,7 @@ class Service:
         try:
             with self.pool.acquire(selection.route.path, selection.manifest) as lease:
                 trace.phases["load"] = lease.load_seconds or 0.0
-                reply = self._generate(lease.loaded, request, warnings, options, context, trace)
+                reply = self._generate(lease.loaded, request, warnings, options, context, trace, bucket)
         except ArtifactError as e:  # bigger than the budget, no room in time, a broken artifact
             trace.kind = "model"
             return {"error": str(e), "model": selection.reply_field()}
@@ -280,7 +286,14 @@ class Service:
         return reply
 
     def _generate(
-        self, artifact: Loaded, request: Any, warnings: list[str], options: Options, context: RunContext, trace: Trace
+        self,
+        artifact: Loaded,
+        request: Any,
+        warnings: list[str],
+        options: Options,
+        context: RunContext,
+        trace: Trace,
+        bucket: Bucket | None = None,
     ) -> dict[str, Any]:
         try:
             generated = self.executor.generate(artifact, request, options, context)
@@ -291,12 +304,17 @@ class Service:
         if generated.batch_size > 1:
             trace.fields["batch"] = generated.batch_size
         images, warnings = generated.images, [*warnings, *generated.warnings]
-        t1 = time.perf_counter()
-        encoded = [data_uri(im) for im in images]
-        reply: dict[str, Any] = {"images": encoded, "image_url": encoded[0], "seed": request.seed}
+        try:  # data URIs in the request's image_format, or uploaded (URLs): runtime.outputs
+            delivered = deliver(images, request, trace.request_id, bucket)
+        except UploadError as e:
+            trace.kind = "upload"
+            return {"error": str(e)}
+        trace.phases["encode"] = delivered.encode_s
+        if bucket is not None:
+            trace.phases["upload"] = delivered.upload_s
+        reply = delivered.reply(request.seed)
         if warnings:
             reply["warnings"] = warnings
-        trace.phases["encode"] = time.perf_counter() - t1
         return reply
 
 
