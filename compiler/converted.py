@@ -35,6 +35,7 @@ from typing import Any
 
 from filelock import FileLock
 
+from compiler.plan import BuildPlan
 from runtime.artifact import PIPELINE_DIR, READY, fsync_path, sha256_file, write_json_atomic
 
 log = logging.getLogger(__name__)
@@ -54,9 +55,9 @@ CONVERTER_LIBRARIES = ("torch", "diffusers", "transformers", "safetensors")
 LOAD_ERRORS: tuple[type[Exception], ...] = (OSError, ValueError, RuntimeError, KeyError)
 
 
-def converted_key(plan: Any, environment: dict[str, str]) -> str | None:
+def converted_key(plan: BuildPlan, environment: dict[str, str]) -> str | None:
     """sha256 of what decides a whole-pipeline single-file conversion, or None when the plan has
-    none (a diffusers base, or a UNet-only file that joins one). ``plan`` is a BuildPlan.
+    none (a diffusers base, or a UNet-only file that joins one: its conversion is one component).
 
     In it: the checkpoint's bytes, the config repo's bytes (the configs and tokenizer it is
     converted with), the pipeline class and family (which converter runs), the detected kind and

@@ -231,3 +231,22 @@ def _store(home: Path, *args: str) -> subprocess.CompletedProcess[str]:
         text=True,
         timeout=120,
     )
+
+
+@pytest.mark.slow
+def test_rebuild_bench_runs_at_tiny_size(tmp_path):
+    """bench/rebuild.py end to end on the tiny stack: the claims its JSON makes hold."""
+    proc = subprocess.run(
+        [PY, "-m", "bench.rebuild", "--size", "tiny", "--repeat", "2", "--workdir", str(tmp_path)],
+        cwd=REPO,
+        env=child_env(tmp_path / "unused"),
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert result["cold_converted"] == ["miss"] and result["scale_change_converted"] == ["hit"]
+    assert result["unchanged_recompile_imports_torch"] is False
+    assert result["blobs_unchanged"] and result["hub_requests_during_scale_change"] == 0
+    assert result["same_artifact_either_way"] and result["vae_hard_linked"] and result["new_artifact"]

@@ -264,6 +264,8 @@ def cmd_gc(home: Path, recipe_dirs: list[Path], dry_run: bool) -> int:
         keep_blobs |= set(m.inputs) if m else set()
     doomed: list[Path] = [p for k, p in inv.artifacts.items() if k not in keep_art]
     doomed += [p for h, p in inv.blobs.items() if h not in keep_blobs]
+    # A build loads its converted base before its artifact exists to name it: a gc in between may
+    # drop the entry, which costs that build its links and the next one a conversion, nothing more.
     users = inv.converted_users()
     keep_converted = {k for k in inv.converted if set(users.get(k, ())) & keep_art}
     doomed += [p for k, p in inv.converted.items() if k not in keep_converted]
