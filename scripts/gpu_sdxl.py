@@ -23,6 +23,7 @@ in play is the one the "compiled" run baked with torch.compiler.save_cache_artif
 from __future__ import annotations
 
 import argparse
+import importlib
 import importlib.util
 import json
 import os
@@ -38,9 +39,17 @@ from typing import Any
 REPO = Path(__file__).resolve().parents[1]
 WHEELS = REPO / "wheels"
 # What the device image lacks that this script imports (directly or through runtime.optimize):
-# distribution -> module. Their own dependencies come along (pip resolves them from wheels/).
-NEEDED = {"diffusers": "diffusers", "pydantic": "pydantic", "pillow": "PIL"}
-PINS = ("diffusers==0.42.1", "pydantic==2.14.4")
+# distribution -> (module, the wheels it needs beyond what torch/transformers bring). Installed
+# with --no-deps from wheels/: the device's own torch/transformers/huggingface_hub stay as they are.
+NEEDED = {
+    "diffusers": ("diffusers", ("diffusers==0.42.1", "importlib-metadata", "zipp")),
+    "pydantic": (
+        "pydantic",
+        ("pydantic==2.14.4", "pydantic-core", "annotated-types", "typing-inspection", "typing-extensions>=4.16"),
+    ),
+    "pillow": ("PIL", ("pillow",)),
+}
+PINS = tuple(r for _, reqs in NEEDED.values() for r in reqs if "==" in r)
 DEVICE_PYTHONS = ("3.10", "3.11", "3.12")  # the device's Python is not known in advance
 PROMPT = "a lighthouse on a cliff at dusk, detailed, golden light"
 
@@ -94,26 +103,18 @@ def _pydantic_core_pin() -> str:
 
 def ensure_installed() -> list[str]:
     """Install from wheels/ whatever of NEEDED cannot be imported; return what was installed."""
-    missing = [dist for dist, module in NEEDED.items() if importlib.util.find_spec(module) is None]
+    missing = [dist for dist, (module, _) in NEEDED.items() if importlib.util.find_spec(module) is None]
     if not missing:
         return []
     if not WHEELS.is_dir():
         raise SystemExit(f"missing {missing} and no {WHEELS}: run `scripts/gpu_sdxl.py --fetch-wheels` and carry it")
-    subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "pip",
-            "install",
-            "-q",
-            "--no-index",
-            "--find-links",
-            str(WHEELS),
-            *[p for p in PINS if p.split("==")[0] in missing],
-            *[m for m in missing if m == "pillow"],
-        ],
-        check=True,
-    )
+    wanted = [r for dist in missing for r in NEEDED[dist][1]]
+    pip = [sys.executable, "-m", "pip", "install", "-q", "--no-index", "--no-deps", "--find-links", str(WHEELS)]
+    subprocess.run([*pip, *wanted], check=True)
+    importlib.invalidate_caches()
+    broken = [dist for dist, (module, _) in NEEDED.items() if importlib.util.find_spec(module) is None]
+    if broken:
+        raise SystemExit(f"still missing after installing from {WHEELS}: {broken}")
     return missing
 
 
