@@ -15,7 +15,8 @@ REQ = {"prompt": "a red fox in the snow", "seed": 7}
 
 def test_txt2img_end_to_end(call):
     reply = call(REQ)
-    assert set(reply) == {"images", "image_url", "seed"}
+    assert set(reply) == {"images", "image_url", "seed", "model"}
+    assert reply["model"]["name"] == reply["model"]["recipe"] == "demo"  # what served it
     assert reply["seed"] == 7 and reply["image_url"] == reply["images"][0]
     img = decode_image(reply["images"][0])
     assert img.shape == (64, 64, 3) and img.dtype == np.uint8
