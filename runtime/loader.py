@@ -75,7 +75,9 @@ class Loaded:
                 vae.enable_slicing()
                 done += ["VAE tiling", "VAE slicing"]
             if hasattr(self.pipeline, "enable_attention_slicing") and getattr(self.pipeline, "unet", None) is not None:
-                self.pipeline.enable_attention_slicing()
+                # "max": one slice per head, the least memory; "auto" (head_dim // 2) is 0 for
+                # models with a head width of 1 and divides by it.
+                self.pipeline.enable_attention_slicing("max")
                 done.append("attention slicing")
             if self.device.startswith("cuda") and not getattr(self.pipeline, "_all_hooks", None):
                 # Every task pipeline shares these modules: offloading them through the loaded
