@@ -175,7 +175,9 @@ def prepare(argv: list[str]) -> Prepared:
         embeddings=tuple(pinned(f"embeddings.{i}") for i in range(len(recipe.embeddings))),
         controlnets=tuple(pinned(f"controlnets.{i}") for i in range(len(recipe.controlnets))),
     )
-    env = environment()
+    from compiler.optimize import target_environment  # torch only for recipes that compile
+
+    env = {**environment(), **target_environment(plan)}
     return Prepared(recipe, store, ctx, locked, plan, cache_key(plan, env), env)
 
 

@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 
 from compiler.plan import BuildPlan
-from runtime.artifact import COMPILE_DIR, PIPELINE_DIR
+from runtime.artifact import COMPILE_DIR, PIPELINE_DIR, compile_cache_key
 
 log = logging.getLogger(__name__)
 
@@ -64,15 +64,31 @@ def quantize_denoiser(plan: BuildPlan, out: Path) -> None:
     log.info("quantized the %s to %s in %.1f s", name, plan.quantize, time.perf_counter() - t0)
 
 
+def capture_target() -> str | None:
+    """The compile-cache key this build would capture for (None: no GPU and no CPU opt-in)."""
+    import torch
+
+    if torch.cuda.is_available() or os.environ.get(CPU_OPT_IN) == "1":
+        return compile_cache_key()
+    return None
+
+
+def target_environment(plan: BuildPlan) -> dict[str, str]:
+    """A compiling recipe's artifact holds a compile cache for the machine kind that built it, so
+    that kind enters its cache key: the same recipe built on another GPU (or first on a CPU,
+    without a cache) is another artifact. Torch is imported only for compiling recipes."""
+    if plan.compile.scope == "off":
+        return {}
+    return {"compile_target": capture_target() or "none"}
+
+
 def capture_compile_cache(plan: BuildPlan, out: Path, timeout: float = 3600) -> Path | None:
     """Warm the declared shapes in a fresh process and store torch.compiler's cache artifacts
     under ``out/compile/<key>/`` (key: GPU kind + torch/triton versions). Only on a GPU (or with
     UIW_COMPILE_CACHE_CPU=1): a cache is only good for the machine kind that made it."""
     if plan.compile.scope == "off":
         return None
-    import torch
-
-    if not torch.cuda.is_available() and os.environ.get(CPU_OPT_IN) != "1":
+    if capture_target() is None:
         log.info(
             "compile cache not captured: no GPU here (the runtime compiles on first use; "
             "set %s=1 to capture one for this CPU)",

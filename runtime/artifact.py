@@ -142,6 +142,29 @@ ATTENTION_BACKENDS = (
 CPU_ATTENTION_BACKENDS = ("native", "_native_math")
 
 
+def compile_cache_key() -> str:
+    """The machine kind a compile cache under ``compile/<key>/`` is good for: device name and
+    compute capability, torch and triton versions (Inductor's kernels are specific to all four).
+    Part of the contract: the compiler names the folder, the runtime looks it up. Imports torch
+    when called, never at import."""
+    import platform
+    import re
+    from importlib import metadata
+
+    import torch
+
+    if torch.cuda.is_available():
+        major, minor = torch.cuda.get_device_capability(0)
+        device = f"{torch.cuda.get_device_name(0)}-sm{major}{minor}"
+    else:
+        device = f"cpu-{platform.machine()}"
+    try:
+        triton = metadata.version("triton")
+    except metadata.PackageNotFoundError:
+        triton = "none"
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", f"{device}-torch{torch.__version__}-triton{triton}")
+
+
 class CompileOptions(_Frozen):
     scope: CompileScope = "off"
     mode: Literal["default", "max-autotune"] = "default"

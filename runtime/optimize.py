@@ -18,16 +18,13 @@ import argparse
 import json
 import logging
 import os
-import platform
-import re
 import sys
 import time
 from dataclasses import dataclass, field
-from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from runtime.artifact import COMPILE_DIR, CPU_ATTENTION_BACKENDS, PIPELINE_DIR, RuntimeOptions
+from runtime.artifact import COMPILE_DIR, CPU_ATTENTION_BACKENDS, PIPELINE_DIR, RuntimeOptions, compile_cache_key
 
 log = logging.getLogger(__name__)
 
@@ -51,24 +48,6 @@ class Applied:
 
 def denoiser(pipe: Any) -> Any:
     return pipe.unet if getattr(pipe, "unet", None) is not None else pipe.transformer
-
-
-def compile_cache_key() -> str:
-    """The machine kind a compile cache is good for: device name and capability, torch and
-    triton versions. Inductor's kernels are specific to all four."""
-    import torch
-
-    if torch.cuda.is_available():
-        major, minor = torch.cuda.get_device_capability(0)
-        device = f"{torch.cuda.get_device_name(0)}-sm{major}{minor}"
-    else:
-        device = f"cpu-{platform.machine()}"
-    try:
-        triton = metadata.version("triton")
-    except metadata.PackageNotFoundError:
-        triton = "none"
-    raw = f"{device}-torch{torch.__version__}-triton{triton}"
-    return re.sub(r"[^A-Za-z0-9_.-]+", "_", raw)
 
 
 def apply(pipe: Any, options: RuntimeOptions, device: str, artifact_dir: Path | None = None) -> Applied:

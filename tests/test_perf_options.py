@@ -153,6 +153,12 @@ def test_every_option_enters_the_plan_and_the_cache_key(tmp_path: Path, monkeypa
     q = prepare([*base, "quantize=int8", "compile=regional"]).plan
     assert q.steps[-3:] == ("save", "quantize-int8", "compile-cache-regional")
     assert json.dumps(q.canonical())  # plain JSON: hashed canonically
+    # a compiling recipe's key names the machine kind whose compile cache it would carry
+    assert prepare([*base, "compile=regional"]).environment["compile_target"] == "none", "no GPU, no opt-in"
+    monkeypatch.setenv("UIW_COMPILE_CACHE_CPU", "1")
+    on_cpu = prepare([*base, "compile=regional"])
+    assert on_cpu.environment["compile_target"].startswith("cpu-") and on_cpu.key != keys["compile=regional"]
+    assert prepare(base).key == keys[""] and "compile_target" not in prepare(base).environment
 
 
 def test_the_attention_backends_are_this_diffusers_names() -> None:
