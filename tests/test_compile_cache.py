@@ -22,7 +22,8 @@ from tests.conftest import DEMO_SETTINGS, REPO, child_env
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(3600)]
 
 CHILD = r"""
-import json, sys, time
+import json, logging, sys, time
+logging.basicConfig(level=logging.INFO)
 import numpy as np, torch
 from pathlib import Path
 from runtime.loader import load
