@@ -180,33 +180,35 @@ class Pool:
             )
         deadline = time.monotonic() + self.wait_s
         evicted: list[_Entry] = []
-        with self._cond:
-            while True:
-                entry = self._entries.get(key)
-                if entry is not None:
-                    entry.leases += 1
-                    entry.last_used = time.monotonic()
-                    return Lease(entry.loaded, None)
-                if key not in self._loading:
-                    if not evict and self._used() + need > self.budget:
-                        log.info(
-                            "preload: %s does not fit beside what is loaded (%d B of %d B)", name, need, self.budget
+        try:
+            with self._cond:
+                while True:
+                    entry = self._entries.get(key)
+                    if entry is not None:
+                        entry.leases += 1
+                        entry.last_used = time.monotonic()
+                        return Lease(entry.loaded, None)
+                    if key not in self._loading:
+                        if not evict and self._used() + need > self.budget:
+                            log.info(
+                                "preload: %s does not fit beside what is loaded (%d B of %d B)", name, need, self.budget
+                            )
+                            return None
+                        evicted += self._make_room(need)
+                        if self._used() + need <= self.budget:
+                            self._loading[key] = need
+                            break
+                    # Another request is loading it, or leased artifacts fill the budget: wait.
+                    left = deadline - time.monotonic()
+                    if left <= 0:
+                        raise PoolError(
+                            f"{name}: no room in the memory budget ({self.budget} B) within {self.wait_s:.0f} s: "
+                            "the loaded artifacts are all in use. hint: raise UIW_MEMORY_BUDGET or lower the "
+                            "worker's concurrency."
                         )
-                        return None
-                    evicted += self._make_room(need)
-                    if self._used() + need <= self.budget:
-                        self._loading[key] = need
-                        break
-                # Another request is loading it, or leased artifacts fill the budget: wait.
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    raise PoolError(
-                        f"{name}: no room in the memory budget ({self.budget} B) within {self.wait_s:.0f} s: "
-                        "the loaded artifacts are all in use. hint: raise UIW_MEMORY_BUDGET or lower the "
-                        "worker's concurrency."
-                    )
-                self._cond.wait(timeout=min(left, 1.0))
-        _free(evicted)
+                    self._cond.wait(timeout=min(left, 1.0))
+        finally:  # also when it gives up: what it evicted is freed either way
+            _free(evicted)
         t0 = time.perf_counter()
         try:
             loaded = self._load(path)
@@ -242,6 +244,8 @@ class Pool:
         idle one is left). Called with the lock held; returns the evicted entries, freed later."""
         out = []
         idle = sorted((e.last_used, k) for k, e in self._entries.items() if e.leases == 0)
+        if need and self._used() - sum(self._entries[k].footprint for _, k in idle) + need > self.budget:
+            return out  # evicting every idle one would not do: evict none, wait for running requests
         for _, k in idle:
             if self._used() + need <= self.budget:
                 break

@@ -81,10 +81,10 @@ def base_manifest(demo_artifact: Path) -> Manifest:
     return read_manifest(demo_artifact)
 
 
-def fakes(base: Manifest, *names: str) -> dict[Path, Manifest]:
+def fakes(base: Manifest, *names: str, units: int = 1) -> dict[Path, Manifest]:
     """Manifests whose weight files add up to UNIT_BYTES each (plus a config the estimate skips)."""
     files = (
-        FileEntry(path="pipeline/unet/model.safetensors", sha256="0" * 64, size=UNIT_BYTES),
+        FileEntry(path="pipeline/unet/model.safetensors", sha256="0" * 64, size=UNIT_BYTES * units),
         FileEntry(path="pipeline/unet/config.json", sha256="1" * 64, size=10_000),
     )
     return {Path(n): base.model_copy(update={"cache_key": n * 8, "recipe": n, "files": files}) for n in names}
@@ -148,6 +148,21 @@ def test_an_artifact_in_use_is_never_evicted_under_its_request(base_manifest: Ma
     assert not pool.status(ms[Path("a")]).loaded
 
 
+def test_no_eviction_that_would_not_make_room(base_manifest: Manifest):
+    """a in use, b idle, c twice their size: evicting b alone would not fit c, so b stays."""
+    ms = {**fakes(base_manifest, "a", "b"), **fakes(base_manifest, "c", units=2)}
+    pool = Pool(budget=UNIT_BYTES * 5 // 2, loader=Loader(ms), wait_s=0.3)
+    with pool.acquire(Path("b"), ms[Path("b")]), pool.acquire(Path("a"), ms[Path("a")]):
+        pass
+    with pool.acquire(Path("a"), ms[Path("a")]):
+        with pytest.raises(PoolError, match="all in use"), pool.acquire(Path("c"), ms[Path("c")]):
+            pass
+        assert pool.status(ms[Path("b")]).loaded
+    with pool.acquire(Path("c"), ms[Path("c")]) as lease:  # a idle now: both go
+        assert lease.load_seconds is not None
+    assert [pool.status(ms[Path(n)]).loaded for n in "abc"] == [False, False, True]
+
+
 def test_concurrent_requests_for_one_artifact_load_it_once(base_manifest: Manifest):
     ms = fakes(base_manifest, "a")
     loader = Loader(ms, delay=0.3)
@@ -209,3 +224,24 @@ def test_real_artifact_footprint(service_env):
     assert state <= measured <= state * 1.01
     assert abs(estimate_bytes(loaded.manifest) - measured) / measured < 0.05
     assert service_env.pool.status(loaded.manifest).footprint == measured
+
+
+def test_real_eviction_frees_the_evicted_pipeline(tmp_path_factory: pytest.TempPathFactory):
+    """Through the service, with real artifacts: once evicted, nothing (pool, executor, batcher,
+    task pipelines) keeps the first artifact's UNet alive."""
+    from runtime.service import Service, Settings
+    from tests.pair import A, B, compiled_pair
+
+    pair = compiled_pair(tmp_path_factory)
+    one = estimate_bytes(read_manifest(pair.paths[A]))
+    svc = Service(Settings(artifacts=(A, B), home=pair.home, memory_budget=one * 3 // 2, preload="0"))
+    request = {"prompt": "a fox", "seed": 1, "num_inference_steps": 1}
+    assert "images" in svc.run({**request, "model": A})
+    manifest_a = svc.manifests.get(pair.paths[A])
+    with svc.pool.acquire(pair.paths[A], manifest_a) as lease:
+        unet = weakref.ref(lease.loaded.pipeline.unet)
+    del lease
+    assert "images" in svc.run({**request, "model": B})
+    assert not svc.pool.status(manifest_a).loaded
+    gc.collect()
+    assert unet() is None, [type(r).__name__ for r in gc.get_referrers(unet())]
