@@ -326,7 +326,7 @@ def describe(service: Service, raw_input: dict[str, Any]) -> dict[str, Any]:
         return {"error": 'describe: send {"describe": true} (optionally with "model"), and nothing else'}
     names = list(service.served)
     if "model" in raw_input:
-        if raw_input["model"] not in service.served:
+        if not isinstance(raw_input["model"], str) or raw_input["model"] not in service.served:
             return {"error": f"model: unknown model {raw_input['model']!r}; this worker serves: {', '.join(names)}"}
         names = [raw_input["model"]]
     models: list[dict[str, Any]] = []

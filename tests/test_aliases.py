@@ -172,3 +172,37 @@ def test_weighted_choice_is_random_by_weight():
     assert abs(counts["a"] / n - 0.75) < 0.03
     one = (Route("a", "a", 1.0, Path("a")), Route("b", "b", 0.0, Path("b")))
     assert {choose(one, rng).target for _ in range(100)} == {"a"}
+
+
+def test_describe_lists_models_routes_and_artifacts(pair: Pair):
+    """In process, nothing loaded: describe answers from the manifests (footprint estimated)."""
+    from compiler.store.alias import set_alias
+    from runtime.service import Service, Settings
+
+    set_alias(pair.home, "desc", [f"{A}=3", f"{B}=1"])
+    svc = Service(Settings(artifacts=(B, "desc"), home=pair.home, preload="0"))
+    out = svc.run({"describe": True})
+    key_a, key_b = pair.paths[A].name[:12], pair.paths[B].name[:12]
+    assert out["models"] == [
+        {"name": B, "kind": "recipe", "default": True, "routes": [{"target": B, "weight": 1.0, "artifact": key_b}]},
+        {
+            "name": "desc",
+            "kind": "alias",
+            "default": False,
+            "routes": [
+                {"target": A, "weight": 3.0, "artifact": key_a},
+                {"target": B, "weight": 1.0, "artifact": key_b},
+            ],
+        },
+    ]
+    assert set(out["artifacts"]) == {key_a, key_b}
+    for key, name in ((key_a, A), (key_b, B)):
+        art = out["artifacts"][key]
+        assert (art["recipe"], art["loaded"], art["load_seconds"]) == (name, False, None)
+        assert art["footprint"].startswith("estimated") and art["footprint_bytes"] > 0
+        assert art["schema"]["type"] == "object" and "prompt" in art["schema"]["properties"]
+    assert out["memory"]["used_bytes"] == 0
+    narrowed = svc.run({"describe": True, "model": "desc"})
+    assert [m["name"] for m in narrowed["models"]] == ["desc"]
+    assert "this worker serves" in svc.run({"describe": True, "model": ["desc"]})["error"]
+    assert "nothing else" in svc.run({"describe": True, "prompt": "x"})["error"]
