@@ -264,7 +264,7 @@ def run_child(mode: str, args: argparse.Namespace, work: Path) -> dict[str, Any]
         "TORCHINDUCTOR_CACHE_DIR": str(caches / "inductor"),
         "TRITON_CACHE_DIR": str(caches / "triton"),
         "HF_HUB_OFFLINE": "1",
-        "PYTHONPATH": str(REPO),
+        "PYTHONPATH": os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH", "")) if p),
     }
     result = work / f"{mode}.json"
     cmd = [

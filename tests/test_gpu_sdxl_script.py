@@ -5,6 +5,7 @@ that it broke."""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -13,6 +14,12 @@ from tests.conftest import REPO
 
 
 def test_gpu_sdxl_tiny_mode_runs_on_cpu(tmp_path: Path) -> None:
+    # What the device image lacks and the script does not carry must not be imported: each is
+    # shadowed by a package that refuses to import, in this process's children too.
+    blocked = tmp_path / "blocked"
+    for name in ("hydra", "omegaconf", "antlr4", "runpod"):
+        (blocked / name).mkdir(parents=True)
+        (blocked / name / "__init__.py").write_text(f"raise ImportError('{name} is not on the device image')\n")
     out = tmp_path / "r.json"
     proc = subprocess.run(
         [
@@ -27,6 +34,7 @@ def test_gpu_sdxl_tiny_mode_runs_on_cpu(tmp_path: Path) -> None:
             str(tmp_path / "w"),
         ],
         cwd=REPO,
+        env={**os.environ, "PYTHONPATH": str(blocked)},
         capture_output=True,
         text=True,
         timeout=600,
