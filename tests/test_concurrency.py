@@ -219,3 +219,30 @@ def test_batched_concurrent_requests_match_sequential_within_tolerance(two_loras
             }
         )
     )
+
+
+def test_the_batcher_groups_by_key_within_the_window_and_shares_errors():
+    from runtime.batching import Batcher, BatchSettings
+
+    calls: list[list[str]] = []
+
+    def run(items: list[str]) -> list[str]:
+        calls.append(list(items))
+        if "boom" in items:
+            raise RuntimeError("injected")
+        return [i.upper() for i in items]
+
+    batcher: Batcher[str, str] = Batcher(BatchSettings(max_batch=3, window_s=0.5), run)
+    assert batcher.submit("k", "alone", alone=True) == ("ALONE", 1) and calls == [["alone"]], "no window when alone"
+    calls.clear()
+    with ThreadPoolExecutor(4) as pool:
+        futures = [
+            pool.submit(batcher.submit, key, item) for key, item in (("k", "a"), ("k", "b"), ("j", "c"), ("k", "d"))
+        ]
+        results = [f.result(timeout=10) for f in futures]
+    assert results == [("A", 3), ("B", 3), ("C", 1), ("D", 3)]
+    assert sorted(map(sorted, calls)) == [["a", "b", "d"], ["c"]], "one call per key; full at 3"
+    with ThreadPoolExecutor(2) as pool:
+        futures = [pool.submit(batcher.submit, "k", item) for item in ("x", "boom")]
+        errors = [f.exception(timeout=10) for f in futures]
+    assert all(isinstance(e, RuntimeError) and str(e) == "injected" for e in errors), "every member hears of it"
