@@ -62,9 +62,8 @@ def point(cfg: DictConfig, out: Path) -> Point:
 def main(cfg: DictConfig) -> None:
     out = out_dir()
     out.mkdir(parents=True, exist_ok=True)
-    records = measure(point(cfg, out), evict)
     job = HydraConfig.get().job.num if HydraConfig.get().mode == RunMode.MULTIRUN else 0
-    append_records(out, [{"job": job, **r} for r in records])
+    measure(point(cfg, out), evict, lambda records: append_records(out, [{"job": job, **r} for r in records]))
 
 
 if __name__ == "__main__":

@@ -108,9 +108,12 @@ def run_child_spawned(args: list[str], env: dict[str, str], timeout: float) -> C
     return run_child([*args, "--spawned", repr(time.time())], env, timeout=timeout)
 
 
-def measure(p: Point, evict: Any) -> list[dict[str, Any]]:
+def measure(p: Point, evict: Any, sink: Any = None) -> list[dict[str, Any]]:
     """Records for one point: one compile record, then per round and page-cache state one record
-    per measured kind (artifact; naive and floor when the point has a stack and baselines)."""
+    per measured kind (artifact; naive and floor when the point has a stack and baselines).
+    ``sink(records)``, when given, gets each record as soon as it is measured (a long sweep cut
+    short keeps what it measured)."""
+    emit = sink or (lambda records: None)
     artifact, compiled = compile_point(p)
     manifest = json.loads((artifact / "manifest.json").read_text())
     precision = p.precision or manifest["runtime"]["dtype"]
@@ -131,6 +134,7 @@ def measure(p: Point, evict: Any) -> list[dict[str, Any]]:
             "artifact_bytes": sum(f.stat().st_size for f in artifact.rglob("*") if f.is_file()),
         }
     ]
+    emit(records[-1:])
     env = child_env(p.home, {"HF_HUB_OFFLINE": "1"})
     kinds: list[tuple[str, list[str], list[Path]]] = [("artifact", [str(artifact)], [artifact])]
     if p.stack is not None and p.baselines:
@@ -164,6 +168,7 @@ def measure(p: Point, evict: Any) -> list[dict[str, Any]]:
                         **{f"step_{k}": v for k, v in result.get("steps", {}).items()},
                     }
                 )
+                emit(records[-1:])
     return records
 
 

@@ -93,7 +93,6 @@ def artifact(args: argparse.Namespace, t0: float) -> dict[str, Any]:
     import diffusers  # noqa: F401  (imports counted as imports, as the naive worker's are)
     import torch  # noqa: F401
 
-    from runtime.loader import load
     from runtime.service import Service, Settings
 
     import_classes(Path(args.target[0]))
@@ -123,7 +122,6 @@ def artifact(args: argparse.Namespace, t0: float) -> dict[str, Any]:
         s = time.perf_counter()
         one()
         warm.append(time.perf_counter() - s)
-    assert load  # the runtime's loader is what Service used
     return {
         "imports": t1 - t0,
         "load": loaded.load_seconds,

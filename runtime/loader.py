@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from runtime.artifact import PIPELINE_DIR, ArtifactError, Manifest, read_manifest
+from runtime.fastload import Warmer, preload_components, weight_files
 from runtime.gate import ModeGate
 
 # Artifacts are complete: nothing at serve time may reach the Hub. Set before diffusers or
@@ -127,15 +128,19 @@ def load(artifact_dir: Path, device: str | None = None) -> Loaded:
     transformers_logging().disable_progress_bar()
     device = device or default_device()
     cls = getattr(diffusers, manifest.pipeline_class)
-    # An explicit dtype: without one diffusers upcasts half-precision files to fp32 on load.
-    pipe = cls.from_pretrained(
-        Path(artifact_dir) / PIPELINE_DIR,
-        dtype=getattr(torch, DTYPES[manifest.runtime.dtype]),
-        local_files_only=True,
-    )
-    pipe.to(device)
-    pipe.set_progress_bar_config(disable=True)
-    pipelines = task_pipelines(pipe, manifest)
+    folder = Path(artifact_dir) / PIPELINE_DIR
+    dtype = getattr(torch, DTYPES[manifest.runtime.dtype])
+    # The weights are read (and on the CPU mapped in) by a thread while the models are built:
+    # a returned load has every tensor resident (runtime.fastload; bench/RESULTS.md).
+    with Warmer(weight_files(folder), fault=device == "cpu") as warmer:
+        # Quantized weights load through diffusers' quantizer hooks: left to the pipeline's own loader.
+        given = preload_components(folder, dtype, warmer) if manifest.runtime.quantize == "none" else {}
+        # An explicit dtype: without one diffusers upcasts half-precision files to fp32 on load.
+        pipe = cls.from_pretrained(folder, dtype=dtype, local_files_only=True, **given)
+        if device != "cpu":  # from_pretrained leaves everything on the CPU: nothing to move there
+            pipe.to(device)
+        pipe.set_progress_bar_config(disable=True)
+        pipelines = task_pipelines(pipe, manifest)  # Python work: overlaps the warmer's page faults
     adapters = load_switchable_loras(pipe, manifest, Path(artifact_dir))
     controlnets = load_controlnets(manifest, Path(artifact_dir), pipe.dtype, device)
     # The manifest's runtime options (channels_last, fused QKV, attention, offload, compile and
