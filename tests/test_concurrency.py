@@ -41,6 +41,12 @@ JOBS = [
 ]
 
 
+# One compute thread per request in the worker: with PyTorch's default (one per core) a lone
+# request on a busy 2-core machine runs ~20x slower (bench/RESULTS.md "Serving concurrency"),
+# which would make the sequential half of these tests take minutes and the ratio meaningless.
+ONE_THREAD = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+
+
 def _pixels(data_uri: str) -> np.ndarray:
     from PIL import Image
 
@@ -160,7 +166,7 @@ def _overlaps(lines: list[dict]) -> int:
 
 def test_concurrent_requests_with_different_loras_draw_what_sequential_ones_draw(two_loras, tmp_path: Path):
     home, artifact = two_loras
-    env = {"UIW_HOME": str(home), "UIW_ARTIFACTS": str(artifact), "UIW_MAX_BATCH": "1", "UIW_CONCURRENCY": "6"}
+    env = {"UIW_HOME": str(home), "UIW_ARTIFACTS": str(artifact), "UIW_MAX_BATCH": "1", **ONE_THREAD}
     with dev_server(env, tmp_path) as server:
         sequential, concurrent, t_seq, t_conc = _serve_both_ways(server.url)
         done = server.requests_done()
@@ -193,7 +199,7 @@ def test_batched_concurrent_requests_match_sequential_within_tolerance(two_loras
         "UIW_ARTIFACTS": str(artifact),
         "UIW_MAX_BATCH": "4",
         "UIW_BATCH_WINDOW_MS": "500",
-        "UIW_CONCURRENCY": "6",
+        **ONE_THREAD,
     }
     with dev_server(env, tmp_path) as server:
         sequential, concurrent, t_seq, t_conc = _serve_both_ways(server.url)
