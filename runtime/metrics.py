@@ -1,8 +1,8 @@
 """Counts and latency percentiles of the requests this worker served: the describe reply's `stats`.
 
 Per outcome (`ok`, or `error` by kind) a count since start; per phase (queue, load, inputs,
-denoise, decode, encode, total) the p50/p95/p99 of the last WINDOW requests that ran it, so a
-long-lived worker reports its recent behaviour in bounded memory. Thread-safe: requests finish
+denoise, decode, encode, upload, total) the p50/p95/p99 of the last WINDOW requests that ran
+it, so a long-lived worker reports its recent behaviour in bounded memory. Thread-safe: requests finish
 in worker threads.
 """
 
