@@ -91,3 +91,37 @@ def test_default_handler_reports_progress_through_progress_update(service_env, m
     monkeypatch.delenv("RUNPOD_WEBHOOK_POST_OUTPUT")
     asyncio.run(handler({"id": "job-3", "input": REQ}))
     assert sent == []
+
+
+def test_previews_of_packed_flux_latents():
+    """FLUX packs 2x2 latent patches (16 channels): the preview unpacks them and shows three
+    channels; one event per step, each a JPEG of the latent grid's size."""
+    from PIL import Image
+
+    from compiler.builtins import BUILTINS
+    from runtime.generate import generate
+    from runtime.progress import Progress, StepWatch
+    from runtime.schema import GenerationRequest
+
+    pipe = BUILTINS["tiny-flux"].build()
+    pipe.set_progress_bar_config(disable=True)
+    request = GenerationRequest(
+        task="txt2img",
+        prompt="a red fox",
+        negative_prompt=None,
+        width=64,
+        height=64,
+        steps=3,
+        guidance_scale=3.5,
+        scheduler="FLOW_MATCH_EULER",
+        seed=1,
+        num_images=1,
+    )
+    events: list[Progress] = []
+    images = generate(pipe, request, StepWatch(events.append, None, preview=True, size=(64, 64)))
+    assert len(images) == 1 and [e.step for e in events] == [1, 2, 3] and {e.steps for e in events} == {3}
+    grid = 64 // pipe.vae_scale_factor
+    for e in events:
+        assert e.preview is not None
+        im = Image.open(io.BytesIO(base64.b64decode(e.preview.partition(",")[2])))
+        assert im.format == "JPEG" and im.size == (grid, grid)
