@@ -90,7 +90,7 @@ def _manifest(artifact: Path) -> dict:
     return json.loads((artifact / "manifest.json").read_text())
 
 
-def _conversions(stderr: str) -> list[str]:
+def _conversions(stderr: str) -> list[tuple[str, str]]:
     return re.findall(r"converted base: (hit|miss) ([0-9a-f]{64})", stderr)
 
 
