@@ -80,12 +80,22 @@ def measured_bytes(loaded: Any) -> int:
     total = 0
     for module in modules:
         for t in [*module.parameters(), *module.buffers()]:
-            storage = t.untyped_storage()
-            key = (str(t.device), storage.data_ptr())
-            if key not in seen:
-                seen.add(key)
-                total += storage.nbytes()
+            for part in _plain_tensors(t):
+                storage = part.untyped_storage()
+                key = (str(part.device), storage.data_ptr())
+                if key not in seen:
+                    seen.add(key)
+                    total += storage.nbytes()
     return total
+
+
+def _plain_tensors(t: Any) -> list[Any]:
+    """A tensor, or the plain tensors inside a tensor subclass (a quantized weight: its int8/fp8
+    data and scales), whose own storage cannot be read."""
+    if type(t).__name__ not in ("Tensor", "Parameter") and hasattr(t, "__tensor_flatten__"):
+        names, _ = t.__tensor_flatten__()
+        return [p for n in names for p in _plain_tensors(getattr(t, n))]
+    return [t]
 
 
 @dataclass(frozen=True)

@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from tests.conftest import DEMO_SETTINGS, compile_text
+from tests.conftest import DEMO_SETTINGS, REQ, compile_text, serve
 
 TINY = "base: builtin:tiny-sd15\n" + DEMO_SETTINGS
 
@@ -274,7 +274,12 @@ def test_compile_is_recorded_and_applied_at_load_without_running(
 
 @pytest.mark.parametrize(("quantize", "tolerance"), [("int8", 3), ("fp8", 8)])
 def test_quantized_weights_are_baked_smaller_and_loaded_without_converting(
-    tmp_path: Path, demo_artifact: Path, quantize: str, tolerance: int, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path,
+    demo_artifact: Path,
+    demo_image: np.ndarray,
+    quantize: str,
+    tolerance: int,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     import optimum.quanto.nn.qmodule as qmodule
     from optimum.quanto import QLinear
@@ -318,6 +323,9 @@ def test_quantized_weights_are_baked_smaller_and_loaded_without_converting(
     got, want = _draw(loaded.pipelines["txt2img"]), _draw(plain.pipelines["txt2img"])
     diff = np.abs(got - want)
     assert diff.max() <= tolerance, f"{quantize}: max {diff.max()}/255, mean {diff.mean():.3f}"
+    # and through the service (pool, request validation, PNG): the demo's picture, within the same bound
+    served = serve(tmp_path / "home", artifact, REQ).astype(int)
+    assert np.abs(served - demo_image.astype(int)).max() <= tolerance
 
 
 @pytest.mark.gpu
