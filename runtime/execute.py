@@ -244,16 +244,16 @@ class Executor:
         batch: bool,
     ) -> Generated:
         key = gen.batch_key(request) if batch and self.settings.batch.max_batch > 1 else None
-        if key is None:
-            # The one-request path goes through runtime.generate.generate (both phases; the LoRA
-            # gate only around its denoise).
+        if key is None or self._in_flight <= 1:
+            # The one-request path (also a batchable request with no other in flight: nobody
+            # could join) goes through runtime.generate.generate (both phases; the LoRA gate
+            # only around its denoise).
             timings: dict[str, float] = {}
             images = gen.generate(pipeline, request, watch, artifact.loras(request.loras), timings)
             return Generated(images, warnings, timings, 1)
         t0 = time.perf_counter()
         item = _Item(artifact, pipeline, request, watch)
-        alone = self._in_flight <= 1
-        denoised, size = self.batcher.submit((id(artifact), id(pipeline), *key), item, alone)
+        denoised, size = self.batcher.submit((id(artifact), id(pipeline), *key), item)
         t1 = time.perf_counter()
         images = gen.decode(pipeline, denoised, request)
         return Generated(images, warnings, {"denoise": t1 - t0, "decode": time.perf_counter() - t1}, size)
