@@ -252,7 +252,7 @@ class Pool:
     def _make_room(self, need: int) -> list[_Entry]:
         """Evict idle artifacts, least recently used first, until ``need`` more bytes fit (or no
         idle one is left). Called with the lock held; returns the evicted entries, freed later."""
-        out = []
+        out: list[_Entry] = []
         idle = sorted((e.last_used, k) for k, e in self._entries.items() if e.leases == 0)
         if need and self._used() - sum(self._entries[k].footprint for _, k in idle) + need > self.budget:
             return out  # evicting every idle one would not do: evict none, wait for running requests

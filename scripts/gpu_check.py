@@ -29,8 +29,14 @@ SDXL_TEST_INPUT = REPO / "tests" / "data" / "worker_sdxl_test_input.json"
 def compile_recipe(home: Path, *overrides: str) -> tuple[Path, float]:
     t0 = time.perf_counter()
     env = {**os.environ, "UIW_HOME": str(home)}
-    proc = subprocess.run([sys.executable, "-m", "compiler", "recipe=demo", *overrides], cwd=REPO, env=env,
-                          capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(
+        [sys.executable, "-m", "compiler", "recipe=demo", *overrides],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     if proc.returncode != 0:
         raise SystemExit(f"compile failed ({proc.returncode}):\n{proc.stderr}")
     return Path(proc.stdout.strip()), time.perf_counter() - t0
