@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from tests.conftest import PY, REPO
+from tests.conftest import LEAKY, PY, REPO
 
 
 def free_port() -> int:
@@ -52,16 +52,20 @@ class DevServer:
 
 
 @contextmanager
-def dev_server(env: dict[str, str], tmp_path: Path, startup_s: float = 180) -> Iterator[DevServer]:
+def dev_server(
+    env: dict[str, str], tmp_path: Path, startup_s: float = 180, log_path: Path | None = None
+) -> Iterator[DevServer]:
+    """The worker sees this process's environment less conftest.LEAKY (the session's own store
+    and artifacts), plus `env`; its log lines go to `log_path` (default: a file in tmp_path)."""
     port = free_port()
-    log_path = tmp_path / f"worker-{port}.log"
+    log_path = log_path or tmp_path / f"worker-{port}.log"
     # Two files: the SDK prints to stdout, our log lines go to stderr; one file for both could
     # interleave a block-buffered stdout chunk inside one of our lines.
     with open(log_path, "w") as log_file, open(tmp_path / f"sdk-{port}.log", "w") as sdk_file:
         proc = subprocess.Popen(
             [PY, "-m", "runtime", "--rp_serve_api", "--rp_api_host", "127.0.0.1", "--rp_api_port", str(port)],
             cwd=REPO,
-            env={**os.environ, "UIW_LOG_FORMAT": "json", **env},
+            env={**{k: v for k, v in os.environ.items() if k not in LEAKY}, "UIW_LOG_FORMAT": "json", **env},
             stdout=sdk_file,
             stderr=log_file,
             text=True,

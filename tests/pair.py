@@ -5,13 +5,6 @@ worker subprocess (the RunPod SDK's local dev server) helper shared by the tests
 
 from __future__ import annotations
 
-import json
-import os
-import socket
-import subprocess
-import time
-import urllib.error
-import urllib.request
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -19,7 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import DEMO_SETTINGS, LEAKY, PY, REPO, compile_text
+from tests.conftest import DEMO_SETTINGS, compile_text
+from tests.devserver import dev_server, post
 
 A, B = "fox-euler", "fox-ddim"
 RECIPES = {
@@ -50,18 +44,6 @@ def compiled_pair(factory: pytest.TempPathFactory) -> Pair:
     return _cache["pair"]
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def post(url: str, body: dict, timeout: float = 120) -> dict:
-    req = urllib.request.Request(url, data=json.dumps(body).encode(), headers={"Content-Type": "application/json"})
-    with urllib.request.urlopen(req, timeout=timeout) as resp:
-        return json.loads(resp.read())
-
-
 @dataclass
 class Worker:
     url: str
@@ -79,34 +61,5 @@ class Worker:
 @contextmanager
 def worker(home: Path, env: dict[str, str], log: Path, timeout: float = 180) -> Iterator[Worker]:
     """`python -m runtime --rp_serve_api` on 127.0.0.1 with these settings, stopped afterwards."""
-    port = free_port()
-    child = {k: v for k, v in os.environ.items() if k not in LEAKY}
-    child.update({"UIW_HOME": str(home), **env})
-    with open(log, "w") as out:
-        proc = subprocess.Popen(
-            [PY, "-m", "runtime", "--rp_serve_api", "--rp_api_host", "127.0.0.1", "--rp_api_port", str(port)],
-            cwd=REPO,
-            env=child,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            text=True,
-        )
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + timeout
-        while True:
-            try:
-                urllib.request.urlopen(f"{url}/docs", timeout=2)
-                break
-            except (urllib.error.URLError, ConnectionError):
-                assert proc.poll() is None, log.read_text()
-                assert time.monotonic() < deadline, "the dev server did not come up"
-                time.sleep(0.25)
-        yield Worker(url, log)
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(timeout=20)
+    with dev_server({"UIW_HOME": str(home), **env}, log.parent, startup_s=timeout, log_path=log) as server:
+        yield Worker(server.url, log)
