@@ -25,11 +25,9 @@ from compiler.lora import apply_loras
 from compiler.plan import BuildPlan
 from compiler.singlefile import linked, load_component
 from compiler.sources import Fetched
-from runtime.artifact import PIPELINE_DIR, SCHEDULERS, ControlNetInfo, EmbeddingInfo
+from runtime.artifact import PIPELINE_DIR, SCHEDULERS, TORCH_DTYPES, ControlNetInfo, EmbeddingInfo
 
 log = logging.getLogger(__name__)
-
-DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
 
 
 def snapshot(fetched: Fetched, scratch: Path) -> Path:
@@ -60,7 +58,7 @@ def load_base(
     import torch
 
     cls = getattr(diffusers, plan.pipeline_class)
-    dtype = getattr(torch, DTYPES[plan.precision])
+    dtype = getattr(torch, TORCH_DTYPES[plan.precision])
     if checkpoint is not None and plan.checkpoint_kind == "checkpoint":
         if converted is None:
             return load_checkpoint(cls, fetched, scratch, checkpoint, dtype)
@@ -193,7 +191,7 @@ def materialize(
         )
         if plan.prediction is not None:
             pipe.scheduler.register_to_config(prediction_type=PREDICTION_TYPES[plan.prediction])
-        pipe.to(dtype=getattr(torch, DTYPES[plan.precision]))
+        pipe.to(dtype=getattr(torch, TORCH_DTYPES[plan.precision]))
         if plan.vae_force_upcast:
             pipe.vae.register_to_config(force_upcast=True)
         pipe.save_pretrained(out / PIPELINE_DIR, safe_serialization=True)

@@ -20,13 +20,12 @@ import time
 from pathlib import Path
 
 from compiler.plan import BuildPlan
-from runtime.artifact import COMPILE_DIR, PIPELINE_DIR, compile_cache_key
+from runtime.artifact import COMPILE_DIR, PIPELINE_DIR, TORCH_DTYPES, compile_cache_key
 
 log = logging.getLogger(__name__)
 
 # quantize: recipe value -> optimum-quanto weights dtype (diffusers' QuantoConfig)
 QUANTO_WEIGHTS = {"int8": "int8", "fp8": "float8"}
-DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
 # Opt-in to capture compile caches without a GPU (minutes on a CPU; the slow test uses it).
 CPU_OPT_IN = "UIW_COMPILE_CACHE_CPU"
 
@@ -53,7 +52,7 @@ def quantize_denoiser(plan: BuildPlan, out: Path) -> None:
     model = cls.from_pretrained(
         folder,
         subfolder=name,
-        dtype=getattr(torch, DTYPES[plan.precision]),
+        dtype=getattr(torch, TORCH_DTYPES[plan.precision]),
         quantization_config=diffusers.QuantoConfig(weights_dtype=QUANTO_WEIGHTS[plan.quantize]),
         local_files_only=True,
     )

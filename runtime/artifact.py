@@ -34,6 +34,8 @@ LORA_DIR = "loras"  # switchable LoRA files, as given (the runtime loads them as
 PIPELINE_DIR = "pipeline"
 
 Precision = Literal["fp32", "fp16", "bf16"]
+# precision -> the torch dtype's attribute name (getattr(torch, ...)); strings keep this module torch-free
+TORCH_DTYPES: dict[str, str] = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
 Task = Literal["txt2img", "img2img", "inpaint", "controlnet"]
 
 # worker-sdxl's scheduler names -> diffusers class names. One table for the compiler (recipe

@@ -24,13 +24,19 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from runtime.artifact import COMPILE_DIR, CPU_ATTENTION_BACKENDS, PIPELINE_DIR, RuntimeOptions, compile_cache_key
+from runtime.artifact import (
+    COMPILE_DIR,
+    CPU_ATTENTION_BACKENDS,
+    PIPELINE_DIR,
+    TORCH_DTYPES,
+    RuntimeOptions,
+    compile_cache_key,
+)
 
 log = logging.getLogger(__name__)
 
 CACHE_FILE = "cache.bin"
 INFO_FILE = "info.json"
-DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
 
 
 @dataclass
@@ -163,7 +169,7 @@ def warm(staging: Path, pipeline_class: str, options: RuntimeOptions, guidance: 
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     pipe = getattr(diffusers, pipeline_class).from_pretrained(
-        staging / PIPELINE_DIR, dtype=getattr(torch, DTYPES[options.dtype]), local_files_only=True
+        staging / PIPELINE_DIR, dtype=getattr(torch, TORCH_DTYPES[options.dtype]), local_files_only=True
     )
     pipe.to(device)
     pipe.set_progress_bar_config(disable=True)
