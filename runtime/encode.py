@@ -59,12 +59,3 @@ def encode(image: Any, image_format: Format = "png", quality: int | None = None)
     else:
         raise ValueError(f"image_format: {image_format!r} is not one of png, jpeg, webp. hint: see runtime.encode")
     return Encoded(buf.getvalue(), image_format)
-
-
-def png_bytes(image: Any) -> bytes:
-    return encode(image, "png").data
-
-
-def data_uri(image: Any) -> str:
-    """A PNG data URI (the reply's form when no upload is configured and no format asked)."""
-    return encode(image, "png").data_uri()
