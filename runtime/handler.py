@@ -11,7 +11,9 @@ RunPod fixes per worker whether a handler streams, so there are two, chosen at s
 - `stream_handler` (UIW_STREAM=1): an async generator yielding `{"status": "progress", "step",
   "steps", "elapsed_s"[, "preview"]}` per denoise step, then the normal reply as its last item.
   Such a worker answers /runsync with the list of everything it yielded (the SDK aggregates;
-  `return_aggregate_stream` makes /status and /run's result carry the list too).
+  `return_aggregate_stream` makes /status and /run's result carry the list too). The SDK keeps
+  only the text of a streamed error, so a reply asking for `refresh_worker` also sets it in the
+  start config (the SDK then stops the worker after the job).
 
 Model work runs in a thread (asyncio.to_thread) so the SDK's event loop stays free and, with
 UIW_CONCURRENCY > 1, several jobs run at once. No loop-bound state is kept: repeated
@@ -59,11 +61,46 @@ def concurrency_modifier(current: int) -> int:
 
 
 _concurrency = 1
+# The config passed to `runpod.serverless.start`, kept: the SDK reads it after every job, and a
+# streaming handler can only ask for a refresh through it (see stream_handler).
+_config: dict[str, Any] | None = None
+
+
+def progress_interval() -> float:
+    """UIW_PROGRESS_INTERVAL: seconds between progress updates of the default handler (>= 0)."""
+    raw = os.environ.get("UIW_PROGRESS_INTERVAL", "").strip()
+    if not raw:
+        return DEFAULT_PROGRESS_INTERVAL_S
+    try:
+        value = float(raw)
+    except ValueError:
+        value = -1.0
+    if not 0 <= value < float("inf"):
+        raise SettingError(
+            f"UIW_PROGRESS_INTERVAL={raw!r}: expected seconds, 0 or more. "
+            f"hint: unset it for {DEFAULT_PROGRESS_INTERVAL_S:g} s; 0 sends every step"
+        )
+    return value
+
+
+def check_settings() -> None:
+    """Parse every UIW_* setting that can be wrong without looking at the artifacts (raises
+    SettingError or ArtifactError, with a hint): a bad value stops the worker at start.
+    UIW_LOG_FORMAT/UIW_LOG_LEVEL are checked by runtime.__main__ (logging comes first);
+    UIW_CONCURRENCY and UIW_STREAM by start_config."""
+    from runtime.execute import ExecSettings
+    from runtime.service import Settings
+
+    Settings.from_env()  # UIW_ARTIFACTS, UIW_HOME, UIW_MEMORY_BUDGET, UIW_PRELOAD, UIW_ROUTING_SEED
+    ExecSettings.from_env()  # UIW_REQUEST_TIMEOUT, UIW_PREVIEW, UIW_MAX_BATCH, UIW_BATCH_WINDOW_MS
+    progress_interval()
 
 
 def start_config() -> dict[str, Any]:
-    """The `runpod.serverless.start` config for this worker's environment (raises SettingError)."""
-    global _concurrency
+    """The `runpod.serverless.start` config for this worker's environment, after checking every
+    setting (raises SettingError or ArtifactError)."""
+    global _concurrency, _config
+    check_settings()
     _concurrency = concurrency()
     stream = os.environ.get("UIW_STREAM", "").strip().lower() in ("1", "true", "yes")
     config: dict[str, Any] = {
@@ -72,6 +109,7 @@ def start_config() -> dict[str, Any]:
     }
     if stream:
         config["return_aggregate_stream"] = True
+    _config = config
     return config
 
 
@@ -128,16 +166,15 @@ class _Throttled:
 def _progress_listener(job: Any) -> Callable[[Progress], None] | None:
     if not isinstance(job, dict) or not _job_id(job) or not os.environ.get("RUNPOD_WEBHOOK_POST_OUTPUT"):
         return None
-    raw = os.environ.get("UIW_PROGRESS_INTERVAL", "").strip()
-    try:
-        interval = float(raw) if raw else DEFAULT_PROGRESS_INTERVAL_S
-    except ValueError:
-        interval = DEFAULT_PROGRESS_INTERVAL_S
-    return _Throttled(job, interval)
+    return _Throttled(job, progress_interval())  # checked at start (start_config)
 
 
 async def handler(job: dict[str, Any]) -> dict[str, Any]:
-    return await _run(job, _progress_listener(job), stream=False)
+    try:
+        listener = _progress_listener(job)
+    except SettingError as e:  # only where start_config did not run (the worker checks at start)
+        return {"error": str(e)}
+    return await _run(job, listener, stream=False)
 
 
 async def stream_handler(job: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
@@ -161,7 +198,14 @@ async def stream_handler(job: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
         # (call_soon_threadsafe keeps order); any still waiting come out here, in order.
         while not events.empty():
             yield events.get_nowait()
-        yield task.result()
+        reply = task.result()
+        if reply.get("refresh_worker") and _config is not None:
+            # The SDK turns a streamed error into {"error": str} and drops refresh_worker; it
+            # replaces the worker after the job when its config says so (rp_job.handle_job,
+            # rp_scale.JobScaler.handle_job). Set before the reply goes out: the SDK stops
+            # reading the stream at an error.
+            _config["refresh_worker"] = True
+        yield reply
     finally:
         if not task.done():  # the client went away: let the job finish in its thread, unobserved
             task.add_done_callback(lambda t: t.exception())

@@ -1,8 +1,11 @@
 """The serving logic behind the handler: settings -> loaded artifacts; request -> reply dict.
 
-Failures never escape as exceptions: bad input becomes {"error", "errors"} before model work;
-a failure during generation becomes {"error", "refresh_worker": True} (the SDK restarts the
-worker, since device state may be broken).
+Failures never escape as exceptions, and each is classified (runtime.metrics.ErrorKind): bad
+input becomes {"error", "errors"} before model work; a model that cannot be loaded, {"error"}
+(with "refresh_worker": True when the load itself failed); a failure during generation,
+{"error"} with "refresh_worker": True where device state may be broken (runtime.execute); a
+failure after it (encoding the images) or any other bug of ours, {"error": "internal error: ..."}
+without a refresh (the device is fine).
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ import random
 import threading
 import time
 import uuid
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -27,7 +31,15 @@ from runtime.artifact import (
     read_manifest,
     resolve_artifact,
 )
-from runtime.execute import ExecSettings, Executor, GenerationFailed, Options, RunContext, pop_options
+from runtime.execute import (
+    OPTION_FIELDS,
+    ExecSettings,
+    Executor,
+    GenerationFailed,
+    Options,
+    RunContext,
+    pop_options,
+)
 from runtime.inputs import attach_images
 from runtime.loader import Loaded
 from runtime.metrics import METRICS
@@ -184,14 +196,27 @@ class Service:
                 )
         done = []
         for name in names:
-            for r in self.served[name].routes():
-                if r.weight > 0 and self.pool.preload(r.path, self.manifests.get(r.path)):
-                    done.append(name)
+            # One model that cannot be loaded (over the budget, a broken artifact) is logged and
+            # skipped: the others still load and serve; a request for it gets its error then.
+            try:
+                for r in self.served[name].routes():
+                    if r.weight > 0 and self.pool.preload(r.path, self.manifests.get(r.path)):
+                        done.append(name)
+            except Exception as e:
+                log.error(
+                    "preload: %s not loaded: %s: %s",
+                    name,
+                    type(e).__name__,
+                    e,
+                    exc_info=not isinstance(e, ArtifactError),
+                )
         return done
 
     @property
     def default(self) -> Loaded:
-        """The default model's artifact, loaded (its first route for an alias)."""
+        """The default model's artifact, loaded (its first route for an alias). A test and bench
+        convenience only: the lease ends before this returns, so the pool may evict the artifact
+        while the caller still holds it (requests go through ``run``, which holds a lease)."""
         route = self.served[self.default_name].routes()[0]
         with self.pool.acquire(route.path, self.manifests.get(route.path)) as lease:
             loaded: Loaded = lease.loaded
@@ -234,7 +259,12 @@ class Service:
         context = context or RunContext()
         trace = Trace(context.request_id or uuid.uuid4().hex[:12], context.received or time.monotonic())
         trace.phases["queue"] = time.monotonic() - trace.received
-        reply = self._run(raw_input, context, trace)
+        try:
+            reply = self._run(raw_input, context, trace)
+        except Exception as e:  # a bug of ours outside loading and generation (those are classified)
+            log.exception("request %s failed", trace.request_id)
+            trace.kind = "internal"
+            reply = {"error": f"internal error: {type(e).__name__}: {e}"}
         trace.finish(reply)
         return reply
 
@@ -269,17 +299,24 @@ class Service:
             images=request.num_images,
         )
         warnings = [*warnings, *image_warnings]
-        try:
-            with self.pool.acquire(selection.route.path, selection.manifest) as lease:
-                trace.phases["load"] = lease.load_seconds or 0.0
-                reply = self._generate(lease.loaded, request, warnings, options, context, trace, bucket)
-        except ArtifactError as e:  # bigger than the budget, no room in time, a broken artifact
-            trace.kind = "model"
-            return {"error": str(e), "model": selection.reply_field()}
-        except Exception as e:
-            log.exception("request %s: loading %s failed", trace.request_id, selection.route.path)
-            trace.kind = "model"
-            return {"error": f"loading the model failed: {type(e).__name__}: {e}", "refresh_worker": True}
+        with ExitStack() as stack:
+            # Only taking the lease (loading, evicting) is "the model failed"; what runs under the
+            # lease classifies its own failures (runtime.execute, _generate; a bug: run).
+            try:
+                lease = stack.enter_context(self.pool.acquire(selection.route.path, selection.manifest))
+            except ArtifactError as e:  # bigger than the budget, no room in time, a broken artifact
+                trace.kind = "model"
+                return {"error": str(e), "model": selection.reply_field()}
+            except Exception as e:  # a half-done load may leave device memory in a bad state
+                log.exception("request %s: loading %s failed", trace.request_id, selection.route.path)
+                trace.kind = "model"
+                return {
+                    "error": f"loading the model failed: {type(e).__name__}: {e}",
+                    "model": selection.reply_field(),
+                    "refresh_worker": True,
+                }
+            trace.phases["load"] = lease.load_seconds or 0.0
+            reply = self._generate(lease.loaded, request, warnings, options, context, trace, bucket)
         reply["model"] = selection.reply_field()
         if lease.load_seconds is not None:
             reply["load_seconds"] = round(lease.load_seconds, 3)
@@ -300,6 +337,10 @@ class Service:
         except GenerationFailed as e:
             trace.kind = e.kind
             return e.reply()
+        except Exception as e:  # not classified by the executor, but it ran on the model: replace the worker
+            log.exception("request %s: generation failed", trace.request_id)
+            trace.kind = "generation"
+            return {"error": f"generation failed: {type(e).__name__}: {e}", "refresh_worker": True}
         trace.phases.update(generated.timings)
         if generated.batch_size > 1:
             trace.fields["batch"] = generated.batch_size
@@ -309,6 +350,10 @@ class Service:
         except UploadError as e:
             trace.kind = "upload"
             return {"error": str(e)}
+        except Exception as e:  # encoding the images (CPU work): the device is fine, no refresh
+            log.exception("request %s: encoding the images failed", trace.request_id)
+            trace.kind = "internal"
+            return {"error": f"internal error: encoding the images failed: {type(e).__name__}: {e}"}
         trace.phases["encode"] = delivered.encode_s
         if bucket is not None:
             trace.phases["upload"] = delivered.upload_s
@@ -318,17 +363,73 @@ class Service:
         return reply
 
 
+def worker_input_schema(
+    manifest: Manifest, names: list[str], default_routes_here: bool, settings: ExecSettings
+) -> dict[str, Any]:
+    """The JSON Schema of a whole job input served by this artifact: its request schema
+    (runtime.schema.request_json_schema, what ``validate`` follows) plus the fields the worker
+    takes out before validating: ``model`` or its alias ``recipe`` (MODEL_FIELDS; the served
+    names that route here; required unless the default model routes here, never both) and the
+    serving options (runtime.execute.OPTION_FIELDS: ``timeout``, ``preview``)."""
+    schema = request_json_schema(manifest)
+    props = schema["properties"]
+    for f in MODEL_FIELDS:
+        props[f] = {
+            "type": "string",
+            "enum": list(names),
+            "title": f,
+            "description": "the served model to use" if f == "model" else "alias of model",
+        }
+    schema["dependentSchemas"][MODEL_FIELDS[1]] = {"not": {"required": [MODEL_FIELDS[0]]}}
+    if not default_routes_here:
+        schema["allOf"].append({"anyOf": [{"required": [f]} for f in MODEL_FIELDS]})
+    top = settings.request_timeout_s
+    options: dict[str, dict[str, Any]] = {
+        "timeout": {
+            "anyOf": [
+                {"type": "number", "exclusiveMinimum": 0, **({} if top is None else {"maximum": top})},
+                {"type": "null"},
+            ],
+            "title": "timeout",
+            "description": "seconds this request may take, at most the worker's UIW_REQUEST_TIMEOUT",
+        },
+        "preview": {
+            "anyOf": [{"type": "boolean"}, {"type": "null"}],
+            "title": "preview",
+            "description": "progress events carry a latent preview (default: UIW_PREVIEW)",
+        },
+    }
+    assert set(options) == set(OPTION_FIELDS), "every serving option runtime.execute pops has a schema"
+    props.update(options)
+    return schema
+
+
 def describe(service: Service, raw_input: dict[str, Any]) -> dict[str, Any]:
     """``{"describe": true}`` -> the served models, their artifacts (loaded or not, footprint,
-    load time) and each artifact's request JSON Schema. ``model`` narrows it to one name."""
-    rest = {k: v for k, v in raw_input.items() if k not in ("describe", "model")}
-    if raw_input.get("describe") is not True or rest:
-        return {"error": 'describe: send {"describe": true} (optionally with "model"), and nothing else'}
+    load time) and each artifact's JSON Schema of the whole job input (worker_input_schema).
+    ``model`` (or its alias ``recipe``) narrows it to one name."""
+    rest = {k: v for k, v in raw_input.items() if k != "describe" and k not in MODEL_FIELDS}
+    given = [f for f in MODEL_FIELDS if f in raw_input]
+    if raw_input.get("describe") is not True or rest or len(given) > 1:
+        return {"error": 'describe: send {"describe": true} (optionally with "model" or "recipe"), and nothing else'}
     names = list(service.served)
-    if "model" in raw_input:
-        if not isinstance(raw_input["model"], str) or raw_input["model"] not in service.served:
-            return {"error": f"model: unknown model {raw_input['model']!r}; this worker serves: {', '.join(names)}"}
-        names = [raw_input["model"]]
+    if given:
+        field, name = given[0], raw_input[given[0]]
+        if not isinstance(name, str) or name not in service.served:
+            return {"error": f"{field}: unknown model {name!r}; this worker serves: {', '.join(names)}"}
+        names = [name]
+    # Which served names can send a request to each artifact (live routes), for the schemas.
+    routing: dict[str, list[str]] = {}
+    default_keys: set[str] = set()
+    for n, s in service.served.items():
+        try:
+            live = [r.cache_key for r in s.routes() if r.weight > 0]
+        except ArtifactError:
+            continue
+        for key in live:
+            routing.setdefault(key, []).append(n)
+        if n == service.default_name:
+            default_keys.update(live)
     models: list[dict[str, Any]] = []
     artifacts: dict[str, dict[str, Any]] = {}
     for name in names:
@@ -360,7 +461,10 @@ def describe(service: Service, raw_input: dict[str, Any]) -> dict[str, Any]:
                 "load_seconds": None if st.load_seconds is None else round(st.load_seconds, 3),
                 "footprint_bytes": st.footprint,
                 "footprint": "measured" if st.measured else "estimated from the weight files",
-                "schema": request_json_schema(manifest),  # the one validation also follows
+                # The whole job input: validation's own schema plus model/recipe, timeout, preview.
+                "schema": worker_input_schema(
+                    manifest, routing.get(r.cache_key, []), r.cache_key in default_keys, service.executor.settings
+                ),
             }
     return {
         "models": models,

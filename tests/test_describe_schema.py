@@ -384,3 +384,62 @@ def test_the_demo_artifact_schema_takes_worker_sdxl_test_input(demo_artifact):
     job = json.loads((Path(__file__).parent / "data" / "worker_sdxl_test_input.json").read_text())
     validator = Draft202012Validator(request_json_schema(m))
     assert validator.is_valid(job["input"]) and handler_accepts(job["input"], m)
+
+
+def test_describe_publishes_the_schema_of_the_whole_worker_input(service_env):
+    """describe's per-artifact schema covers what the worker takes beside the generation fields:
+    `model`/`recipe` (popped by Service.select) and the serving options (runtime.execute's
+    OPTION_FIELDS). What it accepts, the service accepts, and the other way round; the
+    generation schema itself (request_json_schema) stays validate's."""
+    from runtime.execute import OPTION_FIELDS
+    from runtime.service import MODEL_FIELDS
+
+    svc = service_env
+    described = svc.run({"describe": True})
+    [art] = described["artifacts"].values()
+    schema = art["schema"]
+    Draft202012Validator.check_schema(schema)
+    assert set(MODEL_FIELDS) | set(OPTION_FIELDS) <= set(schema["properties"])
+    assert not set(MODEL_FIELDS) & set(request_json_schema(svc.manifests.get(svc.default.path))["properties"])
+    validator = Draft202012Validator(schema)
+    base = {"prompt": "a red fox", "seed": 3, "num_inference_steps": 1}
+    limit = svc.executor.settings.request_timeout_s
+    cases = [
+        ({**base, "model": "demo", "timeout": 30, "preview": True}, True),
+        ({**base, "recipe": "demo", "timeout": 120.5, "preview": False}, True),
+        ({**base, "timeout": None, "preview": None}, True),
+        ({**base, "model": "demo", "recipe": "demo"}, False),
+        ({**base, "model": "nope"}, False),
+        ({**base, "model": None}, False),
+        ({**base, "timeout": 0}, False),
+        ({**base, "timeout": limit + 1}, False),
+        ({**base, "timeout": True}, False),
+        ({**base, "preview": "yes"}, False),
+        ({**base, "model": "demo", "bogus": 1}, False),
+    ]
+    for doc, accepted in cases:
+        assert validator.is_valid(doc) is accepted, doc
+        reply = svc.run(doc)
+        assert ("images" in reply) is accepted, (doc, reply)
+    # describe takes `recipe` too, as requests do (and not both).
+    by_recipe = svc.run({"describe": True, "recipe": "demo"})
+    assert [m["name"] for m in by_recipe["models"]] == ["demo"] and by_recipe["artifacts"] == described["artifacts"]
+    assert "error" in svc.run({"describe": True, "model": "demo", "recipe": "demo"})
+    assert "unknown model" in svc.run({"describe": True, "recipe": "nope"})["error"]
+
+
+def test_worker_input_schema_requires_a_model_where_the_default_does_not_route():
+    from runtime.execute import ExecSettings
+    from runtime.service import worker_input_schema
+
+    m = MANIFESTS["txt2img"]
+    off_default = Draft202012Validator(worker_input_schema(m, ["b", "fox"], False, ExecSettings()))
+    assert not off_default.is_valid({"prompt": "x"})  # without a model the default's artifact serves it
+    assert off_default.is_valid({"prompt": "x", "model": "fox"}) and off_default.is_valid(
+        {"prompt": "x", "recipe": "b"}
+    )
+    assert not off_default.is_valid({"prompt": "x", "model": "a"})  # a served name that routes elsewhere
+    no_limit = Draft202012Validator(worker_input_schema(m, ["a"], True, ExecSettings(request_timeout_s=None)))
+    assert no_limit.is_valid({"prompt": "x", "timeout": 10**6}) and not no_limit.is_valid(
+        {"prompt": "x", "timeout": -1}
+    )

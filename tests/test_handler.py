@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -195,3 +196,73 @@ def test_missing_artifacts_configuration_is_an_error_reply(monkeypatch, tmp_path
         assert "UIW_ARTIFACTS is empty" in asyncio.run(handler({"input": REQ}))["error"]
     finally:
         service._service = saved
+
+
+def _error_counts() -> dict:
+    from runtime.metrics import METRICS
+
+    return dict(METRICS.snapshot()["errors"])
+
+
+def test_encoding_failure_is_internal_not_a_load_failure(call, monkeypatch):
+    """A failure after generation (encoding the images) is a bug of ours: the reply does not
+    blame loading, the device is fine (no refresh), and it is counted as `internal`."""
+
+    def broken(*args, **kwargs):
+        raise ValueError("encoder broke")
+
+    before = _error_counts().get("internal", 0)
+    monkeypatch.setattr("runtime.service.deliver", broken)
+    reply = call(REQ)
+    assert "loading" not in reply["error"] and "encoder broke" in reply["error"], reply
+    assert reply["error"].startswith("internal error") and "refresh_worker" not in reply
+    assert _error_counts().get("internal", 0) == before + 1
+    monkeypatch.undo()
+    assert "images" in call(REQ)
+
+
+def test_unclassified_generation_failure_is_not_a_load_failure(call, service_env, monkeypatch):
+    """An exception the executor did not classify, raised under the lease: a generation failure
+    (the model ran: refresh), not "loading the model failed"."""
+
+    def broken(*args, **kwargs):
+        raise KeyError("scheduler state")
+
+    before = _error_counts().get("generation", 0)
+    monkeypatch.setattr(service_env.executor, "generate", broken)
+    reply = call(REQ)
+    assert "loading" not in reply["error"] and reply["error"].startswith("generation failed"), reply
+    assert reply["refresh_worker"] is True
+    assert _error_counts().get("generation", 0) == before + 1
+
+
+@pytest.mark.parametrize(
+    ("name", "value"),
+    [("UIW_MEMORY_BUDGET", "lots"), ("UIW_PROGRESS_INTERVAL", "often"), ("UIW_REQUEST_TIMEOUT", "-3")],
+)
+def test_a_bad_setting_stops_the_worker_at_start(demo_artifact: Path, home: Path, tmp_path: Path, name, value):
+    """Every UIW_* setting is parsed at start: a bad one exits with code 2 and a hint before any
+    model is loaded (it used to start and answer every job with the error)."""
+    import subprocess
+    import time
+
+    from tests.conftest import LEAKY, PY, REPO
+
+    env = {k: v for k, v in os.environ.items() if k not in LEAKY and not k.startswith("UIW_")}
+    env.update({"UIW_HOME": str(home), "UIW_ARTIFACTS": str(demo_artifact), name: value})
+    t0 = time.monotonic()
+    try:
+        proc = subprocess.run(
+            [PY, "-m", "runtime", "--rp_serve_api", "--rp_api_port", "1"],
+            cwd=REPO,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"{name}={value!r}: the worker started instead of stopping")
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert name in proc.stderr and "hint:" in proc.stderr, proc.stderr[-2000:]
+    assert "pool: loaded" not in proc.stderr  # it failed before loading
+    assert time.monotonic() - t0 < 60

@@ -245,3 +245,43 @@ def test_real_eviction_frees_the_evicted_pipeline(tmp_path_factory: pytest.TempP
     assert not svc.pool.status(manifest_a).loaded
     gc.collect()
     assert unet() is None, [type(r).__name__ for r in gc.get_referrers(unet())]
+
+
+def test_preload_skips_a_model_that_cannot_load(tmp_path_factory: pytest.TempPathFactory, monkeypatch, caplog):
+    """UIW_PRELOAD=all with one broken model: the service still starts (it used to raise, and every
+    job then rebuilt it), the other model is loaded and serves, and a request for the broken one
+    gets its error."""
+    import runtime.loader
+    from runtime.service import Service, Settings
+    from tests.pair import A, B, compiled_pair
+
+    pair = compiled_pair(tmp_path_factory)
+    real = runtime.loader.load
+
+    def load(path: Path) -> Any:
+        if path == pair.paths[A]:
+            raise OSError("weights unreadable")
+        return real(path)
+
+    monkeypatch.setattr(runtime.loader, "load", load)
+    svc = Service(Settings(artifacts=(A, B), home=pair.home, preload="all"))
+    assert f"preload: {A} not loaded" in caplog.text and "weights unreadable" in caplog.text
+    assert not svc.pool.status(svc.manifests.get(pair.paths[A])).loaded
+    assert svc.pool.status(svc.manifests.get(pair.paths[B])).loaded
+    request = {"prompt": "a fox", "seed": 1, "num_inference_steps": 1}
+    assert "images" in svc.run({**request, "model": B})
+    broken = svc.run({**request, "model": A})
+    assert "loading the model failed" in broken["error"] and "weights unreadable" in broken["error"]
+    assert broken["model"]["name"] == A
+
+
+def test_preload_over_the_budget_does_not_stop_the_service(tmp_path_factory: pytest.TempPathFactory):
+    """A budget smaller than every model: the service starts, and requests get the budget error."""
+    from runtime.service import Service, Settings
+    from tests.pair import A, B, compiled_pair
+
+    pair = compiled_pair(tmp_path_factory)
+    svc = Service(Settings(artifacts=(A, B), home=pair.home, memory_budget=1_000_000, preload="all"))
+    assert svc.preload("1") == [] and svc.pool.used == 0
+    reply = svc.run({"prompt": "a fox", "model": B})
+    assert "more than the whole memory budget" in reply["error"] and "refresh_worker" not in reply

@@ -125,3 +125,54 @@ def test_previews_of_packed_flux_latents():
         assert e.preview is not None
         im = Image.open(io.BytesIO(base64.b64decode(e.preview.partition(",")[2])))
         assert im.format == "JPEG" and im.size == (grid, grid)
+
+
+def test_streamed_device_error_refreshes_the_worker(service_env, monkeypatch):
+    """The SDK turns a streamed error into {"error": str}, dropping refresh_worker; the handler
+    sets it in the start config instead, which the SDK reads after the job: the job's result
+    asks RunPod to stop the pod. Run through the SDK's own rp_job.handle_job."""
+    import runpod.serverless.modules.rp_job as rp_job
+
+    import runtime.handler as h
+
+    monkeypatch.setattr(h, "_config", None)
+    monkeypatch.setattr(h, "_concurrency", h._concurrency)
+    monkeypatch.setenv("UIW_STREAM", "1")
+    config = h.start_config()
+    assert config["handler"] is h.stream_handler and h._config is config
+
+    def cuda_error(*args, **kwargs):
+        raise RuntimeError("CUDA error: an illegal memory access was encountered")
+
+    monkeypatch.setattr("runtime.generate.generate", cuda_error)
+    streamed: list[dict] = []
+    results: list[dict] = []
+
+    async def stream_result(session, output, job):
+        streamed.append(output)
+
+    async def send_result(session, result, job, is_stream=False):
+        results.append(result)
+
+    monkeypatch.setattr(rp_job, "stream_result", stream_result)
+    monkeypatch.setattr(rp_job, "send_result", send_result)
+    asyncio.run(rp_job.handle_job(None, config, {"id": "job-cuda", "input": REQ}))
+    [result] = results
+    assert "CUDA error" in result["error"] and "refresh_worker" not in result, result
+    assert result.get("stopPod") is True, "the SDK stops the pod after the job"
+    assert config["refresh_worker"] is True  # rp_scale.JobScaler.handle_job then kills the worker
+
+
+def test_bad_progress_interval_is_a_setting_error(monkeypatch):
+    """UIW_PROGRESS_INTERVAL used to fall back silently on a bad value."""
+    import pytest
+
+    from runtime.batching import SettingError
+    from runtime.handler import progress_interval, start_config
+
+    for bad in ("often", "-1", "inf", "nan"):
+        monkeypatch.setenv("UIW_PROGRESS_INTERVAL", bad)
+        with pytest.raises(SettingError, match=r"UIW_PROGRESS_INTERVAL.*hint:"):
+            start_config()
+    monkeypatch.setenv("UIW_PROGRESS_INTERVAL", "0.5")
+    assert progress_interval() == 0.5
