@@ -3,8 +3,9 @@
 The first request of a key opens a batch and waits up to the window (UIW_BATCH_WINDOW_MS) for
 others with the same key, or until the batch is full (UIW_MAX_BATCH); then it runs the batch for
 all of them and each gets its own result back. With UIW_MAX_BATCH=1 nothing waits: each request
-runs on its own; a request with no other in flight never waits either. Requests run in worker
-threads (the handler's asyncio.to_thread), so waiting here blocks only the request's own thread.
+runs on its own; a request with no other of its key in flight never waits either (the caller,
+runtime.execute, runs it directly). Requests run in worker threads (the handler's
+asyncio.to_thread), so waiting here blocks only the request's own thread.
 """
 
 from __future__ import annotations
@@ -74,11 +75,12 @@ class Batcher(Generic[T, R]):
         self._lock = threading.Lock()
         self._open: dict[Hashable, _Batch[T]] = {}
 
-    def submit(self, key: Hashable | None, item: T, alone: bool = False) -> tuple[R, int]:
-        """Returns the item's result and the size of the batch it ran in. `alone`: no other
-        request is in flight, so nobody could join (an open batch has its leader in flight): it
-        runs at once, and a worker running one job at a time never waits for a window."""
-        if key is None or self.settings.max_batch <= 1 or alone:
+    def submit(self, key: Hashable | None, item: T) -> tuple[R, int]:
+        """Returns the item's result and the size of the batch it ran in. A key of None (or
+        UIW_MAX_BATCH=1) runs the item at once on its own. Whether anybody could join is the
+        caller's to judge (runtime.execute counts requests in flight per key and does not submit
+        a request with no other of its key in flight)."""
+        if key is None or self.settings.max_batch <= 1:
             return self._run([item])[0], 1
         with self._lock:
             batch = self._open.get(key)

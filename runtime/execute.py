@@ -15,6 +15,8 @@ import logging
 import os
 import threading
 import time
+from collections.abc import Hashable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -160,7 +162,9 @@ class Executor:
     def __init__(self, settings: ExecSettings):
         self.settings = settings
         self.batcher: Batcher[_Item, gen.Denoised] = Batcher(settings.batch, self._denoise_batch)
-        self._in_flight = 0  # requests inside generate(): a lone one never waits for a batch
+        # Requests in a batchable attempt, per full batch key: one with no other of its key in
+        # flight runs at once (nobody could join it), whatever else the worker is running.
+        self._in_flight: dict[Hashable, int] = {}
         self._in_flight_lock = threading.Lock()
 
     def deadline(self, options: Options, context: RunContext) -> Deadline | None:
@@ -172,17 +176,6 @@ class Executor:
         return None
 
     def generate(
-        self, artifact: Loaded, request: GenerationRequest, options: Options, context: RunContext
-    ) -> Generated:
-        with self._in_flight_lock:
-            self._in_flight += 1
-        try:
-            return self._generate(artifact, request, options, context)
-        finally:
-            with self._in_flight_lock:
-                self._in_flight -= 1
-
-    def _generate(
         self, artifact: Loaded, request: GenerationRequest, options: Options, context: RunContext
     ) -> Generated:
         if request.task == "controlnet":
@@ -200,14 +193,18 @@ class Executor:
             if context.listener is not None or deadline is not None
             else None
         )
+        # A batch stops as a whole when any member's deadline passes: a request with a timeout of
+        # its own (typically far shorter than the worker's) never joins one.
+        batch = options.timeout_s is None
         try:
             try:
-                return self._attempt(artifact, pipeline, request, watch, warnings, batch=True)
+                return self._attempt(artifact, pipeline, request, watch, warnings, batch)
             except Exception as e:
                 if not _is_oom(e):
                     raise
                 log.warning("out of memory (%s); retrying once in low-memory mode", e)
                 _free_memory()
+                # Outside the attempt's Loaded.generation: it waits for the running generations.
                 saved = artifact.enable_low_memory()
                 warnings.append(
                     f"out of memory on the first try; retried once with {', '.join(saved) or 'memory freed'} "
@@ -234,6 +231,20 @@ class Executor:
                 "device" if device else "generation", f"{what}: {type(e).__name__}: {e}", True
             ) from e
 
+    @contextmanager
+    def _counted(self, key: Hashable) -> Iterator[int]:
+        """In flight under `key` for the block; yields how many others were."""
+        with self._in_flight_lock:
+            others = self._in_flight.get(key, 0)
+            self._in_flight[key] = others + 1
+        try:
+            yield others
+        finally:
+            with self._in_flight_lock:
+                self._in_flight[key] -= 1
+                if not self._in_flight[key]:
+                    del self._in_flight[key]
+
     def _attempt(
         self,
         artifact: Loaded,
@@ -243,17 +254,50 @@ class Executor:
         warnings: list[str],
         batch: bool,
     ) -> Generated:
-        key = gen.batch_key(request) if batch and self.settings.batch.max_batch > 1 else None
-        if key is None or self._in_flight <= 1:
-            # The one-request path (also a batchable request with no other in flight: nobody
-            # could join) goes through runtime.generate.generate (both phases; the LoRA gate
-            # only around its denoise).
-            timings: dict[str, float] = {}
-            images = gen.generate(pipeline, request, watch, artifact.loras(request.loras), timings)
-            return Generated(images, warnings, timings, 1)
+        # The whole generation inside the artifact's generation hold: shared, or alone when the
+        # artifact takes turns (offload, low-memory mode), and then never batched.
+        with artifact.generation() as alone:
+            key = gen.batch_key(request) if batch and not alone and self.settings.batch.max_batch > 1 else None
+            if key is None:
+                return self._solo(artifact, pipeline, request, watch, warnings)
+            full = (id(artifact), id(pipeline), *key)
+            with self._counted(full) as others:
+                if not others:  # nobody of its key in flight: nobody could join, so no window
+                    return self._solo(artifact, pipeline, request, watch, warnings)
+                return self._batched(full, artifact, pipeline, request, watch, warnings)
+
+    def _solo(
+        self, artifact: Loaded, pipeline: Any, request: GenerationRequest, watch: StepWatch | None, warnings: list[str]
+    ) -> Generated:
+        # Through runtime.generate.generate: both phases, the LoRA gate only around the denoise.
+        timings: dict[str, float] = {}
+        images = gen.generate(pipeline, request, watch, artifact.loras(request.loras), timings)
+        return Generated(images, warnings, timings, 1)
+
+    def _batched(
+        self,
+        key: Hashable,
+        artifact: Loaded,
+        pipeline: Any,
+        request: GenerationRequest,
+        watch: StepWatch | None,
+        warnings: list[str],
+    ) -> Generated:
         t0 = time.perf_counter()
-        item = _Item(artifact, pipeline, request, watch)
-        denoised, size = self.batcher.submit((id(artifact), id(pipeline), *key), item)
+        try:
+            denoised, size = self.batcher.submit(key, _Item(artifact, pipeline, request, watch))
+        except TimeLimitExceeded:
+            deadline = watch.deadline if watch is not None else None
+            if watch is not None and deadline is not None and (watch.interrupted or deadline.passed()):
+                done, steps = watch.steps_done, watch.steps_total
+                raise TimeLimitExceeded(deadline.limit_s, deadline.source, done, steps) from None
+            # A batch-mate's deadline stopped the call (deadlines count from each job's arrival):
+            # this request's own has not passed, so it runs again, on its own.
+            log.info("a batch-mate's time limit stopped the batch; running this request again on its own")
+            lost = time.perf_counter() - t0
+            out = self._solo(artifact, pipeline, request, watch, warnings)
+            out.timings["denoise"] += lost
+            return out
         t1 = time.perf_counter()
         images = gen.decode(pipeline, denoised, request)
         return Generated(images, warnings, {"denoise": t1 - t0, "decode": time.perf_counter() - t1}, size)

@@ -123,7 +123,9 @@ def batch_key(request: GenerationRequest) -> tuple[Any, ...] | None:
     its own. Text-to-image with one image each: a batch then draws each image's noise from its own
     generator, exactly as its solo call draws it (num_images > 1 shares one generator per request,
     which a batch of generators cannot reproduce). Prompts and negative prompts may differ (they
-    are lists); everything that shapes the call must not."""
+    are lists); everything that shapes the call must not. Whether there is a negative prompt at
+    all shapes it: SDXL reads a missing one as zero embeddings (force_zeros_for_empty_prompt), not
+    as the embedding of "", and a list of negative prompts cannot hold None."""
     if request.task != "txt2img" or request.num_images != 1:
         return None
     return (
@@ -134,6 +136,7 @@ def batch_key(request: GenerationRequest) -> tuple[Any, ...] | None:
         request.scheduler,
         request.guidance_scale,
         request.loras,
+        request.negative_prompt is None,
     )
 
 
@@ -142,9 +145,13 @@ def batch_arguments(pipeline: Any, requests: Sequence[GenerationRequest]) -> dic
     args = call_arguments(pipeline, requests[0])
     args["prompt"] = [r.prompt for r in requests]
     if "negative_prompt" in args:
-        # The pipelines read a missing negative prompt as "" (the unconditional text); a list
-        # cannot hold None, so "" stands for it, which is the same embedding.
-        args["negative_prompt"] = [r.negative_prompt or "" for r in requests]
+        negatives = [r.negative_prompt for r in requests]
+        if all(n is None for n in negatives):
+            args["negative_prompt"] = None  # each pipeline's own "no negative prompt", as solo
+        elif any(n is None for n in negatives):
+            raise ValueError("a batch mixes requests with and without a negative prompt (see batch_key)")
+        else:
+            args["negative_prompt"] = negatives
     return args
 
 
@@ -209,11 +216,14 @@ def denoise(
     watch = BatchWatch(watches or [None] * len(requests), per_request=first.num_images)
     if any(w is not None for w in watch.watches):
         args["callback_on_step_end"] = watch
-    with exclusive if exclusive is not None else nullcontext(), torch.inference_mode():
+    # Inside `exclusive` (the LoRA gate), never around it: the upcast lock is always the
+    # innermost lock, so its holders wait for nothing.
+    with exclusive if exclusive is not None else nullcontext(), _encode_upcast(pipeline), torch.inference_mode():
         out = pipe(**args, generator=generator)
     if getattr(pipe, "_interrupt", False):
         # Only a watch stops the loop; in a batch, the first request whose deadline passed says
-        # so, for every request of the call (their latents are unfinished too).
+        # so, for every request of the call (their latents are unfinished too): runtime.execute
+        # runs the members whose own deadline had not passed again, each on its own.
         watch.check()
         raise RuntimeError("the denoise loop was interrupted without a deadline passing")
     n = first.num_images
@@ -223,8 +233,9 @@ def denoise(
     return [Denoised(latents=out.images[i * n : (i + 1) * n]) for i in range(len(requests))]
 
 
-# diffusers' SDXL decode casts a force_upcast fp16 VAE to fp32 in place and back: the shared VAE
-# must not change dtype under another request's decode, so those decodes take turns (per VAE).
+# diffusers' SDXL decode (and SDXL img2img/inpaint's encode) casts a force_upcast fp16 VAE to fp32
+# in place and back: the shared VAE must not change dtype under another request's use, so those
+# decodes and encodes take turns (per VAE).
 _upcast_locks: weakref.WeakKeyDictionary[Any, threading.Lock] = weakref.WeakKeyDictionary()
 _upcast_locks_guard = threading.Lock()
 
@@ -232,6 +243,24 @@ _upcast_locks_guard = threading.Lock()
 def _upcast_lock(vae: Any) -> threading.Lock:
     with _upcast_locks_guard:
         return _upcast_locks.setdefault(vae, threading.Lock())
+
+
+def _needs_upcast(vae: Any) -> bool:
+    import torch
+
+    return vae is not None and vae.dtype == torch.float16 and bool(getattr(vae.config, "force_upcast", False))
+
+
+def _encode_upcast(pipeline: Any) -> AbstractContextManager[Any]:
+    """SDXL img2img and inpaint encode their input image inside their own call (prepare_latents,
+    _encode_vae_image), casting a force_upcast fp16 VAE to fp32 and back in place: their whole
+    call holds the VAE's upcast lock, so no decode (ours) or other encode sees it mid-cast."""
+    name = type(pipeline).__name__
+    if name in ("StableDiffusionXLImg2ImgPipeline", "StableDiffusionXLInpaintPipeline") and _needs_upcast(
+        getattr(pipeline, "vae", None)
+    ):
+        return _upcast_lock(pipeline.vae)
+    return nullcontext()
 
 
 def decode(pipeline: Any, denoised: Denoised, request: GenerationRequest) -> list[Any]:
@@ -281,7 +310,7 @@ def _decode_sdxl(vae: Any, latents: Any) -> Any:
             latents = latents / vae.config.scaling_factor
         return vae.decode(latents.to(vae.device), return_dict=False)[0]
 
-    if not (vae.dtype == torch.float16 and vae.config.force_upcast):
+    if not _needs_upcast(vae):
         return run(latents)
     with _upcast_lock(vae):
         vae.to(dtype=torch.float32)

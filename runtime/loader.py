@@ -6,7 +6,8 @@ import logging
 import os
 import threading
 import time
-from contextlib import AbstractContextManager, nullcontext
+from collections.abc import Iterator
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -22,6 +23,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 log = logging.getLogger(__name__)
 
 DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
+_SHARED = "shared"  # Loaded.generation's mode for generations that run side by side
 
 
 @dataclass
@@ -39,6 +41,38 @@ class Loaded:
     _gate: ModeGate | None = None  # made on first use: see loras()
     _derive_lock: threading.Lock = field(default_factory=threading.Lock)
     low_memory: tuple[str, ...] = ()  # what enable_low_memory() turned on, in order
+    # Whole generations: shared by default, one at a time when takes_turns (see generation()).
+    _turns: ModeGate = field(default_factory=lambda: ModeGate(lambda mode: None))
+
+    @staticmethod
+    def offloads(manifest: Manifest, device: str) -> bool:
+        """Whether runtime.optimize installs the manifest's offload hooks on this device (CUDA
+        only: elsewhere the weights already live in CPU memory)."""
+        return manifest.runtime.offload != "none" and device.startswith("cuda")
+
+    @property
+    def takes_turns(self) -> bool:
+        """Whether generations of this artifact must run one at a time: with offload hooks on the
+        shared modules (diffusers moves modules between devices per call, and every call ends in
+        maybe_free_model_hooks, which re-installs the hooks on the shared modules), and in
+        low-memory mode (it ran out of memory: one generation at a time is what fits)."""
+        return self.offloads(self.manifest, self.device) or bool(self.low_memory)
+
+    @contextmanager
+    def generation(self) -> Iterator[bool]:
+        """Hold for a whole generation of this artifact (denoise and decode; a batch's members
+        each hold it). Yields whether it is held alone (takes_turns): then nothing else of the
+        artifact runs meanwhile, and the caller must not batch. Otherwise generations share it,
+        and only enable_low_memory waits for them. Fair: arrivals are served in order
+        (runtime.gate.ModeGate: one shared mode, and a mode of its own per exclusive holder).
+        The outermost lock of a generation: the LoRA gate and the VAE upcast lock nest inside."""
+        while True:
+            alone = self.takes_turns
+            with self._turns.hold(object() if alone else _SHARED):
+                # The mode only ever turns on, under the exclusive hold: checked again once in.
+                if alone or not self.takes_turns:
+                    yield alone
+                    return
 
     def loras(self, chosen: tuple[tuple[str, float], ...]) -> AbstractContextManager[None]:
         """Hold for a request's denoise phase (runtime.generate.denoise): its switchable LoRAs on
@@ -65,8 +99,12 @@ class Loaded:
     def enable_low_memory(self) -> tuple[str, ...]:
         """After an out-of-memory: the memory savers diffusers offers, on for this artifact from
         now on (a worker that ran out once will again): VAE tiling and slicing, attention slicing,
-        and on CUDA model CPU offload. Returns what it turned on."""
-        with self._derive_lock:
+        and on CUDA model CPU offload. Returns what it turned on. Each changes the shared
+        modules (attention processors, VAE flags, offload hooks), so it waits for the running
+        generations of this artifact and holds off new ones (Loaded.generation) while it works;
+        from then on they take turns. Never call it inside generation() (it would wait for
+        itself)."""
+        with self._turns.hold(object()), self._derive_lock:
             if self.low_memory:
                 return self.low_memory
             done = []
@@ -137,7 +175,10 @@ def load(artifact_dir: Path, device: str | None = None) -> Loaded:
         given = preload_components(folder, dtype, warmer) if manifest.runtime.quantize == "none" else {}
         # An explicit dtype: without one diffusers upcasts half-precision files to fp32 on load.
         pipe = cls.from_pretrained(folder, dtype=dtype, local_files_only=True, **given)
-        if device != "cpu":  # from_pretrained leaves everything on the CPU: nothing to move there
+        # from_pretrained leaves everything on the CPU: nothing to move there. With offload
+        # (runtime.optimize, below) the hooks place each module themselves: moving them all to
+        # the device first would need the memory offload is there to save.
+        if device != "cpu" and not Loaded.offloads(manifest, device):
             pipe.to(device)
         pipe.set_progress_bar_config(disable=True)
         pipelines = task_pipelines(pipe, manifest)  # Python work: overlaps the warmer's page faults

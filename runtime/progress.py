@@ -131,8 +131,11 @@ class StepWatch:
 class BatchWatch:
     """The `callback_on_step_end` of one pipeline call serving one or more requests (in order;
     each request's images are `per_request` consecutive images of the batch). The loop stops when
-    any request's deadline passes (a batch's members arrive within the batch window, so their
-    deadlines differ by that much at most)."""
+    any request's deadline passes: one call cannot stop for one request only. Deadlines of a
+    batch can differ by much more than the batch window (each counts from its job's arrival, and
+    jobs spend different times queued, loading and fetching inputs), so runtime.execute keeps
+    requests with their own `timeout` out of batches and runs a member whose deadline had not
+    passed again on its own; check() raises only for the watches that were interrupted."""
 
     def __init__(self, watches: Sequence[StepWatch | None], per_request: int = 1):
         self.watches = list(watches)

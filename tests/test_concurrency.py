@@ -39,6 +39,9 @@ JOBS = [
     {"prompt": "a green tree by a lake", "seed": 5},
     {"prompt": "a green tree by a lake", "seed": 6, "loras": [{"name": "a", "scale": 0.3}, {"name": "b"}]},
 ]
+# The first request of a batch key runs at once (nobody of its key in flight to wait for); the
+# ones of its key arriving while it runs batch together: three of a key make one batch of two.
+BATCH_JOBS = [*JOBS, {"prompt": "a yellow duck in a pond", "seed": 7, "loras": [{"name": "a"}]}]
 
 
 # One compute thread per request in the worker: with PyTorch's default (one per core) a lone
@@ -148,14 +151,14 @@ def _runsync(url: str, job: dict) -> dict:
     return out["output"]
 
 
-def _serve_both_ways(url: str) -> tuple[list[dict], list[dict], float, float]:
+def _serve_both_ways(url: str, jobs: list[dict] = JOBS) -> tuple[list[dict], list[dict], float, float]:
     _runsync(url, {"prompt": "warm-up", "seed": 0})
     t0 = time.perf_counter()
-    sequential = [_runsync(url, job) for job in JOBS]
+    sequential = [_runsync(url, job) for job in jobs]
     t_seq = time.perf_counter() - t0
     t0 = time.perf_counter()
-    with ThreadPoolExecutor(len(JOBS)) as pool:
-        concurrent = list(pool.map(lambda job: _runsync(url, job), JOBS))
+    with ThreadPoolExecutor(len(jobs)) as pool:
+        concurrent = list(pool.map(lambda job: _runsync(url, job), jobs))
     return sequential, concurrent, t_seq, time.perf_counter() - t0
 
 
@@ -202,21 +205,21 @@ def test_batched_concurrent_requests_match_sequential_within_tolerance(two_loras
         **ONE_THREAD,
     }
     with dev_server(env, tmp_path) as server:
-        sequential, concurrent, t_seq, t_conc = _serve_both_ways(server.url)
+        sequential, concurrent, t_seq, t_conc = _serve_both_ways(server.url, BATCH_JOBS)
         done = server.requests_done()
     worst = 0
     for a, b in zip(sequential, concurrent, strict=True):
         worst = max(worst, int(np.abs(_pixels(a["images"][0]) - _pixels(b["images"][0])).max()))
     assert worst <= BATCH_TOLERANCE, worst
-    conc = done[-len(JOBS) :]
-    assert not any("batch" in r for r in done[: -len(JOBS)]), "a lone request never waits for a batch"
+    conc = done[-len(BATCH_JOBS) :]
+    assert not any("batch" in r for r in done[: -len(BATCH_JOBS)]), "a lone request never waits for a batch"
     batched = [r for r in conc if r.get("batch", 1) > 1]
     assert batched, "compatible requests (same LoRA set, size, steps) ran as one call"
     print(
         json.dumps(
             {
                 "batching": True,
-                "jobs": len(JOBS),
+                "jobs": len(BATCH_JOBS),
                 "batched_requests": len(batched),
                 "sequential_s": round(t_seq, 2),
                 "concurrent_s": round(t_conc, 2),
@@ -239,7 +242,10 @@ def test_the_batcher_groups_by_key_within_the_window_and_shares_errors():
         return [i.upper() for i in items]
 
     batcher: Batcher[str, str] = Batcher(BatchSettings(max_batch=3, window_s=0.5), run)
-    assert batcher.submit("k", "alone", alone=True) == ("ALONE", 1) and calls == [["alone"]], "no window when alone"
+    assert not hasattr(Batcher, "alone") and "alone" not in Batcher.submit.__code__.co_varnames
+    t0 = time.monotonic()
+    assert batcher.submit(None, "solo") == ("SOLO", 1) and calls == [["solo"]], "no key: at once, on its own"
+    assert time.monotonic() - t0 < 0.4, "no window without a key"
     calls.clear()
     with ThreadPoolExecutor(4) as pool:
         futures = [
@@ -252,3 +258,82 @@ def test_the_batcher_groups_by_key_within_the_window_and_shares_errors():
         futures = [pool.submit(batcher.submit, "k", item) for item in ("x", "boom")]
         errors = [f.exception(timeout=10) for f in futures]
     assert all(isinstance(e, RuntimeError) and str(e) == "injected" for e in errors), "every member hears of it"
+
+
+@pytest.mark.parametrize("name", ["tiny-sd15", "tiny-sdxl"])
+@pytest.mark.parametrize("negative", [None, "blurry"])
+def test_a_batched_denoise_draws_what_each_solo_call_draws(name: str, negative: str | None):
+    """SDXL reads a missing negative prompt as zero embeddings (force_zeros_for_empty_prompt),
+    not as "": requests with and without one never share a call, and a batch without any passes
+    None, so each image is its solo image."""
+    from compiler.builtins import BUILTINS
+    from runtime.generate import batch_key, decode, denoise, generate
+    from runtime.schema import GenerationRequest
+
+    pipe = BUILTINS[name].build()
+    pipe.set_progress_bar_config(disable=True)
+
+    def request(prompt: str, seed: int, negative_prompt: str | None) -> GenerationRequest:
+        return GenerationRequest(
+            task="txt2img",
+            prompt=prompt,
+            negative_prompt=negative_prompt,
+            width=64,
+            height=64,
+            steps=2,
+            guidance_scale=5.0,
+            scheduler="K_EULER",
+            seed=seed,
+            num_images=1,
+        )
+
+    requests = [request("a red fox in the snow", 1, negative), request("a blue bird on a wire", 2, negative)]
+    assert batch_key(requests[0]) == batch_key(requests[1]) is not None
+    batched = [decode(pipe, d, r)[0] for d, r in zip(denoise(pipe, requests), requests, strict=True)]
+    for r, got in zip(requests, batched, strict=True):
+        (want,) = generate(pipe, r)
+        worst = int(np.abs(np.asarray(got, dtype=int) - np.asarray(want, dtype=int)).max())
+        assert worst <= BATCH_TOLERANCE, f"{name}, negative_prompt={negative!r}: {worst}/255 off its solo image"
+    assert batch_key(request("x", 3, None)) != batch_key(request("x", 3, "")), "None and '' never batch together"
+
+
+@pytest.mark.parametrize("task", ["img2img", "inpaint"])
+def test_sdxl_image_tasks_hold_the_upcast_lock_while_their_fp16_vae_encodes(task: str):
+    """SDXL img2img/inpaint cast a force_upcast fp16 VAE to fp32 and back inside their own call
+    (prepare_latents): that denoise holds the VAE's upcast lock, as our decode does."""
+    import torch
+    from diffusers import StableDiffusionXLImg2ImgPipeline, StableDiffusionXLInpaintPipeline
+    from PIL import Image
+
+    from compiler.builtins import BUILTINS
+    from runtime.generate import _upcast_lock, denoise
+    from runtime.schema import GenerationRequest
+
+    base_pipe = BUILTINS["tiny-sdxl"].build()
+    cls = StableDiffusionXLImg2ImgPipeline if task == "img2img" else StableDiffusionXLInpaintPipeline
+    pipe = cls.from_pipe(base_pipe)
+    pipe.set_progress_bar_config(disable=True)
+    pipe.vae.to(dtype=torch.float16)
+    assert pipe.vae.config.force_upcast
+    held: list[bool] = []
+    handle = pipe.vae.encoder.register_forward_pre_hook(lambda m, a: held.append(_upcast_lock(pipe.vae).locked()))
+    request = GenerationRequest(
+        task=task,  # type: ignore[arg-type]
+        prompt="a red fox in the snow",
+        negative_prompt=None,
+        width=64,
+        height=64,
+        steps=2,
+        guidance_scale=5.0,
+        scheduler="K_EULER",
+        seed=1,
+        num_images=1,
+        strength=0.75,
+        image=Image.new("RGB", (64, 64), (200, 30, 30)),
+        mask=Image.new("L", (64, 64), 255) if task == "inpaint" else None,
+    )
+    try:
+        denoise(pipe, [request])
+    finally:
+        handle.remove()
+    assert held and all(held), f"the VAE encoded outside its upcast lock: {held}"

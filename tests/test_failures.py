@@ -9,7 +9,9 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -222,3 +224,164 @@ def test_a_handler_error_reply_keeps_the_worker_serving(call):
 
     assert "error" in asyncio.run(handler("not a job"))  # type: ignore[arg-type]
     assert "images" in call(REQ)
+
+
+def _in_threads(*calls):
+    """Runs each () -> value in its own thread, started 0.2 s apart; returns the values in order."""
+    with ThreadPoolExecutor(len(calls)) as pool:
+        futures = []
+        for i, c in enumerate(calls):
+            if i:
+                time.sleep(0.2)
+            futures.append(pool.submit(c))
+        return [f.result(timeout=60) for f in futures]
+
+
+def test_a_batch_mates_time_limit_never_stops_another_request(fresh):
+    """A request's own `timeout` keeps it out of batches; and when the worker's limit (counted
+    from each job's arrival) cuts a batch short, the members whose own deadline had not passed
+    run again on their own instead of failing."""
+    from runtime.execute import RunContext
+
+    svc = fresh(UIW_REQUEST_TIMEOUT="60", UIW_MAX_BATCH="4", UIW_BATCH_WINDOW_MS="300")
+    handle = _inject(svc, lambda n: time.sleep(0.1))
+    job = {**REQ, "num_inference_steps": 8}
+    try:
+        # The first request runs on its own (nobody else in flight); the next two arrive beside it.
+        first, short, other = _in_threads(
+            lambda: svc.run(job),
+            lambda: svc.run({**job, "seed": 8, "timeout": 0.5}),
+            lambda: svc.run({**job, "seed": 9}),
+        )
+        assert "images" in first, first
+        assert short["error"].startswith("timeout: the request ran past its 0.5 s limit (the request's timeout)")
+        assert "images" in other, f"stopped by a batch-mate's timeout: {other}"
+        # The worker's limit, from arrival: one job arrived 59.5 s ago, the other now.
+        late = RunContext(received=time.monotonic() - 59.5)
+        first, old, new = _in_threads(
+            lambda: svc.run(job),
+            lambda: svc.run({**job, "seed": 8}, late),
+            lambda: svc.run({**job, "seed": 9}),
+        )
+        assert "images" in first, first
+        assert old["error"].startswith("timeout: the request ran past its 60 s limit (UIW_REQUEST_TIMEOUT)"), old
+        assert "images" in new, f"stopped by a batch-mate's deadline: {new}"
+    finally:
+        handle.remove()
+
+
+def test_a_request_beside_another_kind_never_waits_the_batch_window(fresh):
+    svc = fresh(UIW_MAX_BATCH="4", UIW_BATCH_WINDOW_MS="3000")
+    handle = _inject(svc, lambda n: time.sleep(0.1))
+
+    def timed(job):
+        t0 = time.monotonic()
+        return svc.run(job), time.monotonic() - t0
+
+    try:
+        (slow, _), (quick, took) = _in_threads(
+            lambda: timed({**REQ, "num_inference_steps": 12}), lambda: timed({**REQ, "num_inference_steps": 2})
+        )
+    finally:
+        handle.remove()
+    assert "images" in slow and "images" in quick
+    assert took < 2.5, f"{took:.2f} s: waited the 3 s window for batch-mates of another batch key"
+
+
+def _overlap_probe(svc):
+    """A UNet hook: the first forward of each request waits up to 1 s for another request's
+    forward; returns the list of (thread, other thread) overlaps seen, and the hook handle."""
+    inside: dict[int, int] = {}
+    overlaps: list[tuple[int, int]] = []
+    lock = threading.Condition()
+
+    def hook(module, args):
+        me = threading.get_ident()
+        with lock:
+            first = me not in inside
+            inside[me] = inside.get(me, 0) + 1
+            others = [t for t in inside if t != me]
+            overlaps.extend((me, t) for t in others)
+            lock.notify_all()
+            if first:
+                lock.wait_for(lambda: any(t != me for t in inside), timeout=1.0)
+                overlaps.extend((me, t) for t in inside if t != me and t not in others)
+
+    return overlaps, svc.default.pipeline.unet.register_forward_pre_hook(hook), inside
+
+
+def test_low_memory_generations_of_an_artifact_take_turns(fresh):
+    """Offload hooks (re-installed by every diffusers call's maybe_free_model_hooks) and the
+    low-memory switch act on the shared modules: such an artifact runs one generation at a time."""
+    svc = fresh(UIW_MAX_BATCH="1")
+    assert svc.run(REQ) and svc.default.enable_low_memory()
+    overlaps, handle, inside = _overlap_probe(svc)
+
+    def job(seed):
+        def run():
+            # Each request's UNet calls are one thread's: clear this thread's mark when it ends.
+            try:
+                return svc.run({**REQ, "seed": seed})
+            finally:
+                inside.pop(threading.get_ident(), None)
+
+        return run
+
+    try:
+        a, b = _in_threads(job(1), job(2))
+    finally:
+        handle.remove()
+    assert "images" in a and "images" in b
+    assert not overlaps, "two generations of a low-memory artifact ran at once"
+
+
+def test_enable_low_memory_waits_for_running_generations(fresh):
+    svc = fresh(UIW_MAX_BATCH="1")
+    entered, release = threading.Event(), threading.Event()
+
+    def block(n: int) -> None:
+        if n == 1:
+            entered.set()
+            release.wait(10)
+
+    handle = _inject(svc, block)
+    try:
+        with ThreadPoolExecutor(2) as pool:
+            running = pool.submit(svc.run, REQ)
+            assert entered.wait(30)
+            switching = pool.submit(svc.default.enable_low_memory)
+            time.sleep(0.3)
+            assert not switching.done() and svc.default.low_memory == (), "switched under a running generation"
+            release.set()
+            assert switching.result(timeout=30) == ("VAE tiling", "VAE slicing", "attention slicing")
+            assert "images" in running.result(timeout=30)
+    finally:
+        release.set()
+        handle.remove()
+
+
+@pytest.mark.parametrize("offload", ["none", "model"])
+def test_a_load_with_offload_leaves_placing_the_modules_to_the_hooks(demo_artifact, monkeypatch, offload):
+    """Offload hooks place each module on the device when it runs: load() must not first move the
+    whole pipeline there (the memory offload is there to save). Checked on the CPU by loading
+    for "cuda" with the device move and runtime.optimize recorded instead of run."""
+    import diffusers
+
+    import runtime.optimize
+    from runtime import loader
+
+    read = loader.read_manifest
+
+    def with_offload(path):
+        manifest = read(path)
+        return manifest.model_copy(update={"runtime": manifest.runtime.model_copy(update={"offload": offload})})
+
+    moved: list[tuple] = []
+    applied: list[str] = []
+    monkeypatch.setattr(loader, "read_manifest", with_offload)
+    monkeypatch.setattr(diffusers.DiffusionPipeline, "to", lambda self, *a, **k: (a and moved.append(a)) or self)
+    monkeypatch.setattr(runtime.optimize, "apply", lambda pipe, options, device, path: applied.append(options.offload))
+    loaded = loader.load(demo_artifact, device="cuda")
+    assert applied == [offload]
+    assert moved == ([] if offload == "model" else [("cuda",)])
+    assert loaded.takes_turns == (offload == "model"), "offloaded generations take turns"
