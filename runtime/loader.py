@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from runtime.artifact import PIPELINE_DIR, ArtifactError, Manifest, read_manifest
+from runtime.artifact import PIPELINE_DIR, TORCH_DTYPES, ArtifactError, Manifest, read_manifest
 from runtime.fastload import Warmer, preload_components, weight_files
 from runtime.gate import ModeGate
 
@@ -22,7 +22,6 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 log = logging.getLogger(__name__)
 
-DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
 _SHARED = "shared"  # Loaded.generation's mode for generations that run side by side
 
 
@@ -167,7 +166,7 @@ def load(artifact_dir: Path, device: str | None = None) -> Loaded:
     device = device or default_device()
     cls = getattr(diffusers, manifest.pipeline_class)
     folder = Path(artifact_dir) / PIPELINE_DIR
-    dtype = getattr(torch, DTYPES[manifest.runtime.dtype])
+    dtype = getattr(torch, TORCH_DTYPES[manifest.runtime.dtype])
     # The weights are read (and on the CPU mapped in) by a thread while the models are built:
     # a returned load has every tensor resident (runtime.fastload; bench/RESULTS.md).
     with Warmer(weight_files(folder), fault=device == "cpu") as warmer:
