@@ -204,6 +204,8 @@ def denoise(
     # clip_sample/steps_offset "fixes"), so the result would differ from plain diffusers.
     pipe = copy.copy(pipeline)
     pipe.scheduler = scheduler
+    for name, tokenizer in own_tokenizers(pipeline).items():
+        setattr(pipe, name, tokenizer)
     # CPU generators: the same seed gives the same noise on any device, GPU kind or driver.
     if len(requests) == 1:
         args = call_arguments(pipeline, first)
@@ -231,6 +233,29 @@ def denoise(
         images = list(out.images)
         return [Denoised(images=tuple(images[i * n : (i + 1) * n])) for i in range(len(requests))]
     return [Denoised(latents=out.images[i * n : (i + 1) * n]) for i in range(len(requests))]
+
+
+# HF fast tokenizers are not thread-safe: every call sets padding and truncation on the one Rust
+# tokenizer they wrap, so two prompts encoded at once (diffusers' encode_prompt tokenizes with
+# padding="max_length", then again with padding="longest") can come back at each other's
+# lengths (seen: 19 tokens where 77 were asked, a failed concat). Each worker thread gets its own
+# copy of each tokenizer, made once (a CLIP tokenizer copies in ~1 ms; added embedding tokens
+# come along), and forgotten with the pipeline that owns the original.
+_thread_tokenizers = threading.local()
+
+
+def own_tokenizers(pipeline: Any) -> dict[str, Any]:
+    """This thread's copies of the pipeline's tokenizers, by component name."""
+    cache: weakref.WeakKeyDictionary[Any, Any] = _thread_tokenizers.__dict__.setdefault(
+        "copies", weakref.WeakKeyDictionary()
+    )
+    out = {}
+    for name, component in pipeline.components.items():
+        if name.startswith("tokenizer") and component is not None:
+            if component not in cache:
+                cache[component] = copy.deepcopy(component)
+            out[name] = cache[component]
+    return out
 
 
 # diffusers' SDXL decode (and SDXL img2img/inpaint's encode) casts a force_upcast fp16 VAE to fp32
