@@ -87,6 +87,19 @@ def import_classes(artifact_dir: Any) -> None:
             getattr(importlib.import_module(value[0]), value[1])
 
 
+def serve(one: Any, args: argparse.Namespace) -> tuple[float, float, list[float]]:
+    """The first request (its end time and the cold start to it), then the warm ones' seconds."""
+    one()
+    first = time.perf_counter()
+    cold = time.time() - args.spawned
+    warm = []
+    for _ in range(args.requests):
+        s = time.perf_counter()
+        one()
+        warm.append(time.perf_counter() - s)
+    return first, cold, warm
+
+
 def artifact(args: argparse.Namespace, t0: float) -> dict[str, Any]:
     from pathlib import Path
 
@@ -114,14 +127,7 @@ def artifact(args: argparse.Namespace, t0: float) -> dict[str, Any]:
         if "images" not in reply:
             raise RuntimeError(f"the bench request failed: {reply}")
 
-    one()
-    first = time.perf_counter()
-    cold = time.time() - args.spawned
-    warm = []
-    for _ in range(args.requests):
-        s = time.perf_counter()
-        one()
-        warm.append(time.perf_counter() - s)
+    first, cold, warm = serve(one, args)
     return {
         "imports": t1 - t0,
         "load": loaded.load_seconds,
@@ -189,14 +195,7 @@ def naive(args: argparse.Namespace, t0: float) -> dict[str, Any]:
         image.save(buf, format="PNG")
         base64.b64encode(buf.getvalue())
 
-    one()
-    first = time.perf_counter()
-    cold = time.time() - args.spawned
-    warm = []
-    for _ in range(args.requests):
-        s = time.perf_counter()
-        one()
-        warm.append(time.perf_counter() - s)
+    first, cold, warm = serve(one, args)
     return {
         "imports": t1 - t0,
         "load": t2 - t1,

@@ -21,7 +21,7 @@ import pytest
 import torch
 
 from compiler.families import FAMILIES
-from tests.conftest import DEMO_SETTINGS, PY, REPO, REQ, child_env, serve
+from tests.conftest import DEMO_SETTINGS, PY, REPO, REQ, child_env, run_compiler, serve
 from tests.fakehub import FakeHub, tree
 from tests.test_lora import _check, _factors, kohya_file
 from tests.test_sources import compile_recipe
@@ -223,14 +223,7 @@ def test_gc_keeps_converted_bases_that_kept_artifacts_came_from(tmp_path, config
 
 
 def _store(home: Path, *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [PY, "-m", "compiler.store", "--home", str(home), *args],
-        cwd=REPO,
-        env=child_env(home),
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    return run_compiler("--home", str(home), *args, home=home, module="compiler.store", timeout=120)
 
 
 @pytest.mark.slow
