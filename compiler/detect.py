@@ -16,12 +16,16 @@ medium adds a second attention to its x blocks and SD3.5 large is 2432 wide.
 from __future__ import annotations
 
 import json
+import math
+import os
 import re
+import stat
 import struct
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
+from compiler.errors import Problem
 from compiler.families import ADM_FAMILY, CONTEXT_FAMILY  # the registry's probes
 
 Shape = tuple[int, ...]
@@ -33,7 +37,9 @@ MAX_HEADER = 100 << 20  # a header larger than this is not a model file's
 
 @dataclass(frozen=True)
 class Detection:
-    kind: str  # checkpoint, unet, transformer, vae, text-encoder, lora, embedding, controlnet, unknown
+    # checkpoint, unet, transformer, vae, text-encoder, lora, embedding, controlnet, unknown (readable,
+    # not recognised), invalid (not a readable safetensors model file: the evidence says why)
+    kind: str
     family: str | None
     format: str | None  # ldm, sgm, diffusers, bfl, comfyui, kohya, peft, lycoris, a1111
     variant: str = "normal"  # normal, inpaint, depth, control, ema
@@ -49,6 +55,12 @@ class Detection:
             **{**fields, "candidates": tuple(d.get("candidates") or ()), "evidence": tuple(d.get("evidence") or ())}
         )
 
+    def summary(self) -> str:
+        """One line for logs: what the file is, its family or the candidates, and why."""
+        family = self.family or (f"family one of {', '.join(self.candidates)}" if self.candidates else "family unknown")
+        what = f"{self.kind} ({self.format} format)" if self.format else self.kind
+        return f"{what}, {family}; evidence: {'; '.join(self.evidence) or 'none'}"
+
     def as_json(self, path: str) -> dict[str, Any]:
         d = asdict(self)
         d["candidates"] = list(self.candidates)
@@ -57,24 +69,110 @@ class Detection:
 
 
 class HeaderError(ValueError):
-    pass
+    """The file cannot be read as a safetensors model file; the message says what is wrong."""
+
+
+# Bits per element of every safetensors dtype (its format's own table): a header's byte ranges
+# must hold exactly shape x this, as safetensors itself checks when a loader opens the file.
+DTYPE_BITS = {
+    "BOOL": 8,
+    "U8": 8,
+    "I8": 8,
+    "F8_E5M2": 8,
+    "F8_E4M3": 8,
+    "F8_E8M0": 8,
+    "F4": 4,
+    "F6_E2M3": 6,
+    "F6_E3M2": 6,
+    "I16": 16,
+    "U16": 16,
+    "F16": 16,
+    "BF16": 16,
+    "I32": 32,
+    "U32": 32,
+    "F32": 32,
+    "F64": 64,
+    "I64": 64,
+    "U64": 64,
+    "C64": 64,
+}
+
+
+def open_regular(path: Path) -> BinaryIO:
+    """``path`` opened for reading if it is a regular file. A FIFO or a device would block the
+    read (or never end): opened non-blocking, checked with fstat, refused before any read."""
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+    try:
+        mode = os.fstat(fd).st_mode
+        if not stat.S_ISREG(mode):
+            kind = "a directory" if stat.S_ISDIR(mode) else "a FIFO" if stat.S_ISFIFO(mode) else "not a regular file"
+            raise HeaderError(f"{path} is {kind}: only regular files are read")
+        os.set_blocking(fd, True)
+        return os.fdopen(fd, "rb")
+    except BaseException:
+        os.close(fd)
+        raise
 
 
 def read_header(path: Path) -> tuple[dict[str, tuple[Shape, str]], dict[str, str]]:
-    """(key -> (shape, dtype), metadata) from a safetensors file's header."""
-    with path.open("rb") as f:
+    """(key -> (shape, dtype), metadata) from a safetensors file's header, checked as safetensors
+    checks it before loading: every tensor's byte range inside the file and of its shape's size
+    (a truncated download fails here, by name, rather than in a loader's traceback)."""
+    with open_regular(path) as f:
+        size = os.fstat(f.fileno()).st_size
         head = f.read(8)
         if len(head) < 8:
             raise HeaderError("shorter than a safetensors header")
         (n,) = struct.unpack("<Q", head)
-        if n > MAX_HEADER or n + 8 > path.stat().st_size:
+        if n > MAX_HEADER or n + 8 > size:
             raise HeaderError("not a safetensors file (header length out of range; a pickle or another format?)")
         try:
             raw = json.loads(f.read(n))
         except ValueError as e:
             raise HeaderError(f"not a safetensors header ({e})") from None
+    if not isinstance(raw, dict):
+        raise HeaderError("not a safetensors header (not a JSON object)")
     meta = raw.pop("__metadata__", None) or {}
-    return {k: (tuple(v["shape"]), str(v["dtype"])) for k, v in raw.items()}, dict(meta)
+    keys = {k: _entry(k, v) for k, v in raw.items()}
+    _check_offsets(raw, keys, size - 8 - n)
+    return {k: (shape, dtype) for k, (shape, dtype, _) in keys.items()}, {str(k): str(v) for k, v in dict(meta).items()}
+
+
+def _entry(key: str, v: Any) -> tuple[Shape, str, tuple[int, int]]:
+    ok = isinstance(v, dict) and isinstance(v.get("dtype"), str) and isinstance(v.get("shape"), list)
+    offsets = v.get("data_offsets") if isinstance(v, dict) else None
+    ok = ok and all(isinstance(d, int) and d >= 0 for d in v["shape"])
+    ok = ok and isinstance(offsets, list) and len(offsets) == 2 and all(isinstance(o, int) for o in offsets)
+    if not ok:
+        raise HeaderError(f"tensor {key}: not a safetensors entry (dtype, shape, data_offsets): {str(v)[:120]}")
+    if v["dtype"] not in DTYPE_BITS:
+        raise HeaderError(f"tensor {key}: unknown dtype {v['dtype']!r}")
+    return tuple(v["shape"]), v["dtype"], (offsets[0], offsets[1])
+
+
+def _check_offsets(raw: dict[str, Any], keys: dict[str, tuple[Shape, str, tuple[int, int]]], data: int) -> None:
+    """Byte ranges back to back from 0 to the end of the file, each of its tensor's size."""
+    at = 0
+    for k, (shape, dtype, (begin, end)) in sorted(keys.items(), key=lambda kv: kv[1][2]):
+        if end > data:
+            raise HeaderError(
+                f"tensor {k} ends at byte {end} of the data, past the end of the file ({data} data bytes): "
+                "the file is truncated (an interrupted download or copy?)"
+            )
+        if begin != at or end < begin:
+            raise HeaderError(
+                f"tensor {k}: its bytes [{begin}, {end}) overlap or leave a gap (expected to start at {at})"
+            )
+        bits = DTYPE_BITS[dtype] * math.prod(shape)
+        if bits != (end - begin) * 8:
+            raise HeaderError(
+                f"tensor {k}: {dtype} {list(shape)} takes {bits // 8} bytes, its range holds {end - begin}"
+            )
+        at = end
+    if at != data:
+        raise HeaderError(
+            f"the tensors end at byte {at} of the data but the file holds {data}: not a whole safetensors file"
+        )
 
 
 def _find(keys: dict[str, tuple[Shape, str]], pattern: str) -> tuple[str, Shape] | None:
@@ -87,6 +185,23 @@ def _find(keys: dict[str, tuple[Shape, str]], pattern: str) -> tuple[str, Shape]
 
 def _ev(hit: tuple[str, Shape]) -> str:
     return f"{hit[0]} {list(hit[1])}"
+
+
+class _Malformed(Exception):
+    """A tensor that decides detection has fewer dimensions than its layer's weight has."""
+
+    def __init__(self, key: str, shape: Shape, axis: int):
+        super().__init__(key)
+        self.key, self.shape, self.axis = key, shape, axis
+
+
+def _dim(hit: tuple[str, Shape], axis: int) -> int:
+    """One dimension of a probed tensor; a shape too short for it is a damaged or hand-made file
+    (say a 1-D "convolution" weight), which detection reports rather than indexing past it."""
+    key, shape = hit
+    if (axis if axis >= 0 else -axis - 1) >= len(shape):
+        raise _Malformed(key, shape, axis)
+    return shape[axis]
 
 
 def _context_family(keys: dict[str, tuple[Shape, str]], pattern: str) -> tuple[str | None, list[str]]:
@@ -113,7 +228,19 @@ def detect(keys: dict[str, tuple[Shape, str]], meta: dict[str, str] | None = Non
     if not names:
         return Detection("unknown", None, None, evidence=("no tensors",))
     for rule in (_lora, _embedding, _controlnet, _single_file, _diffusers_denoiser, _vae, _text_encoder):
-        found = rule(keys, names, meta)
+        try:
+            found = rule(keys, names, meta)
+        except _Malformed as e:
+            need = (e.axis if e.axis >= 0 else -e.axis - 1) + 1
+            return Detection(
+                "invalid",
+                None,
+                None,
+                evidence=(
+                    f"{e.key} has shape {list(e.shape)}, where this layer's weight has at least {need} "
+                    "dimensions: a damaged or hand-made file",
+                ),
+            )
         if found is not None:
             return found
     sample = sorted(names)[:3]
@@ -191,7 +318,7 @@ def _embedding(keys: dict[str, tuple[Shape, str]], names: set[str], meta: dict[s
         )
     for k in ("emb_params", "string_to_param.*", "string_to_param"):
         if k in names:
-            dim = keys[k][0][-1]
+            dim = _dim((k, keys[k][0]), -1)
             fam = {768: "sd15", 1024: "sd2"}.get(dim)
             return Detection(
                 "embedding",
@@ -205,7 +332,7 @@ def _embedding(keys: dict[str, tuple[Shape, str]], names: set[str], meta: dict[s
         # encoder's width (which tells SD 1.x from 2.x; any other width leaves the family open).
         (k,) = names
         shape = keys[k][0]
-        width_like = shape[-1] >= 16 and shape[-1] % 8 == 0  # a text encoder's hidden width
+        width_like = len(shape) > 0 and shape[-1] >= 16 and shape[-1] % 8 == 0  # a text encoder's hidden width
         if width_like and (len(shape) == 1 or (len(shape) == 2 and shape[0] <= 128)):
             fam = {768: "sd15", 1024: "sd2"}.get(shape[-1])
             cands = () if fam else SD_LATENT_FAMILIES
@@ -267,7 +394,7 @@ def _single_file(keys: dict[str, tuple[Shape, str]], names: set[str], meta: dict
     # FLUX (BFL naming), bare or under the ComfyUI prefix.
     if _any(names, "double_blocks.0.img_attn.qkv.weight"):
         img_in = _find(keys, r"(^|\.)img_in\.weight$")
-        channels = img_in[1][1] if img_in else 64
+        channels = _dim(img_in, 1) if img_in else 64
         variant, fam = "normal", "flux-dev"
         if channels == 384:
             variant, fam = "inpaint", "flux-fill"
@@ -294,7 +421,7 @@ def _single_file(keys: dict[str, tuple[Shape, str]], names: set[str], meta: dict
     if _any(names, prefix + "joint_blocks.0."):
         blocks = {int(m.group(1)) for k in names if (m := re.match(re.escape(prefix) + r"joint_blocks\.(\d+)\.", k))}
         emb = _find(keys, re.escape(prefix) + r"x_embedder\.proj\.weight$")
-        width = emb[1][0] if emb else 0
+        width = _dim(emb, 0) if emb else 0
         fam = "sd35-large" if width == 2432 else "sd35-medium" if _any(names, ".x_block.attn2.") else "sd3"
         sd3_ev = (
             f"{len(blocks)} joint_blocks",
@@ -326,7 +453,7 @@ def _single_file(keys: dict[str, tuple[Shape, str]], names: set[str], meta: dict
     evidence = list(ev)
     if adm is not None:
         evidence.append(_ev(adm))
-        by_adm = ADM_FAMILY.get(adm[1][1])
+        by_adm = ADM_FAMILY.get(_dim(adm, 1))
         if by_adm is not None and fam not in (None, by_adm):
             return Detection("unknown", None, None, candidates=(fam, by_adm), evidence=tuple(evidence))
         fam = by_adm or fam
@@ -337,7 +464,7 @@ def _single_file(keys: dict[str, tuple[Shape, str]], names: set[str], meta: dict
             fam = te_fam
         elif fam != te_fam:
             return Detection("unknown", None, None, candidates=(fam, te_fam), evidence=tuple(evidence))
-    in_ch = conv[1][1] if conv else 4
+    in_ch = _dim(conv, 1) if conv else 4
     if conv:
         evidence.append(_ev(conv))
     variant = {4: "normal", 9: "inpaint", 5: "depth", 8: "instruct-pix2pix"}.get(in_ch, f"{in_ch}-channel")
@@ -354,9 +481,9 @@ def _diffusers_denoiser(keys: dict[str, tuple[Shape, str]], names: set[str], met
         fam, ev = _context_family(keys, r"attn2\.to_k\.weight$")
         adm = keys.get("add_embedding.linear_1.weight")
         if adm is not None:
-            fam = ADM_FAMILY.get(adm[0][1], fam)
+            fam = ADM_FAMILY.get(_dim(("add_embedding.linear_1.weight", adm[0]), 1), fam)
             ev.append(f"add_embedding.linear_1.weight {list(adm[0])}")
-        in_ch = keys["conv_in.weight"][0][1]
+        in_ch = _dim(("conv_in.weight", keys["conv_in.weight"][0]), 1)
         variant = {4: "normal", 9: "inpaint", 5: "depth"}.get(in_ch, f"{in_ch}-channel")
         return Detection(
             "unet",
@@ -389,7 +516,7 @@ def _vae(keys: dict[str, tuple[Shape, str]], names: set[str], meta: dict[str, st
     hit = _find(keys, r"(^|\.)decoder\.conv_in\.weight$")
     if hit is None or not _any(names, "encoder.down.", "decoder.up.", "encoder.down_blocks.", "decoder.up_blocks."):
         return None
-    latent = hit[1][1]
+    latent = _dim(hit, 1)
     cands = SD_LATENT_FAMILIES if latent == 4 else FLOW_LATENT_FAMILIES if latent == 16 else ()
     return Detection(
         "vae",
@@ -403,7 +530,7 @@ def _vae(keys: dict[str, tuple[Shape, str]], names: set[str], meta: dict[str, st
 def _text_encoder(keys: dict[str, tuple[Shape, str]], names: set[str], meta: dict[str, str]) -> Detection | None:
     tok = _find(keys, r"(^|\.)embeddings\.token_embedding\.weight$")
     if tok is not None and _any(names, "encoder.layers.0."):
-        width = tok[1][1]
+        width = _dim(tok, 1)
         cands = {768: ("sd15", "sdxl", "sd3", "flux-dev"), 1024: ("sd2",), 1280: ("sdxl", "sd3")}.get(width, ())
         fam = cands[0] if len(cands) == 1 else None
         return Detection("text-encoder", fam, "diffusers", candidates=() if fam else cands, evidence=(_ev(tok),))
@@ -422,24 +549,43 @@ def detect_file(path: Path) -> Detection:
     try:
         keys, meta = read_header(path)
     except (OSError, HeaderError) as e:
-        return Detection("unknown", None, None, evidence=(str(e),))
+        return Detection("invalid", None, None, evidence=(str(e),))
     return detect(keys, meta)
+
+
+INVALID_HINT = (
+    "download or copy the file again (compare its sha256 with the one its model page lists); "
+    "a file that still fails is damaged at the source"
+)
+NOT_REGULAR_HINT = "name the model file itself: FIFOs, devices and folders are never read (they can block forever)"
+
+
+def invalid_hint(path: Path) -> str:
+    """What to do about a file detection calls invalid."""
+    if not path.exists():
+        return "check the path (relative paths are relative to the current directory)"
+    return INVALID_HINT if path.is_file() else NOT_REGULAR_HINT
 
 
 def main(argv: list[str]) -> int:
     """`python -m compiler.detect FILE...`: one JSON object per file on stdout, `path` as given;
-    exit status 1 when any file is unknown."""
+    a file that is not a readable safetensors model file is an error on stderr instead (where,
+    what, hint). Exit status 2 when any file is invalid, else 1 when any is unknown."""
     import sys
 
     if not argv or any(a in ("-h", "--help") for a in argv):
         sys.stderr.write("usage: python -m compiler.detect FILE.safetensors [FILE ...]\n")
         return 0 if argv else 2
-    unknown = False
+    unknown = invalid = False
     for arg in argv:
         found = detect_file(Path(arg))
+        if found.kind == "invalid":
+            invalid = True
+            sys.stderr.write(f"error: {Problem(arg, '; '.join(found.evidence), invalid_hint(Path(arg)))}\n")
+            continue
         unknown |= found.kind == "unknown"
         sys.stdout.write(json.dumps(found.as_json(arg), separators=(",", ":")) + "\n")
-    return 1 if unknown else 0
+    return 2 if invalid else 1 if unknown else 0
 
 
 if __name__ == "__main__":

@@ -24,7 +24,7 @@ from compiler.fetch import fetch_entry
 from compiler.lock import Lock, LockEntry
 from compiler.recipe import Recipe
 from compiler.sources import Context, enrich, inventory
-from compiler.validate import check_checkpoint
+from compiler.validate import check_checkpoint, check_readable
 from runtime.artifact import write_text_atomic
 
 log = logging.getLogger(__name__)
@@ -105,7 +105,8 @@ def _detect(recipe: Recipe, entry: LockEntry, ctx: Context) -> dict[str, Any]:
     fetched = fetch_entry(entry, where, ctx, recipe.precision, allow_pickle=recipe.allow_pickle)
     (path,) = fetched.files.values()
     found = detect_file(path)
-    log.info("checkpoint detected as %s %s (%s)", found.family, found.kind, "; ".join(found.evidence))
+    check_readable(found, where)  # a truncated or malformed file is not recorded as what it seems
+    log.info("checkpoint detected: %s", found.summary())
     return {k: v for k, v in found.as_json("").items() if k != "path"}
 
 

@@ -2,10 +2,21 @@
 
 from __future__ import annotations
 
-from compiler.detect import Detection
+from compiler.detect import INVALID_HINT, Detection
 from compiler.errors import Problem, UserError
 from compiler.families import family_of_civitai_base_model, lineage
 from compiler.recipe import Recipe
+
+
+def check_readable(found: Detection, where: str) -> None:
+    """A file detection could not read as a safetensors model file (truncated, malformed, not a
+    regular file) is an error here, before anything loads it."""
+    if found.kind == "invalid":
+        raise UserError.one(
+            where,
+            f"not a readable safetensors model file: {'; '.join(found.evidence)}",
+            INVALID_HINT,
+        )
 
 
 def check_checkpoint(
@@ -15,6 +26,7 @@ def check_checkpoint(
     CivitAI says it is. Raises UserError naming both families and the evidence; never guesses.
     ``override``: the recipe's ``family:`` chose ``base_family``, which settles an ambiguous file
     (one of its candidates) but never contradicts a file whose header is clear."""
+    check_readable(found, where)
     evidence = "; ".join(found.evidence) or "none"
     if found.kind not in ("checkpoint", "unet"):
         raise UserError.one(
@@ -57,6 +69,7 @@ def check_adapter(found: Detection, kind: str, family: str, where: str) -> None:
     """An adapter must be of its field's kind and, where its header tells, of the base's family.
     A family the header cannot tell (tiny widths, a LoRA of text-encoder modules only) is left to
     the build, which checks every module the file names against the base's actual modules."""
+    check_readable(found, where)
     evidence = "; ".join(found.evidence) or "none"
     if found.kind != kind:
         raise UserError.one(

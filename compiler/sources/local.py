@@ -89,6 +89,14 @@ def inventory(source: uri.LocalSource, where: str, ctx: Context) -> LockEntry:
             )
         if path.is_dir():
             listing = {p.relative_to(path).as_posix(): p for p in _listing(path)}
+            odd = sorted(n for n, p in listing.items() if not p.is_file())
+            if odd:  # hashing a FIFO would block forever
+                raise UserError.one(
+                    where,
+                    f"the folder {path} holds {len(odd)} entries that are not regular files (FIFOs, sockets, "
+                    f"devices or broken links), e.g. {', '.join(odd[:3])}",
+                    "remove them from the model folder; only regular files are read",
+                )
             meta: dict[str, Any] = {}
             if "model_index.json" in listing:  # a diffusers folder: pin what a pipeline load reads
                 index = json.loads(listing["model_index.json"].read_text())
@@ -108,6 +116,12 @@ def inventory(source: uri.LocalSource, where: str, ctx: Context) -> LockEntry:
             return LockEntry(source=str(source), kind="folder", pin=f"sha256:{digest}", files=files, meta=meta)
     finally:
         m.save()
+    if path.exists():
+        raise UserError.one(
+            where,
+            f"{path} is not a regular file or folder (a FIFO, socket or device): it is never read",
+            "name the model file itself, or a folder of them",
+        )
     raise UserError.one(
         where,
         f"no such file or folder: {path}",
