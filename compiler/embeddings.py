@@ -13,6 +13,7 @@ import logging
 from typing import Any
 
 from compiler.errors import UserError
+from compiler.finite import require_finite
 from compiler.plan import PlannedFile
 from compiler.sources import Fetched
 from runtime.artifact import EmbeddingInfo
@@ -47,6 +48,7 @@ def load_embeddings(pipe: Any, items: list[tuple[PlannedFile, Fetched]]) -> tupl
         where = f"embeddings.{i}"
         (path,) = fetched.files.values()
         state = load_file(path)
+        require_finite(state.items(), where, "embedding")
         if {"clip_l", "clip_g"} <= set(state):  # SDXL: one set of vectors per text encoder
             own = None
             parts = [("text_encoder", "tokenizer", state["clip_l"]), ("text_encoder_2", "tokenizer_2", state["clip_g"])]

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from compiler.errors import UserError
+from compiler.finite import require_finite
 from compiler.plan import PlannedLora
 from compiler.sources import Fetched
 from runtime.artifact import LORA_DIR
@@ -202,6 +203,7 @@ def load_checked(pipe: Any, path: Path, adapter: str, where: str) -> list[str]:
     from safetensors.torch import load_file
 
     state = load_file(path)
+    require_finite(state.items(), where, "LoRA")
     named = file_modules(list(state))
     if not named:
         raise UserError.one(where, "no LoRA factors in this file", "check that it is a LoRA")

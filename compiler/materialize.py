@@ -21,6 +21,7 @@ from compiler.controlnets import build_controlnets
 from compiler.converted import ConvertedBase
 from compiler.embeddings import load_embeddings
 from compiler.families import PREDICTION_TYPES
+from compiler.finite import require_finite_file
 from compiler.lora import apply_loras
 from compiler.plan import BuildPlan
 from compiler.singlefile import linked, load_component
@@ -81,6 +82,7 @@ def load_base(
 
 def replace_denoiser(pipe: Any, scratch: Path, checkpoint: Fetched) -> None:
     """A UNet-only (or transformer-only) file replaces the base's; the base's other weights stay."""
+    require_finite_file(*checkpoint.files.values(), "checkpoint", "checkpoint")
     replace_component(pipe, "unet" if hasattr(pipe, "unet") else "transformer", scratch, checkpoint)
 
 
@@ -101,6 +103,8 @@ def load_checkpoint(cls: Any, base: Fetched, scratch: Path, checkpoint: Fetched,
     tokenizer (``config=`` a local folder, so nothing reaches the Hub)."""
     import diffusers
 
+    # Streamed before the conversion reads it (which then finds it in the page cache).
+    require_finite_file(*checkpoint.files.values(), "checkpoint", "checkpoint")
     if base.kind == "builtin":
         folder = scratch / "configs"
         _builtin(base).save_pretrained(folder)

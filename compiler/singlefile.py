@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from compiler.errors import UserError
+from compiler.finite import require_finite_file
 from compiler.sources import Fetched
 
 # diffusers' conversion and loading errors; NotImplementedError: keys the file lacks leave meta
@@ -29,7 +30,11 @@ def load_component(
     cls: Any, fetched: Fetched, scratch: Path, name: str, config: Path, where: str | None, what: str, hint: str
 ) -> Any:
     """``cls.from_single_file`` of the file with ``config``; with ``where``, a file that does not
-    fit (``what`` it should have fitted) is a UserError there; without, the error propagates."""
+    fit (``what`` it should have fitted) or holds NaN/Inf weights is a UserError there; without,
+    the caller checked the weights and a load error propagates."""
+    if where is not None:
+        (blob,) = fetched.files.values()
+        require_finite_file(blob, where, "file")
     try:
         return cls.from_single_file(linked(scratch, fetched, name), config=str(config), local_files_only=True)
     except LOAD_ERRORS as e:
