@@ -3,9 +3,11 @@ call: the time limit, progress, batching, the out-of-memory retry and the classi
 failures. runtime.service calls it between validation and encoding.
 
 Failures come back as GenerationFailed with a kind (runtime.metrics.ErrorKind) and whether the
-worker should be replaced (`refresh_worker`): a time limit or an out-of-memory leaves the worker
-healthy; a CUDA error or any other failure inside the pipeline does not (device state or the
-shared pipeline may be broken).
+worker should be replaced (`refresh_worker`). Only a device error (CUDA, cuDNN, cuBLAS: device
+state may be broken) asks for a refresh. A time limit, an out-of-memory after the low-memory
+retry, non-finite latents or any other exception while running a request leave the worker
+healthy: a request must never be able to stop a worker (RunPod's SDK stops the pod on
+refresh_worker), and an exception that a request can trigger at will is the request's failure.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ from runtime.batching import Batcher, BatchSettings, SettingError
 from runtime.loader import Loaded
 from runtime.metrics import ErrorKind
 from runtime.progress import Deadline, Listener, StepWatch, TimeLimitExceeded
-from runtime.schema import GenerationRequest, RequestError
+from runtime.schema import GenerationRequest, RequestError, quote
 
 log = logging.getLogger(__name__)
 
@@ -81,14 +83,14 @@ def pop_options(raw: Any, settings: ExecSettings) -> tuple[Options, Any]:
     if timeout is not None:
         top = settings.request_timeout_s
         if isinstance(timeout, bool) or not isinstance(timeout, int | float) or not timeout > 0:
-            errors.append(f"timeout: expected seconds greater than 0, got {timeout!r}")
+            errors.append(f"timeout: expected seconds greater than 0, got {quote(timeout)}")
         elif top is not None and timeout > top:
             errors.append(
-                f"timeout: {timeout!r} s is more than this worker's limit of {top:g} s (UIW_REQUEST_TIMEOUT); "
+                f"timeout: {quote(timeout)} s is more than this worker's limit of {top:g} s (UIW_REQUEST_TIMEOUT); "
                 "send at most that, or leave it out"
             )
     if preview is not None and not isinstance(preview, bool):
-        errors.append(f"preview: expected true or false, got {preview!r}")
+        errors.append(f"preview: expected true or false, got {quote(preview)}")
     if errors:
         raise RequestError(errors)
     return Options(float(timeout) if timeout is not None else None, preview), rest
@@ -140,14 +142,29 @@ def _is_oom(e: BaseException) -> bool:
     return isinstance(e, torch.OutOfMemoryError) or "can't allocate memory" in str(e)
 
 
-def _is_device_error(e: BaseException) -> bool:
+def is_device_error(e: BaseException) -> bool:
+    """An error of the device itself. torch raises those as RuntimeError (AcceleratorError in
+    newer torch): the text is trusted only there, since other exceptions may quote a request's
+    own strings (a prompt saying "CUDA error" must not stop the worker)."""
     import torch
 
     accelerator = getattr(torch, "AcceleratorError", None)
-    text = str(e)
-    return (accelerator is not None and isinstance(e, accelerator)) or any(
-        s in text for s in ("CUDA error", "device-side assert", "CUBLAS_STATUS", "cuDNN error")
+    if accelerator is not None and isinstance(e, accelerator):
+        return True
+    return isinstance(e, RuntimeError) and any(
+        s in str(e) for s in ("CUDA error", "device-side assert", "CUBLAS_STATUS", "cuDNN error")
     )
+
+
+MAX_EXCEPTION_CHARS = 500
+
+
+def describe_exception(e: BaseException) -> str:
+    """`Type: message` for a reply, the message cut at MAX_EXCEPTION_CHARS (it may quote inputs)."""
+    text = str(e)
+    if len(text) > MAX_EXCEPTION_CHARS:
+        text = text[:MAX_EXCEPTION_CHARS] + "…"
+    return f"{type(e).__name__}: {text}"
 
 
 def _free_memory() -> None:
@@ -215,20 +232,23 @@ class Executor:
                 return self._attempt(artifact, pipeline, request, watch, warnings, batch=False)
         except TimeLimitExceeded as e:
             raise GenerationFailed("timeout", str(e), False) from e
+        except gen.NonFiniteLatents as e:
+            log.warning("generation failed: %s", e)
+            raise GenerationFailed("generation", f"generation failed: {e}", False) from e
         except Exception as e:
             if _is_oom(e):
                 _free_memory()
                 raise GenerationFailed(
                     "oom",
-                    f"out of memory, also in low-memory mode ({type(e).__name__}: {e}). hint: ask for a smaller "
+                    f"out of memory, also in low-memory mode ({describe_exception(e)}). hint: ask for a smaller "
                     "size or fewer images",
                     False,
                 ) from e
-            device = _is_device_error(e)
+            device = is_device_error(e)
             log.exception("generation failed (%s)", "device error" if device else "pipeline error")
             what = "the device failed" if device else "generation failed"
             raise GenerationFailed(
-                "device" if device else "generation", f"{what}: {type(e).__name__}: {e}", True
+                "device" if device else "generation", f"{what}: {describe_exception(e)}", device
             ) from e
 
     @contextmanager

@@ -288,15 +288,40 @@ def _encode_upcast(pipeline: Any) -> AbstractContextManager[Any]:
     return nullcontext()
 
 
+class NonFiniteLatents(ValueError):
+    """The denoise loop ended in NaN or infinite latents: decoded, they would be a black (or
+    garbage) image returned as if it were the answer. A numerical failure of this request's
+    generation (typically fp16 overflow), not of the worker."""
+
+    def __init__(self, request: GenerationRequest):
+        super().__init__(
+            f"the model produced non-finite latents (NaN or infinity) for seed {request.seed}, "
+            f"{request.steps} steps, scheduler {request.scheduler}, guidance_scale {request.guidance_scale}. "
+            "hint: another seed, scheduler or guidance_scale may work; repeated failures point at fp16 "
+            "overflow in the model: compile the recipe with precision bf16 or fp32"
+        )
+
+
+def check_finite(latents: Any, request: GenerationRequest) -> None:
+    """Raises NonFiniteLatents unless every latent is finite (one reduction over the request's
+    latents: cheap next to the decode it guards)."""
+    import torch
+
+    if not bool(torch.isfinite(latents).all()):
+        raise NonFiniteLatents(request)
+
+
 def decode(pipeline: Any, denoised: Denoised, request: GenerationRequest) -> list[Any]:
     """Latents -> PIL images, as the pipeline's own call ends (same operations, same order, so
     the same pixels), but outside the denoise phase: no LoRA gate, so it overlaps other requests'
     denoising. Mirrors diffusers 0.42's StableDiffusion*, StableDiffusionXL*, StableDiffusion3*
-    and Flux* pipelines' tails (checked against them in tests/test_concurrency.py)."""
+    and Flux* pipelines' tails (checked against them in tests/test_concurrency.py). Non-finite
+    latents raise NonFiniteLatents before any decoding."""
     import torch
 
     if denoised.latents is None:
         return list(denoised.images)
+    check_finite(denoised.latents, request)
     kind = decode_kind(pipeline)
     vae = pipeline.vae
     latents = denoised.latents

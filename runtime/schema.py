@@ -16,6 +16,7 @@ from __future__ import annotations
 import copy
 import json
 import math
+import reprlib
 import secrets
 from dataclasses import dataclass
 from functools import lru_cache
@@ -45,12 +46,68 @@ MIN_SIZE = 64
 # pass) for img2img; inpainting regenerates the masked region from noise (diffusers' 1.0).
 DEFAULT_STRENGTH: dict[Task, float] = {"img2img": 0.3, "inpaint": 1.0}
 MAX_ADAPTERS = 8
+# What an error reply may quote of a value the client sent: a short prefix (a 10^6-character
+# prompt must not come back whole, twice); and how many problems one reply lists.
+MAX_QUOTE_CHARS = 80
+MAX_ERRORS = 20
+
+# Which of SCHEDULERS' diffusers classes can replace which, as diffusers' own `compatibles` say:
+# the noise-prediction (epsilon / v) schedulers are all interchangeable (KarrasDiffusionSchedulers);
+# a flow-matching one is compatible only with itself (FLUX, SD 3). Written out, not read from
+# diffusers, so that validation never imports it; tests/test_request_hardening.py compares it with
+# diffusers. A request may only name a scheduler of its artifact's own group: a flow-matching
+# scheduler on an SD 1.5 UNet fails inside diffusers (no init_noise_sigma).
+SCHEDULER_GROUPS: dict[str, Literal["noise", "flow"]] = {
+    "PNDMScheduler": "noise",
+    "LMSDiscreteScheduler": "noise",
+    "DDIMScheduler": "noise",
+    "EulerDiscreteScheduler": "noise",
+    "EulerAncestralDiscreteScheduler": "noise",
+    "DPMSolverMultistepScheduler": "noise",
+    "DPMSolverSinglestepScheduler": "noise",
+    "FlowMatchEulerDiscreteScheduler": "flow",
+}
+
+
+def artifact_schedulers(manifest: Manifest) -> tuple[str, ...]:
+    """The scheduler names (SCHEDULERS) a request to this artifact may choose: those compatible
+    with its base model's own scheduler (manifest components), and always its serving default.
+    A base scheduler outside SCHEDULER_GROUPS counts as its default's kind (the compiler checked
+    the default against the family)."""
+    default = manifest.serving.scheduler
+    base = manifest.components.get("scheduler", "")
+    group = SCHEDULER_GROUPS.get(base) or SCHEDULER_GROUPS.get(SCHEDULERS.get(default, ""))
+    return tuple(n for n, cls in SCHEDULERS.items() if n == default or SCHEDULER_GROUPS.get(cls) == group)
+
+
+_QUOTE = reprlib.Repr()
+_QUOTE.maxlevel, _QUOTE.maxstring = 2, MAX_QUOTE_CHARS + 2
+_QUOTE.maxother = _QUOTE.maxlong = MAX_QUOTE_CHARS
+
+
+def quote(value: Any) -> str:
+    """A value the client sent, for an error message: its repr, at most MAX_QUOTE_CHARS
+    characters then "…". Bounded in time and depth too (reprlib: a huge string or list is never
+    rendered whole, a deeply nested one stops at two levels, a huge int is not converted)."""
+    try:
+        text = _QUOTE.repr(value)
+    except Exception:  # e.g. an int over Python's int-to-str digit limit, a broken __repr__
+        text = f"<{type(value).__name__}>"
+    return text if len(text) <= MAX_QUOTE_CHARS else text[:MAX_QUOTE_CHARS] + "…"
+
+
+def _capped(errors: list[str]) -> list[str]:
+    if len(errors) <= MAX_ERRORS:
+        return errors
+    return [*errors[:MAX_ERRORS], f"... and {len(errors) - MAX_ERRORS} more problems (fix these first)"]
 
 
 class RequestError(ValueError):
+    """A request broke a rule: the client's to fix. Lists at most MAX_ERRORS problems."""
+
     def __init__(self, errors: list[str]):
-        self.errors = errors
-        super().__init__("; ".join(errors))
+        self.errors = _capped(errors)
+        super().__init__("; ".join(self.errors))
 
 
 @dataclass(frozen=True)
@@ -95,6 +152,7 @@ class RequestSpec:
     limits: Limits
     defaults: Defaults
     scheduler: str
+    schedulers: tuple[str, ...]  # what a request may choose (artifact_schedulers)
     tasks: tuple[Task, ...]
     loras: tuple[str, ...]  # switchable, chosen per request by name
     fused_loras: tuple[tuple[str, float], ...]  # always on: named only to say so
@@ -108,6 +166,7 @@ class RequestSpec:
             limits=manifest.serving.limits,
             defaults=manifest.serving.defaults,
             scheduler=manifest.serving.scheduler,
+            schedulers=artifact_schedulers(manifest),
             tasks=tuple(manifest.capabilities.tasks),
             loras=tuple(sorted(lora.name for lora in manifest.loras if not lora.fused)),
             fused_loras=tuple(sorted((lora.name, lora.scale) for lora in manifest.loras if lora.fused)),
@@ -125,10 +184,11 @@ def _refuse_every_name(value: str) -> str:
 
 
 def _one_of(names: tuple[str, ...]) -> Any:
-    """The type of a name chosen from the artifact's own: an enum, in validation and schema alike.
-    With no names at all nothing is accepted (``enum: []``; Literal cannot be empty)."""
+    """The type of a name chosen from the artifact's own: an enum, in validation and schema alike
+    (an enum of one too, where pydantic would write ``const``). With no names at all nothing is
+    accepted (``enum: []``; Literal cannot be empty)."""
     if names:
-        return Literal[names]
+        return Annotated[Literal[names], WithJsonSchema({"type": "string", "enum": list(names)})]
     return Annotated[str, AfterValidator(_refuse_every_name), WithJsonSchema({"enum": []})]
 
 
@@ -167,7 +227,10 @@ def request_model(spec: RequestSpec) -> type[BaseModel]:
             Field(None, ge=MIN_SIZE, le=lim.max_height, multiple_of=8, json_schema_extra={"default": d.height}),
         ),
         "seed": (int | None, Field(None, ge=0, le=MAX_SEED, description="default: random, returned in the reply")),
-        "scheduler": (Literal[tuple(SCHEDULERS)] | None, Field(None, json_schema_extra={"default": spec.scheduler})),
+        "scheduler": (
+            _one_of(spec.schedulers) | None,
+            Field(None, description="compatible with this model", json_schema_extra={"default": spec.scheduler}),
+        ),
         "num_inference_steps": (
             int | None,
             Field(None, ge=1, le=lim.max_steps, json_schema_extra={"default": d.steps}),
@@ -203,26 +266,40 @@ def request_model(spec: RequestSpec) -> type[BaseModel]:
 
 
 def _message(err: Any, spec: RequestSpec) -> str:
+    """One pydantic error as our message. pydantic's `input` is the client's value: only quoted
+    (a short prefix), never echoed whole."""
     loc = err["loc"]
-    field = ".".join(str(p) for p in loc) or "input"
+    # An unknown key inside a LoRA or ControlNet entry is part of the path: bounded like a value.
+    field = ".".join(str(p) if isinstance(p, int) or len(p) <= MAX_QUOTE_CHARS else quote(p) for p in loc) or "input"
     msg = err["msg"]
+    value = err.get("input")
     if err["type"] == "literal_error":
-        value = err["input"]
         if field == "scheduler":
-            msg = f"unknown scheduler; expected one of {', '.join(SCHEDULERS)}"
+            have = ", ".join(spec.schedulers)
+            if isinstance(value, str) and value in SCHEDULERS:
+                return (
+                    f"scheduler: {quote(value)} does not fit this model ({_kind(spec)}); it takes: {have}. "
+                    "hint: leave scheduler out for the recipe's own"
+                )
+            msg = f"unknown scheduler; expected one of {have}"
         elif loc[0] == "loras" and loc[-1] == "name":
             fused = dict(spec.fused_loras)
-            if value in fused:
+            if isinstance(value, str) and value in fused:
                 return (
-                    f"{field}: {value!r} is fused into this artifact at scale {fused[value]} (always on); "
+                    f"{field}: {quote(value)} is fused into this artifact at scale {fused[value]} (always on); "
                     "only LoRAs compiled with `fuse: false` are chosen per request"
                 )
             have = ", ".join(repr(n) for n in spec.loras) or "none"
-            return f"{field}: no switchable LoRA {value!r}; this artifact has: {have}"
+            return f"{field}: no switchable LoRA {quote(value)}; this artifact has: {have}"
         elif loc[0] == "controlnets" and loc[-1] == "name":
             have = ", ".join(repr(n) for n in spec.controlnets) or "none"
-            return f"{field}: no ControlNet {value!r}; this artifact has: {have}"
-    return f"{field}: {msg}, got {err['input']!r}"
+            return f"{field}: no ControlNet {quote(value)}; this artifact has: {have}"
+    return f"{field}: {msg}, got {quote(value)}"
+
+
+def _kind(spec: RequestSpec) -> str:
+    group = SCHEDULER_GROUPS.get(SCHEDULERS.get(spec.scheduler, ""))
+    return "a flow-matching model" if group == "flow" else "a noise-prediction model, not flow matching"
 
 
 def validate(raw: Any, manifest: Manifest) -> tuple[GenerationRequest, list[str]]:
@@ -242,7 +319,9 @@ def validate(raw: Any, manifest: Manifest) -> tuple[GenerationRequest, list[str]
             data[name] = data.pop(alias)
     for key in list(data):
         if key not in model.model_fields:
-            errors.append(f"Unexpected input. {key} is not a valid input option.")
+            # worker-sdxl's wording; the key is the client's, so quoted when it is long or not text.
+            name = key if isinstance(key, str) and len(key) <= MAX_QUOTE_CHARS else quote(key)
+            errors.append(f"Unexpected input. {name} is not a valid input option.")
             del data[key]
     try:
         checked = model.model_validate(data)

@@ -3,9 +3,9 @@
 Failures never escape as exceptions, and each is classified (runtime.metrics.ErrorKind): bad
 input becomes {"error", "errors"} before model work; a model that cannot be loaded, {"error"}
 (with "refresh_worker": True when the load itself failed); a failure during generation,
-{"error"} with "refresh_worker": True where device state may be broken (runtime.execute); a
-failure after it (encoding the images) or any other bug of ours, {"error": "internal error: ..."}
-without a refresh (the device is fine).
+{"error"}, with "refresh_worker": True only for a device error (runtime.execute: no request can
+make the worker ask to be replaced); a failure after it (encoding the images) or any other bug
+of ours, {"error": "internal error: ..."} without a refresh (the device is fine).
 """
 
 from __future__ import annotations
@@ -38,6 +38,8 @@ from runtime.execute import (
     GenerationFailed,
     Options,
     RunContext,
+    describe_exception,
+    is_device_error,
     pop_options,
 )
 from runtime.inputs import attach_images
@@ -45,7 +47,7 @@ from runtime.loader import Loaded
 from runtime.metrics import METRICS
 from runtime.outputs import UploadError, deliver, destination
 from runtime.pool import Pool, default_budget, parse_budget
-from runtime.schema import RequestError, request_json_schema, validate
+from runtime.schema import RequestError, quote, request_json_schema, validate
 from runtime.trace import Trace
 from runtime.upload import Bucket
 
@@ -237,7 +239,7 @@ class Service:
             if not isinstance(name, str) or name not in self.served:
                 raise RequestError(
                     [
-                        f"{given[0] if given else 'model'}: unknown model {name!r}; this worker serves: "
+                        f"{given[0] if given else 'model'}: unknown model {quote(name)}; this worker serves: "
                         f"{', '.join(map(repr, self.served))}. hint: send one of these names, or leave the "
                         f"field out for the default ({self.default_name!r})"
                     ]
@@ -264,7 +266,7 @@ class Service:
         except Exception as e:  # a bug of ours outside loading and generation (those are classified)
             log.exception("request %s failed", trace.request_id)
             trace.kind = "internal"
-            reply = {"error": f"internal error: {type(e).__name__}: {e}"}
+            reply = {"error": f"internal error: {describe_exception(e)}"}
         trace.finish(reply)
         return reply
 
@@ -280,7 +282,9 @@ class Service:
             # Where the images go (a bucket or data URIs): a half-configured bucket fails here.
             bucket = destination()
             # Image inputs are fetched and decoded here, bounded, before any model work.
-            request, image_warnings = attach_images(request, selection.manifest.serving.limits)
+            # ... within the request's deadline (its `timeout` or UIW_REQUEST_TIMEOUT) too.
+            deadline = self.executor.deadline(options, context)
+            request, image_warnings = attach_images(request, selection.manifest.serving.limits, deadline)
         except RequestError as e:
             trace.kind = "invalid"
             return {"error": "; ".join(e.errors), "errors": e.errors}
@@ -311,7 +315,7 @@ class Service:
                 log.exception("request %s: loading %s failed", trace.request_id, selection.route.path)
                 trace.kind = "model"
                 return {
-                    "error": f"loading the model failed: {type(e).__name__}: {e}",
+                    "error": f"loading the model failed: {describe_exception(e)}",
                     "model": selection.reply_field(),
                     "refresh_worker": True,
                 }
@@ -337,10 +341,12 @@ class Service:
         except GenerationFailed as e:
             trace.kind = e.kind
             return e.reply()
-        except Exception as e:  # not classified by the executor, but it ran on the model: replace the worker
+        except Exception as e:  # not classified by the executor: only a device error replaces the worker
             log.exception("request %s: generation failed", trace.request_id)
-            trace.kind = "generation"
-            return {"error": f"generation failed: {type(e).__name__}: {e}", "refresh_worker": True}
+            device = is_device_error(e)
+            trace.kind = "device" if device else "generation"
+            reply = {"error": f"{'the device failed' if device else 'generation failed'}: {describe_exception(e)}"}
+            return reply | ({"refresh_worker": True} if device else {})
         trace.phases.update(generated.timings)
         if generated.batch_size > 1:
             trace.fields["batch"] = generated.batch_size
@@ -353,7 +359,7 @@ class Service:
         except Exception as e:  # encoding the images (CPU work): the device is fine, no refresh
             log.exception("request %s: encoding the images failed", trace.request_id)
             trace.kind = "internal"
-            return {"error": f"internal error: encoding the images failed: {type(e).__name__}: {e}"}
+            return {"error": f"internal error: encoding the images failed: {describe_exception(e)}"}
         trace.phases["encode"] = delivered.encode_s
         if bucket is not None:
             trace.phases["upload"] = delivered.upload_s
@@ -416,7 +422,7 @@ def describe(service: Service, raw_input: dict[str, Any]) -> dict[str, Any]:
     if given:
         field, name = given[0], raw_input[given[0]]
         if not isinstance(name, str) or name not in service.served:
-            return {"error": f"{field}: unknown model {name!r}; this worker serves: {', '.join(names)}"}
+            return {"error": f"{field}: unknown model {quote(name)}; this worker serves: {', '.join(names)}"}
         names = [name]
     # Which served names can send a request to each artifact (live routes), for the schemas.
     routing: dict[str, list[str]] = {}

@@ -366,7 +366,8 @@ def test_the_schema_names_what_the_artifact_offers():
     assert schema["x-fused-loras"] == {"c": 0.8} and schema["x-embedding-tokens"] == ["<cat-toy>"]
     assert schema["x-tasks"] == ["txt2img", "img2img", "inpaint", "controlnet"]
     assert "<cat-toy>" in props["prompt"]["description"]
-    assert props["scheduler"]["anyOf"][0]["enum"] == list(SCHEDULERS)
+    # A noise-prediction model (K_EULER): every scheduler but the flow-matching one.
+    assert props["scheduler"]["anyOf"][0]["enum"] == [s for s in SCHEDULERS if s != "FLOW_MATCH_EULER"]
     assert props["image_format"]["anyOf"][0]["enum"] == ["png", "jpeg", "webp"]
     assert props["quality"]["anyOf"][0] | {} == {"type": "integer", "minimum": 1, "maximum": 100}
     assert props["num_inference_steps"]["default"] == 3 and props["height"]["anyOf"][0]["maximum"] == 768
