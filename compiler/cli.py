@@ -25,6 +25,7 @@ from compiler.converted import (
     ConvertedBase,
     ConvertedStore,
     converted_key,
+    key_of,
     link_identical,
     provenance_value,
 )
@@ -40,7 +41,16 @@ from compiler.sources.base import Pinned
 from compiler.sources.hf import diffusers_variant
 from compiler.store import Store
 from compiler.validate import check_adapter, check_checkpoint
-from runtime.artifact import PIPELINE_DIR, READY, read_name
+from runtime.artifact import (
+    PIPELINE_DIR,
+    READY,
+    ArtifactError,
+    check_artifact,
+    read_manifest,
+    read_name,
+    remember_verified,
+    stat_files,
+)
 
 log = logging.getLogger("compiler")
 
@@ -134,7 +144,7 @@ class Prepared:
 
 def prepare(argv: list[str]) -> Prepared:
     composed = compose(argv)
-    recipe = parse_recipe(composed.name, composed.path, composed.fields, civitai_hosts())
+    recipe = parse_recipe(composed.name, composed.path, composed.fields, civitai_hosts(), composed.command_line)
     store = Store(composed.home)
     ctx = Context.from_env(store)
     locked = lock_sources(recipe, composed.lock, ctx)
@@ -221,11 +231,16 @@ def build(argv: list[str]) -> Path:
     store, plan, key = p.store, p.plan, p.key
     hit = store.lookup(key)
     if hit is not None:
-        _record(store, plan.recipe, key, hit)
-        log.info("cache hit %s (%.2f s)", key, time.perf_counter() - t0)
-        return hit
+        # A stat per file (and the memo): a hit whose files changed since they last hashed right is
+        # hashed again, and a damaged one is rebuilt below, never printed.
+        problems = artifact_problems(hit)
+        if not problems:
+            _record(store, plan.recipe, key, hit)
+            log.info("cache hit %s (%.2f s)", key, time.perf_counter() - t0)
+            return hit
+        log.warning("cache hit %s is damaged: %s", key, "; ".join(problems))
 
-    with store.building(key) as staging:
+    with store.building(key, artifact_problems) as staging:
         if staging is None:  # another compile finished it while we waited
             hit = store.artifact_dir(key)
         else:
@@ -247,9 +262,39 @@ def build(argv: list[str]) -> Path:
                 staging, plan, key, built.components, p.environment, provenance, built.embeddings, built.controlnets
             )
             hit = store.publish(staging, key)
+            remember_published(hit)
             log.info("built %s in %.1f s", hit, time.perf_counter() - t0)
     _record(store, plan.recipe, key, hit)
     return hit
+
+
+def artifact_problems(artifact: Path) -> list[str]:
+    """What is wrong with a finished artifact: its manifest unreadable, a file missing or resized,
+    or, for the files whose stat changed since they last hashed right, other bytes. A damaged
+    artifact that came from a converted base checks that entry too: its files are hard links to the
+    same inodes, and an entry left damaged would be built into the artifact again."""
+    try:
+        manifest = read_manifest(artifact)
+    except ArtifactError as e:
+        return [str(e)]
+    problems = check_artifact(artifact, manifest)
+    converted = key_of(manifest.provenance)
+    if problems and converted is not None:
+        entries = ConvertedStore(artifact.parents[2])
+        with entries.lock(converted):
+            if entries.lookup(converted) is not None and (bad := entries.verify(converted)):
+                log.warning("converted base %s is damaged too (%s); it is converted again", converted, "; ".join(bad))
+                entries.discard(converted)
+    return problems
+
+
+def remember_published(artifact: Path) -> None:
+    """The memo of a just-published artifact: package hashed every file moments ago, and the
+    rename into place changed no file's stat, so its first load and cache hit hash nothing."""
+    manifest = read_manifest(artifact)
+    stamps, problems = stat_files(artifact, manifest)
+    if not problems:
+        remember_verified(artifact, manifest, stamps)
 
 
 def converted_base(p: Prepared) -> ConvertedBase | None:

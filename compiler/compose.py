@@ -5,16 +5,25 @@ the recipe *after* config-group choices made on the command line, so the compose
 three layers: Hydra composes ``conf/`` with the command line's config-group choices; the recipe
 file is merged on top; then the command line's value overrides and its group choices are applied
 again so they win. No Hydra output folder or logging setup is created (the compose API does none).
+
+Recipes are data from whoever wrote them, so the recipe file is bounded before it is composed
+(bytes, nodes counted with YAML aliases expanded, nesting depth) and recipe fields, from the file
+or the command line, may hold no ``${...}`` interpolation: no resolver (``oc.env`` would copy the
+compiling machine's environment into the manifest) and no reference to another key (string
+interpolations nest into an exponential string as aliases do).
 """
 
 from __future__ import annotations
 
+import io
 import os
 import re
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import yaml
 from hydra import compose as hydra_compose
 from hydra import initialize_config_dir
 from hydra.core.override_parser.overrides_parser import OverridesParser
@@ -22,13 +31,24 @@ from hydra.errors import HydraException
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from compiler.errors import UserError
+from compiler.errors import Problem, UserError
 
 # Compiler settings: read here, never part of the Recipe.
 SETTINGS = ("recipe", "recipes_dir", "home", "lock")
 LOCK_MODES = ("auto", "locked", "frozen", "update")
-_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+# A recipe name is a file name (NAME.yaml, NAME.lock.json, names/NAME.json): at most 128 characters
+# keeps every one of them under the 255-byte limit of common file systems.
+NAME_MAX = 128
+_NAME = re.compile(rf"^[A-Za-z0-9][A-Za-z0-9_.-]{{0,{NAME_MAX - 1}}}$")
 _CLI = "command line"
+# Bounds on a recipe file, checked before it is composed. Real recipes are a few hundred bytes and
+# under a hundred nodes; the bounds leave room for a hundred LoRAs and refuse a YAML alias bomb
+# ("billion laughs": a few hundred bytes that expand to millions of nodes) in milliseconds. The byte
+# bound also bounds the composing itself: 64 KiB of the densest YAML (a flat list) composes in
+# ~0.1 s with libyaml, ~1 s with PyYAML's pure-Python parser.
+MAX_RECIPE_BYTES = 64 * 1024
+MAX_RECIPE_NODES = 10_000  # scalars, sequences and mappings, each alias counted as what it expands to
+MAX_RECIPE_DEPTH = 32
 
 
 def _bundled(name: str) -> Path:
@@ -51,6 +71,9 @@ class Composed:
     recipes_dir: Path
     home: Path
     lock: str  # one of LOCK_MODES
+    # Recipe field paths (dotted) that command-line overrides set or deleted: problems with them
+    # are the command line's, not the recipe file's.
+    command_line: tuple[str, ...] = ()
 
 
 def _groups(conf_dir: Path) -> set[str]:
@@ -88,10 +111,12 @@ def compose(argv: list[str], conf_dir: Path = CONF_DIR) -> Composed:
             _apply(cfg, o)
     name = cfg.get("recipe")
     if OmegaConf.is_missing(cfg, "recipe") or not isinstance(name, str) or not _NAME.match(name):
+        found = "nothing" if OmegaConf.is_missing(cfg, "recipe") else _clip(str(name))
         raise UserError.one(
             f"{_CLI}: recipe",
-            f"expected a recipe name, found {name if not OmegaConf.is_missing(cfg, 'recipe') else 'nothing'}",
-            "run `python -m compiler recipe=NAME` to compile recipes/NAME.yaml (letters, digits, _ . -)",
+            f"expected a recipe name, found {found}",
+            f"run `python -m compiler recipe=NAME` to compile recipes/NAME.yaml (letters, digits, _ . -; "
+            f"at most {NAME_MAX} characters)",
         )
     settings = OmegaConf.to_container(OmegaConf.masked_copy(cfg, list(SETTINGS)), resolve=True)
     assert isinstance(settings, dict)
@@ -115,15 +140,27 @@ def compose(argv: list[str], conf_dir: Path = CONF_DIR) -> Composed:
                 f"`{key}` is a compiler setting, not a recipe field",
                 f"remove it from the recipe; set it on the command line ({key}=...)",
             )
+    field_overrides = [o for o in value_overrides if o.key_or_group not in SETTINGS]
+    interpolations = [
+        Problem(f"{path}: {key}", what, _NO_INTERPOLATION)
+        for key, what in _interpolations(OmegaConf.to_container(recipe_cfg, resolve=False))
+    ]
+    for o in field_overrides:
+        interpolations.extend(
+            Problem(f"{_CLI}: {o.key_or_group}{'.' + key if key else ''}", what, _NO_INTERPOLATION)
+            for key, what in _interpolations(o.value())
+        )
+    if interpolations:
+        raise UserError(interpolations)
     merged = OmegaConf.merge(cfg, recipe_cfg, chosen)
     assert isinstance(merged, DictConfig)
-    for o in value_overrides:
-        if o.key_or_group not in SETTINGS:
-            _apply(merged, o)
+    for o in field_overrides:
+        _apply(merged, o)
     try:
         data = OmegaConf.to_container(merged, resolve=True)
     except OmegaConfBaseException as e:
-        raise UserError.one(str(path), f"cannot resolve an interpolation: {e}", "check ${...} expressions") from e
+        # Only conf/ may still hold interpolations here: the project's, not the user's.
+        raise UserError.one(str(conf_dir), f"cannot resolve an interpolation: {e}", "check conf/'s ${...}") from e
     assert isinstance(data, dict)
     fields = {str(k): v for k, v in data.items() if k not in SETTINGS}
     return Composed(
@@ -133,7 +170,33 @@ def compose(argv: list[str], conf_dir: Path = CONF_DIR) -> Composed:
         recipes_dir=recipes_dir,
         home=Path(os.path.expanduser(str(settings["home"]))).resolve(),
         lock=lock,
+        command_line=tuple(str(o.key_or_group) for o in field_overrides),
     )
+
+
+_NO_INTERPOLATION = (
+    "write the value itself: recipes are data, so `${...}` (resolvers such as oc.env, and references "
+    "to other keys) is not resolved in recipe fields"
+)
+
+
+def _clip(text: str, limit: int = 80) -> str:
+    """A user's value, shortened for a message."""
+    return repr(text if len(text) <= limit else text[:limit] + "...")
+
+
+def _interpolations(value: Any, at: str = "") -> Iterator[tuple[str, str]]:
+    """(dotted key, what) for each string under ``value`` that OmegaConf would read as an
+    interpolation: any ``${``, escaped or not (an escaped one resolves too, to its literal)."""
+    if isinstance(value, str):
+        if "${" in value:
+            yield at, f"found the interpolation {_clip(value)}"
+    elif isinstance(value, dict):
+        for k, v in value.items():
+            yield from _interpolations(v, f"{at}.{k}" if at else str(k))
+    elif isinstance(value, list):
+        for i, v in enumerate(value):
+            yield from _interpolations(v, f"{at}.{i}" if at else str(i))
 
 
 def _apply(cfg: DictConfig, o: Any) -> None:
@@ -152,15 +215,33 @@ def _apply(cfg: DictConfig, o: Any) -> None:
 
 
 def _load_recipe(path: Path, recipes_dir: Path) -> DictConfig:
-    if not path.is_file():
-        known = sorted(p.stem for p in recipes_dir.glob("*.yaml")) if recipes_dir.is_dir() else []
+    try:
+        if not path.is_file():
+            known = sorted(p.stem for p in recipes_dir.glob("*.yaml")) if recipes_dir.is_dir() else []
+            raise UserError.one(
+                f"{_CLI}: recipe",
+                f"no recipe file {path}",
+                f"recipes in {recipes_dir}: {', '.join(known) or 'none'}; or set recipes_dir=DIR (env UIW_RECIPES)",
+            )
+        with path.open("rb") as f:  # one byte past the bound tells "too large" without reading it all
+            raw = f.read(MAX_RECIPE_BYTES + 1)
+    except OSError as e:  # a name too long for the file system, a folder without read permission
         raise UserError.one(
-            f"{_CLI}: recipe",
-            f"no recipe file {path}",
-            f"recipes in {recipes_dir}: {', '.join(known) or 'none'}; or set recipes_dir=DIR (env UIW_RECIPES)",
+            f"{_CLI}: recipe", f"cannot read {path}: {e.strerror}", "check the recipe name and recipes_dir"
+        ) from e
+    if len(raw) > MAX_RECIPE_BYTES:
+        raise UserError.one(
+            str(path),
+            f"the recipe file is larger than {MAX_RECIPE_BYTES // 1024} KiB",
+            "a recipe names its models, it does not hold them: point `source:` fields at files",
         )
     try:
-        loaded = OmegaConf.load(path)
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise UserError.one(str(path), f"not UTF-8 text: {e}", "save the recipe as UTF-8") from e
+    _check_size(text, path)
+    try:
+        loaded = OmegaConf.load(io.StringIO(text))
     except Exception as e:  # yaml.YAMLError and OmegaConf's own errors
         raise UserError.one(str(path), f"not valid YAML: {e}", "check indentation and quoting") from e
     if not isinstance(loaded, DictConfig):
@@ -170,3 +251,66 @@ def _load_recipe(path: Path, recipes_dir: Path) -> DictConfig:
             "write `base: builtin:tiny-sd15` and other fields as top-level keys",
         )
     return loaded
+
+
+def _check_size(text: str, path: Path) -> None:
+    """Refuse a document whose nodes, with every alias expanded, are too many or nest too deep.
+
+    PyYAML's composer builds the node graph without expanding aliases (an alias is the anchored
+    node itself), so composing is linear in the file's size; the count below walks that graph once,
+    remembering each node's expanded size, so a bomb is measured without being expanded. OmegaConf
+    would expand it, copying every alias into its own node."""
+
+    def too_deep() -> UserError:
+        return UserError.one(
+            str(path), f"nested deeper than {MAX_RECIPE_DEPTH} levels", "a recipe is a few levels deep"
+        )
+
+    loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)  # libyaml's parser where PyYAML was built with it
+    try:
+        root = yaml.compose(text, Loader=loader)
+    except yaml.YAMLError as e:
+        raise UserError.one(str(path), f"not valid YAML: {e}", "check indentation and quoting") from e
+    except RecursionError as e:  # PyYAML's pure-Python composer recurses once per level
+        raise too_deep() from e
+    if root is None:
+        return
+    done: dict[int, tuple[int, int]] = {}  # id(node) -> (expanded node count, height)
+    open_: set[int] = set()
+
+    def measure(node: yaml.Node, depth: int) -> tuple[int, int]:
+        if depth > MAX_RECIPE_DEPTH:  # before descending: the walk's own recursion stays bounded
+            raise too_deep()
+        key = id(node)
+        if key in open_:
+            raise UserError.one(
+                str(path), "an alias refers to a node that contains it (a recursive structure)", "remove the alias"
+            )
+        if key not in done:
+            open_.add(key)
+            children: list[yaml.Node] = []
+            if isinstance(node, yaml.MappingNode):
+                children = [n for pair in node.value for n in pair]
+            elif isinstance(node, yaml.SequenceNode):
+                children = list(node.value)
+            count, height = 1, 0
+            for child in children:
+                c, h = measure(child, depth + 1)
+                count, height = count + c, max(height, h + 1)
+                if count > MAX_RECIPE_NODES:
+                    break  # already refused below: no need to measure the rest
+            open_.discard(key)
+            done[key] = (count, height)
+        count, height = done[key]
+        if count > MAX_RECIPE_NODES:
+            raise UserError.one(
+                str(path),
+                f"the document expands to more than {MAX_RECIPE_NODES} YAML nodes (aliases counted as what "
+                "they repeat)",
+                "write the recipe out plainly; anchors and aliases (&name, *name) that repeat large parts are refused",
+            )
+        if depth + height > MAX_RECIPE_DEPTH:  # an alias to a deep node, placed deep
+            raise too_deep()
+        return count, height
+
+    measure(root, 0)

@@ -6,12 +6,15 @@ not 64), and every problem is collected and reported at once with its field path
 
 from __future__ import annotations
 
+import difflib
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from compiler import uri
+from compiler.builtins import BUILTINS
 from compiler.errors import Problem, UserError
 from compiler.families import FAMILIES
 from runtime.artifact import ATTENTION_BACKENDS, SCHEDULERS, CompileScope, Offload, Quantize
@@ -223,7 +226,8 @@ class Lora(BaseModel):
 
 
 _HINTS = {
-    "base": f"a model source; accepted: {'; '.join(uri.FORMS)}",
+    # The accepted forms are in the message of a source that does not parse; the hint stays short.
+    "base": "a model source: builtin:NAME, hf://ORG/REPO[@REV], a CivitAI model, https://… or a local folder",
     "checkpoint": "a single .safetensors file (CivitAI, hf://ORG/REPO/FILE, https://…, a local path); "
     "its configs and tokenizer come from `base:` when set, else from its family's config repo",
     "vae": "a single VAE file (.safetensors; LDM or diffusers naming) that replaces the base's VAE",
@@ -245,31 +249,64 @@ _HINTS = {
     "limits.max_width": "a multiple of 8, at least 64",
     "limits.max_height": "a multiple of 8, at least 64",
 }
+# The model of each section, by its field path with list indexes left out ("loras.0" -> "loras").
 _SECTIONS: dict[str, type[BaseModel]] = {
     "": _Fields,
     "defaults": RecipeDefaults,
     "limits": RecipeLimits,
     "compile": RecipeCompile,
+    "loras": RecipeLora,
+    "embeddings": RecipeEmbedding,
+    "controlnets": RecipeControlNet,
 }
 
+Where = Callable[[str], str]  # a field path -> "<recipe file or command line>: <field path>"
 
-def _problem(where: str, err: Any) -> Problem:
+
+def _problem(where: Where, err: Any) -> Problem:
     loc = ".".join(str(p) for p in err["loc"])
     kind = err["type"]
     if kind == "extra_forbidden":
-        section, _, _ = loc.rpartition(".")
+        section = ".".join(str(p) for p in err["loc"][:-1] if not isinstance(p, int))
         model = _SECTIONS.get(section)
         known = ", ".join(model.model_fields) if model else "none"
-        return Problem(f"{where}: {loc}", "unknown key", f"valid keys here: {known}; check the spelling")
+        return Problem(where(loc), "unknown key", f"valid keys here: {known}; check the spelling")
     if kind == "missing":
-        return Problem(f"{where}: {loc}", "required field is missing", _HINTS.get(loc, "add it to the recipe"))
+        return Problem(where(loc), "required field is missing", _HINTS.get(loc, "add it to the recipe"))
     msg = err["msg"].removeprefix("Value error, ")
-    return Problem(f"{where}: {loc}", f"{msg}; found {err['input']!r}", _HINTS.get(loc, "fix the value"))
+    found = repr(err["input"])
+    what = msg if found in msg else f"{msg}; found {found}"  # validators that name the value already
+    return Problem(where(loc), what, _HINTS.get(loc, "fix the value"))
 
 
-def parse_recipe(name: str, path: Path, fields: dict[str, Any], civitai_hosts: tuple[str, ...] = ()) -> Recipe:
-    """Check every field; raise UserError listing all problems."""
-    where = str(path)
+def _builtin_problem(src: uri.Source, at: str) -> Problem | None:
+    """A built-in model this compiler does not have, with the nearest names (the revision is the
+    lock's to check: it knows which one is current)."""
+    if not isinstance(src, uri.BuiltinSource) or src.name in BUILTINS:
+        return None
+    near = difflib.get_close_matches(src.name, list(BUILTINS), n=1)
+    return Problem(
+        at,
+        f"no built-in model {src.name!r}",
+        (f"did you mean builtin:{near[0]}? " if near else "")
+        + f"built-in models: {', '.join('builtin:' + n for n in BUILTINS)}",
+    )
+
+
+def parse_recipe(
+    name: str,
+    path: Path,
+    fields: dict[str, Any],
+    civitai_hosts: tuple[str, ...] = (),
+    command_line: tuple[str, ...] = (),
+) -> Recipe:
+    """Check every field; raise UserError listing all problems. ``command_line`` names the field
+    paths that command-line overrides set: their problems are blamed on the command line."""
+
+    def where(loc: str) -> str:
+        by_cli = any(loc == k or loc.startswith(f"{k}.") for k in command_line)
+        return f"{'command line' if by_cli else path}: {loc}"
+
     problems: list[Problem] = []
     try:
         checked = _Fields.model_validate(fields)
@@ -282,27 +319,30 @@ def parse_recipe(name: str, path: Path, fields: dict[str, Any], civitai_hosts: t
             try:
                 parsed[field] = uri.parse(fields[field], base_dir=path.parent, civitai_hosts=civitai_hosts)
             except uri.SourceError as e:
-                problems.append(Problem(f"{where}: {field}", str(e), _HINTS[field]))
+                problems.append(Problem(where(field), str(e), _HINTS[field]))
+                continue
+            if (unknown := _builtin_problem(parsed[field], where(field))) is not None:
+                problems.append(unknown)
     loras = _loras(checked, where, path, civitai_hosts, problems)
     embeddings = _embeddings(checked, where, path, civitai_hosts, problems)
     controlnets = _controlnets(checked, where, path, civitai_hosts, problems)
     vae = parsed.get("vae")
     if vae is not None and uri.is_single_file(vae) is False:
-        problems.append(Problem(f"{where}: vae", f"{vae} names a whole pipeline", _HINTS["vae"]))
+        problems.append(Problem(where("vae"), f"{vae} names a whole pipeline", _HINTS["vae"]))
     checkpoint = parsed.get("checkpoint")
     if checkpoint is not None and uri.is_single_file(checkpoint) is False:
-        problems.append(Problem(f"{where}: checkpoint", f"{checkpoint} names a whole pipeline", _HINTS["checkpoint"]))
+        problems.append(Problem(where("checkpoint"), f"{checkpoint} names a whole pipeline", _HINTS["checkpoint"]))
     base = parsed.get("base")
-    if "base" not in fields and "checkpoint" not in fields:
+    if fields.get("base") is None and fields.get("checkpoint") is None:  # `base: null` is no base
         problems.append(
             Problem(
-                f"{where}: base", "a recipe needs `base:` or `checkpoint:`", f"{_HINTS['base']}; {_HINTS['checkpoint']}"
+                where("base"), "a recipe needs `base:` or `checkpoint:`", f"{_HINTS['base']}; {_HINTS['checkpoint']}"
             )
         )
     if checked is not None and checked.hypernetworks:
         problems.append(
             Problem(
-                f"{where}: hypernetworks",
+                where("hypernetworks"),
                 "A1111 hypernetworks are not supported: diffusers has no loader for them, and the files "
                 "are pickles of per-width MLPs applied to the cross-attention context",
                 "use a LoRA of the same style (most hypernetwork styles have LoRA ports on CivitAI)",
@@ -336,16 +376,16 @@ def parse_recipe(name: str, path: Path, fields: dict[str, Any], civitai_hosts: t
 
 
 def _controlnets(
-    checked: _Fields | None, where: str, path: Path, civitai_hosts: tuple[str, ...], problems: list[Problem]
+    checked: _Fields | None, where: Where, path: Path, civitai_hosts: tuple[str, ...], problems: list[Problem]
 ) -> tuple[ControlNet, ...]:
     out: list[ControlNet] = []
     taken: set[str] = set()
     for i, cn in enumerate(checked.controlnets if checked else ()):
-        at = f"{where}: controlnets.{i}"
-        src = _adapter_source(cn.source, at, path, civitai_hosts, problems)
+        at = f"controlnets.{i}"
+        src = _adapter_source(cn.source, where(f"{at}.source"), path, civitai_hosts, problems)
         if src is not None:
             name = cn.name or file_stem(str(src)) or f"controlnet{i}"
-            _unique(name, taken, at, "ControlNets", problems)
+            _unique(name, taken, where(f"{at}.name"), "ControlNets", problems)
             out.append(
                 ControlNet(source=src, name=name, scale=cn.scale, from_lock=not cn.name and not file_stem(str(src)))
             )
@@ -353,16 +393,18 @@ def _controlnets(
 
 
 def _embeddings(
-    checked: _Fields | None, where: str, path: Path, civitai_hosts: tuple[str, ...], problems: list[Problem]
+    checked: _Fields | None, where: Where, path: Path, civitai_hosts: tuple[str, ...], problems: list[Problem]
 ) -> tuple[Embedding, ...]:
     out: list[Embedding] = []
     for i, emb in enumerate(checked.embeddings if checked else ()):
-        at = f"{where}: embeddings.{i}"
-        src = _adapter_source(emb.source, at, path, civitai_hosts, problems)
+        at = f"embeddings.{i}"
+        src = _adapter_source(emb.source, where(f"{at}.source"), path, civitai_hosts, problems)
         if src is None:
             continue
         if emb.token is not None and emb.token in {o.token for o in out}:
-            problems.append(Problem(f"{at}.token", f"two embeddings use {emb.token!r}", "give each its own token"))
+            problems.append(
+                Problem(where(f"{at}.token"), f"two embeddings use {emb.token!r}", "give each its own token")
+            )
         stem = file_stem(str(src))
         out.append(Embedding(source=src, token=emb.token, stem=stem or f"embedding{i}", from_lock=stem is None))
     return tuple(out)
@@ -375,10 +417,10 @@ def _adapter_source(
     try:
         src = uri.parse(raw, base_dir=path.parent, civitai_hosts=civitai_hosts)
     except uri.SourceError as e:
-        problems.append(Problem(f"{at}.source", str(e), _HINTS["checkpoint"]))
+        problems.append(Problem(at, str(e), _HINTS["checkpoint"]))
         return None
     if uri.is_single_file(src) is False:
-        problems.append(Problem(f"{at}.source", f"{src} names a whole pipeline", "name one .safetensors file"))
+        problems.append(Problem(at, f"{src} names a whole pipeline", "name one .safetensors file"))
         return None
     return src
 
@@ -386,23 +428,21 @@ def _adapter_source(
 def _unique(name: str, taken: set[str], at: str, what: str, problems: list[Problem]) -> None:
     """Requests select LoRAs and ControlNets by name: two of one kind may not share one."""
     if name in taken:
-        problems.append(
-            Problem(f"{at}.name", f"two {what} are named {name!r}", f"give each of the {what} its own `name:`")
-        )
+        problems.append(Problem(at, f"two {what} are named {name!r}", f"give each of the {what} its own `name:`"))
     taken.add(name)
 
 
 def _loras(
-    checked: _Fields | None, where: str, path: Path, civitai_hosts: tuple[str, ...], problems: list[Problem]
+    checked: _Fields | None, where: Where, path: Path, civitai_hosts: tuple[str, ...], problems: list[Problem]
 ) -> tuple[Lora, ...]:
     out: list[Lora] = []
     taken: set[str] = set()
     for i, lora in enumerate(checked.loras if checked else ()):
-        at = f"{where}: loras.{i}"
-        src = _adapter_source(lora.source, at, path, civitai_hosts, problems)
+        at = f"loras.{i}"
+        src = _adapter_source(lora.source, where(f"{at}.source"), path, civitai_hosts, problems)
         if src is not None:
             name = lora.name or file_stem(str(src)) or f"lora{i}"
-            _unique(name, taken, at, "LoRAs", problems)
+            _unique(name, taken, where(f"{at}.name"), "LoRAs", problems)
             from_lock = not lora.name and not file_stem(str(src))
             out.append(Lora(source=src, name=name, scale=lora.scale, fuse=lora.fuse, from_lock=from_lock))
     return tuple(out)

@@ -28,7 +28,9 @@ ACCEPTED = "accepted forms:\n    " + "\n    ".join(FORMS)
 
 DEFAULT_HF_REVISION = "main"
 _LOOPBACK = {"127.0.0.1", "localhost", "::1"}
-_BUILTIN = re.compile(r"^builtin:(?P<name>[a-z0-9][a-z0-9-]*)(?:@(?P<rev>[0-9]+))?$")
+# Any name-like word parses: whether this compiler has the model is the recipe check's to say (it
+# lists the built-ins), so `builtin:tiny-sd1.5` is "no built-in model", not "unsupported scheme".
+_BUILTIN = re.compile(r"^builtin:(?P<name>[A-Za-z0-9][A-Za-z0-9._-]*)(?:@(?P<rev>[0-9]+))?$")
 _REPO_PART = r"[A-Za-z0-9][A-Za-z0-9._-]*"
 _HF = re.compile(rf"^hf://(?P<repo>{_REPO_PART}/{_REPO_PART})(?:/(?P<path>[^@]+?))?/?(?:@(?P<rev>[^@\s]+))?$")
 _CIVITAI = re.compile(r"^civitai://models/(?P<model>[0-9]+)(?:@(?P<version>[0-9]+)(?:\+(?P<file>[0-9]+))?)?$")
@@ -122,6 +124,8 @@ def parse(text: str, base_dir: Path | None = None, civitai_hosts: tuple[str, ...
     if m := _BUILTIN.match(text):
         rev = m.group("rev")
         return BuiltinSource(m.group("name"), int(rev) if rev is not None else None)
+    if text.startswith("builtin:"):
+        raise SourceError(f"{text!r} is not a built-in source (builtin:NAME[@REVISION], e.g. builtin:tiny-sd15)")
     if text.startswith("hf://"):
         if m := _HF.match(text):
             return HfSource(m.group("repo"), m.group("path"), m.group("rev") or DEFAULT_HF_REVISION)
