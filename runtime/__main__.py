@@ -2,26 +2,52 @@
 --rp_serve_api work as with any RunPod handler)."""
 
 import logging
+import os
 import sys
 
-import runpod
+from runtime import threads
 
-from runtime.artifact import ArtifactError
-from runtime.batching import SettingError
-from runtime.handler import start_config
-from runtime.logs import configure, log_format
-from runtime.service import get_service
+# Before anything imports torch: its OpenMP runtime reads the wait policy once, when it loads
+# (runtime.threads: waiting threads sleep instead of spinning, unless the user set a policy).
+WAIT_POLICY = threads.prefer_passive_wait()
+
+import runpod  # noqa: E402  (after the wait policy: see above)
+
+from runtime.artifact import ArtifactError  # noqa: E402
+from runtime.batching import SettingError  # noqa: E402
+from runtime.handler import concurrency, start_config  # noqa: E402
+from runtime.logs import configure, log_format  # noqa: E402
+from runtime.service import get_service  # noqa: E402
 
 try:
     # One JSON object per line by default (what log collectors parse); UIW_LOG_FORMAT=text for
     # a person at a terminal. Every UIW_* setting is parsed here (start_config: the memory
-    # budget, time limit, batching, progress interval, concurrency, handler choice...): a bad
-    # value stops the worker at start (exit code 2) with the reason and a hint, not at its first job.
+    # budget, time limit, batching, progress interval, concurrency, handler choice...; then
+    # UIW_THREADS): a bad value stops the worker at start (exit code 2) with the reason and a
+    # hint, not at its first job.
     configure(log_format("json"))
     config = start_config()
+    thread_choice = threads.choose(os.environ, concurrency(), threads.usable_cores())
 except (ValueError, SettingError, ArtifactError) as e:
     print(f"runtime: {e}", file=sys.stderr)
     sys.exit(2)
+
+# torch's intra-op threads for this worker (runtime.threads): the start log says what and why.
+torch_threads = threads.apply(thread_choice)
+logging.getLogger("runtime").info(
+    "CPU threads: %d per job (%s); OMP_WAIT_POLICY=%s",
+    torch_threads,
+    thread_choice.reason,
+    WAIT_POLICY,
+    extra={
+        "fields": {
+            "threads": torch_threads,
+            "cores": thread_choice.cores.count,
+            "cores_source": thread_choice.cores.source,
+            "concurrency": thread_choice.concurrency,
+        }
+    },
+)
 
 # Resolve the served names and load what UIW_PRELOAD names (default `1`: the default model;
 # `all`, `0`, or a comma list of names) before taking jobs, so that the first request pays no
