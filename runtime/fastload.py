@@ -14,6 +14,11 @@ there has not read them, and the first request pays the page faults. Two things 
   handed to the warmer before the next is built, then passed to the pipeline's own
   ``from_pretrained`` (diffusers skips loading what it is given: same classes, same calls, same
   weights, so the same pixels).
+
+And one thing checks them meanwhile: ``Verifier``, a thread that hashes the artifact's files the
+memo does not vouch for (runtime.artifact.unverified) while the models are built, so that a
+damaged file fails the load (runtime.artifact.IntegrityError) instead of being served. Its cost
+on a load: bench/verify_cost.py.
 """
 
 from __future__ import annotations
@@ -27,6 +32,8 @@ import threading
 from pathlib import Path
 from types import TracebackType
 from typing import Any
+
+from runtime.artifact import FileEntry, Manifest, hash_mismatch, integrity_error
 
 log = logging.getLogger(__name__)
 
@@ -121,3 +128,40 @@ def preload_components(folder: Path, dtype: Any, warmer: Warmer) -> dict[str, An
         out[name] = cls.from_pretrained(os.path.join(folder, name), dtype=dtype, local_files_only=True)
         warmer.add(out[name])
     return out
+
+
+class Verifier:
+    """Context manager: a thread that hashes ``entries`` (largest first: the order the models are
+    built in) while the block runs; on exit, waits for it and raises IntegrityError naming every
+    file that hashed to something else, also when the block itself failed (a damaged file may be
+    why it did: the integrity error says so, with the block's error as its context)."""
+
+    def __init__(self, artifact_dir: Path, manifest: Manifest, entries: list[FileEntry]) -> None:
+        self.artifact_dir = Path(artifact_dir)
+        self.manifest = manifest
+        self.entries = sorted(entries, key=lambda e: -e.size)
+        self.problems: list[str] = []
+        self.error: BaseException | None = None
+        self.thread = threading.Thread(target=self._run, name="uiw-weight-verifier", daemon=True)
+
+    def __enter__(self) -> Verifier:
+        if self.entries:
+            self.thread.start()
+        return self
+
+    def _run(self) -> None:
+        try:
+            # hashlib and file reads release the GIL: the hashing runs beside the Python work
+            for entry in self.entries:
+                if (problem := hash_mismatch(self.artifact_dir, entry)) is not None:
+                    self.problems.append(problem)
+        except BaseException as e:  # reported by __exit__ in the loading thread
+            self.error = e
+
+    def __exit__(self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None) -> None:
+        if self.entries:
+            self.thread.join()
+        if self.problems:
+            raise integrity_error(self.artifact_dir, self.manifest, self.problems) from exc
+        if self.error is not None and kind is None:
+            raise self.error

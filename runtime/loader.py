@@ -12,8 +12,20 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from runtime.artifact import PIPELINE_DIR, TORCH_DTYPES, ArtifactError, Manifest, read_manifest
-from runtime.fastload import Warmer, preload_components, weight_files
+from runtime.artifact import (
+    PIPELINE_DIR,
+    TORCH_DTYPES,
+    VERIFY_MODES,
+    ArtifactError,
+    Manifest,
+    VerifyMode,
+    integrity_error,
+    read_manifest,
+    remember_verified,
+    stat_files,
+    unverified,
+)
+from runtime.fastload import Verifier, Warmer, preload_components, weight_files
 from runtime.gate import ModeGate
 
 # Artifacts are complete: nothing at serve time may reach the Hub. Set before diffusers or
@@ -155,9 +167,29 @@ def default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def load(artifact_dir: Path, device: str | None = None) -> Loaded:
+def verify_mode() -> VerifyMode:
+    """``UIW_VERIFY``: how a load checks the artifact's files against its manifest. ``memo`` (the
+    default) hashes the files whose stat changed since they last hashed right; ``full`` hashes
+    every file on every load (also catches bytes that rotted in place); ``off`` checks only that
+    each file is there with its size."""
+    value = os.environ.get("UIW_VERIFY", "memo").strip() or "memo"
+    for mode in VERIFY_MODES:
+        if value == mode:
+            return mode
+    raise ArtifactError(f"UIW_VERIFY: {value!r} is not one of {', '.join(VERIFY_MODES)}. hint: unset it (memo).")
+
+
+def load(artifact_dir: Path, device: str | None = None, verify: VerifyMode | None = None) -> Loaded:
+    """Load an artifact, checking its files against the manifest as it reads them (``verify``,
+    default UIW_VERIFY): a missing or resized file fails before any model work, a file with other
+    bytes fails the load once the hashing thread has seen it (runtime.artifact.IntegrityError)."""
     t0 = time.perf_counter()
     manifest = read_manifest(artifact_dir)
+    mode = verify or verify_mode()
+    stamps, problems = stat_files(artifact_dir, manifest)
+    if problems:
+        raise integrity_error(artifact_dir, manifest, problems)
+    pending = unverified(artifact_dir, manifest, stamps, mode)
     import diffusers
     import torch
 
@@ -168,8 +200,9 @@ def load(artifact_dir: Path, device: str | None = None) -> Loaded:
     folder = Path(artifact_dir) / PIPELINE_DIR
     dtype = getattr(torch, TORCH_DTYPES[manifest.runtime.dtype])
     # The weights are read (and on the CPU mapped in) by a thread while the models are built:
-    # a returned load has every tensor resident (runtime.fastload; bench/RESULTS.md).
-    with Warmer(weight_files(folder), fault=device == "cpu") as warmer:
+    # a returned load has every tensor resident (runtime.fastload; bench/RESULTS.md). Another
+    # hashes what the memo does not vouch for; a mismatch fails the load when the block ends.
+    with Verifier(Path(artifact_dir), manifest, pending), Warmer(weight_files(folder), fault=device == "cpu") as warmer:
         # Quantized weights load through diffusers' quantizer hooks: left to the pipeline's own loader.
         given = preload_components(folder, dtype, warmer) if manifest.runtime.quantize == "none" else {}
         # An explicit dtype: without one diffusers upcasts half-precision files to fp32 on load.
@@ -181,6 +214,8 @@ def load(artifact_dir: Path, device: str | None = None) -> Loaded:
             pipe.to(device)
         pipe.set_progress_bar_config(disable=True)
         pipelines = task_pipelines(pipe, manifest)  # Python work: overlaps the warmer's page faults
+    if pending:
+        remember_verified(artifact_dir, manifest, stamps)  # the next load of unchanged files hashes nothing
     adapters = load_switchable_loras(pipe, manifest, Path(artifact_dir))
     controlnets = load_controlnets(manifest, Path(artifact_dir), pipe.dtype, device)
     # The manifest's runtime options (channels_last, fused QKV, attention, offload, compile and
@@ -190,12 +225,15 @@ def load(artifact_dir: Path, device: str | None = None) -> Loaded:
     apply(pipe, manifest.runtime, device, Path(artifact_dir))
     seconds = time.perf_counter() - t0
     log.info(
-        "loaded %s (%s, %s) on %s in %.2f s",
+        "loaded %s (%s, %s) on %s in %.2f s (%d of %d files hashed, verify=%s)",
         manifest.recipe,
         manifest.cache_key[:12],
         manifest.runtime.dtype,
         device,
         seconds,
+        len(pending),
+        len(manifest.files),
+        mode,
     )
     return Loaded(Path(artifact_dir), manifest, pipe, device, seconds, pipelines, adapters, controlnets)
 

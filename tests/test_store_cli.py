@@ -46,7 +46,11 @@ def test_ls_show_verify_gc(tmp_path: Path) -> None:
     original = victim.read_bytes()
     victim.write_bytes(original + b" ")
     bad = store(home, "verify")
-    assert bad.returncode == 1 and f"artifact {k32}: pipeline/model_index.json does not hash" in bad.stdout
+    size = len(original)
+    assert (
+        bad.returncode == 1
+        and f"artifact {k32}: pipeline/model_index.json: {size + 1} bytes, the manifest says {size}" in bad.stdout
+    )
     victim.write_bytes(original)
 
     # gc: an artifact no name points at and a blob nothing pins go; a blob a lockfile pins stays.

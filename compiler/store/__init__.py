@@ -2,7 +2,8 @@
 
 Publishing is atomic: a build writes into a staging folder beside its final place and renames it
 there once ``READY`` is written, so a reader sees a whole artifact or none. A per-key file lock
-makes two concurrent compiles of one recipe build it once.
+makes two concurrent compiles of one recipe build it once. A finished artifact found damaged (its
+files are not what its manifest lists) is set aside under that lock and built again.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import logging
 import os
 import shutil
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from filelock import FileLock
@@ -25,10 +26,14 @@ from runtime.artifact import (
     NameRecord,
     artifact_path,
     fsync_path,
+    memo_path,
     names_path,
     read_name,
     write_json_atomic,
+    write_text_atomic,
 )
+
+DAMAGED_SUBDIR = "damaged"  # <home>/damaged/<cache_key>-<time>/: damaged artifacts, kept to look at; gc removes them
 
 log = logging.getLogger(__name__)
 
@@ -76,15 +81,20 @@ class Store:
         return d if (d / READY).is_file() else None
 
     @contextlib.contextmanager
-    def building(self, key: str) -> Iterator[Path | None]:
+    def building(self, key: str, problems: Callable[[Path], list[str]] | None = None) -> Iterator[Path | None]:
         """Hold the key's build lock and yield a fresh staging folder, or None if another process
-        finished the same artifact while we waited for the lock."""
+        finished the same artifact while we waited for the lock. ``problems`` checks a finished
+        artifact found there: one with problems is set aside and built again."""
         self.locks.mkdir(parents=True, exist_ok=True)
         self.artifacts.mkdir(parents=True, exist_ok=True)
         with FileLock(str(self.locks / f"{key}.lock")):
-            if self.lookup(key) is not None:
-                yield None
-                return
+            if (found := self.lookup(key)) is not None:
+                # Checked again under the lock: another compile may have rebuilt it meanwhile.
+                damage = problems(found) if problems is not None else []
+                if not damage:
+                    yield None
+                    return
+                self.set_aside(key, damage)
             # Under the lock nobody else builds this key: staging folders left by a killed build
             # (and a final folder without READY) are garbage.
             for stale in self.artifacts.glob(f".staging-{key}-*"):
@@ -99,6 +109,20 @@ class Store:
             finally:
                 shutil.rmtree(staging, ignore_errors=True)  # gone already when published
 
+    def set_aside(self, key: str, problems: list[str]) -> Path:
+        """Move a damaged artifact out of artifacts/ (READY removed first: a worker resolving it
+        meanwhile sees no artifact rather than a damaged one), with a note of what was wrong.
+        Call under the key's build lock."""
+        final = self.artifact_dir(key)
+        (final / READY).unlink(missing_ok=True)
+        memo_path(final).unlink(missing_ok=True)
+        aside = self.home / DAMAGED_SUBDIR / f"{key}-{dt.datetime.now(dt.timezone.utc):%Y%m%dT%H%M%S%fZ}"
+        aside.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(final, aside)
+        write_text_atomic(aside / "PROBLEMS.txt", "".join(f"{p}\n" for p in problems))
+        log.warning("artifact %s is damaged (%s); moved to %s and rebuilding", key, "; ".join(problems), aside)
+        return aside
+
     def publish(self, staging: Path, key: str) -> Path:
         """Rename a staged artifact (READY already inside) to its final place."""
         if not (staging / READY).is_file():
@@ -107,6 +131,20 @@ class Store:
         os.replace(staging, final)
         fsync_path(final.parent)
         return final
+
+    def trim_history(self, name: str, keep: int, dry_run: bool = False) -> tuple[NameRecord, ...]:
+        """Keep the ``keep`` newest entries of the name's history (what a rollback can return to);
+        return the dropped ones. ``dry_run``: only say what would go."""
+        self.locks.mkdir(parents=True, exist_ok=True)
+        with FileLock(str(self.locks / f"name-{name}.lock")):
+            old = read_name(self.home, name)
+            if old is None or len(old.history) <= keep:
+                return ()
+            if not dry_run:
+                new = NameFile(name=name, current=old.current, history=old.history[:keep])
+                write_json_atomic(names_path(self.home, name), new.model_dump(mode="json"))
+                log.info("name %s: history trimmed to %d", name, keep)
+            return old.history[keep:]
 
     def record_name(self, name: str, key: str, digest: str) -> None:
         """Point names/<name>.json at an artifact, keeping the previous ones as history. Leaves the

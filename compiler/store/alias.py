@@ -19,6 +19,7 @@ from filelock import FileLock
 from compiler.errors import UserError
 from compiler.store import utc_now
 from runtime.artifact import (
+    ARTIFACTS_SUBDIR,
     READY,
     AliasFile,
     AliasRecord,
@@ -64,7 +65,7 @@ def resolve_target(home: Path, alias: str, target: str) -> str:
     if record is not None:
         key = record.current.cache_key
     elif _HEX.match(target):
-        arts = Path(home) / "artifacts" / "v1"
+        arts = Path(home) / ARTIFACTS_SUBDIR
         found = sorted(p.name for p in arts.glob(f"{target}*") if (p / READY).is_file()) if arts.is_dir() else []
         if len(found) != 1:
             what = "no artifact" if not found else f"{len(found)} artifacts ({', '.join(k[:16] for k in found)})"

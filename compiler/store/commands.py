@@ -1,10 +1,14 @@
 """The store's commands: list, show a recipe's lock and plan, verify hashes, collect garbage.
 
-What is kept by ``gc``: every artifact a name points at (current or in its history, so rollbacks
-keep working), every blob such an artifact was built from (``manifest.inputs``), every converted
-single-file base such an artifact came from (``manifest.provenance["converted"]``), and every blob a
-lockfile in the given recipe folders pins. Everything else under ``artifacts/``, ``blobs/``,
-``tmp/`` and stale partial downloads goes.
+A name's history (``names/<recipe>.json``) holds every artifact the name pointed at before its
+current one, newest first: what ``alias``-free rollbacks return to. What is kept by ``gc``: every
+artifact a name points at, currently and in its history (``--keep-history N`` first trims each
+name's history to its N newest entries, so that what was dropped can go), every artifact an alias
+routes to (current routes and the alias's own history), every blob such an artifact was built from
+(``manifest.inputs``), every converted single-file base such an artifact came from
+(``manifest.provenance["converted"]``), and every blob a lockfile in the given recipe folders pins.
+Everything else under ``artifacts/``, ``blobs/``, ``tmp/``, stale partial downloads, damaged
+artifacts the compiler set aside and verification memos of artifacts that are gone.
 """
 
 from __future__ import annotations
@@ -23,15 +27,18 @@ from typing import Any
 
 from compiler.converted import ConvertedStore, key_of
 from compiler.errors import UserError
+from compiler.store import DAMAGED_SUBDIR, Store
 from runtime.artifact import (
+    ARTIFACTS_SUBDIR,
     NAMES_SUBDIR,
     READY,
+    VERIFIED_DIR,
     ArtifactError,
     Manifest,
     NameFile,
-    content_digest,
     read_manifest,
     sha256_file,
+    verify_files,
 )
 
 log = logging.getLogger("compiler.store")
@@ -51,7 +58,7 @@ class Inventory:
 
     @classmethod
     def read(cls, home: Path) -> Inventory:
-        arts = home / "artifacts" / "v1"
+        arts = home / ARTIFACTS_SUBDIR
         artifacts = {p.name: p for p in sorted(arts.iterdir()) if (p / READY).is_file()} if arts.is_dir() else {}
         names = {}
         for p in sorted((home / NAMES_SUBDIR).glob("*.json")):
@@ -88,23 +95,79 @@ def _manifest(path: Path) -> Manifest | None:
         return None
 
 
+def _flat(prefix: str, value: Any, out: dict[str, str]) -> None:
+    if isinstance(value, dict):
+        for k, v in value.items():
+            _flat(f"{prefix}.{k}" if prefix else str(k), v, out)
+    else:
+        out[prefix] = value if isinstance(value, str) else json.dumps(value, separators=(",", ":"))
+
+
+def settings(m: Manifest) -> dict[str, str]:
+    """What an artifact was built with, as flat ``field: value`` pairs named as a recipe names them
+    where it does (precision, scheduler, defaults.steps, loras, ...): two artifacts of one recipe
+    differ in some of these."""
+    out: dict[str, str] = {}
+    data = {
+        "precision": m.runtime.dtype,
+        "scheduler": m.serving.scheduler,
+        "defaults": m.serving.defaults.model_dump(mode="json"),
+        "limits": m.serving.limits.model_dump(mode="json"),
+        "runtime": m.runtime.model_dump(mode="json", exclude={"dtype"}),
+        "tasks": list(m.capabilities.tasks),
+        "loras": [x.model_dump(mode="json") for x in m.loras],
+        "embeddings": [x.model_dump(mode="json") for x in m.embeddings],
+        "controlnets": [x.model_dump(mode="json") for x in m.controlnets],
+        "sources": m.provenance,
+        "environment": m.environment,
+    }
+    _flat("", data, out)
+    return out
+
+
+def differences(manifests: dict[str, Manifest]) -> dict[str, dict[str, str]]:
+    """cache key -> the settings in which it differs from another artifact of the same recipe
+    (with its own values); empty for a recipe's only artifact."""
+    by_recipe: dict[str, list[str]] = {}
+    for key, m in manifests.items():
+        by_recipe.setdefault(m.recipe, []).append(key)
+    out: dict[str, dict[str, str]] = {key: {} for key in manifests}
+    for keys in by_recipe.values():
+        if len(keys) < 2:
+            continue
+        each = {k: settings(manifests[k]) for k in keys}
+        fields = sorted({f for v in each.values() for f in v})
+        varying = [f for f in fields if len({each[k].get(f) for k in keys}) > 1]
+        for k in keys:
+            out[k] = {f: each[k].get(f, "(none)") for f in varying}
+    return out
+
+
 def cmd_ls(home: Path, as_json: bool) -> int:
     inv = Inventory.read(home)
     named: dict[str, list[str]] = {}
+    history_of: dict[str, list[str]] = {}  # cache key -> "name~N": the name's N-th previous artifact
     for name, nf in inv.names.items():
         named.setdefault(nf.current.cache_key, []).append(name)
+        for i, h in enumerate(nf.history, 1):
+            history_of.setdefault(h.cache_key, []).append(f"{name}~{i}")
+    manifests = {key: m for key, path in inv.artifacts.items() if (m := _manifest(path)) is not None}
+    differs = differences(manifests)
     rows: list[dict[str, Any]] = []
     for key, path in inv.artifacts.items():
-        m = _manifest(path)
+        m = manifests.get(key)
         rows.append(
             {
                 "cache_key": key,
                 "recipe": m.recipe if m else None,
                 "family": m.family if m else None,
                 "dtype": m.runtime.dtype if m else None,
+                "scheduler": m.serving.scheduler if m else None,
                 "bytes": _size(path),
                 "created_at": m.created_at if m else None,
                 "names": sorted(named.get(key, [])),
+                "history_of": sorted(history_of.get(key, [])),
+                "differs": differs.get(key, {}),
             }
         )
     names = {
@@ -132,12 +195,15 @@ def cmd_ls(home: Path, as_json: bool) -> int:
         )
         return 0
     print(f"store {home}")
-    print(f"artifacts ({len(rows)}):")
+    print(f"artifacts ({len(rows)}; names: current, name~N: the name's N-th previous artifact, kept for rollback):")
     for r in rows:
+        tags = " ".join([*r["names"], *r["history_of"]])
         print(
             f"  {r['cache_key'][:16]}  {r['recipe'] or '?':<20} {r['family'] or '?':<6} {r['dtype'] or '?':<5} "
-            f"{r['bytes'] / 2**20:9.1f} MiB  {r['created_at'] or ''}  {' '.join(r['names'])}"
+            f"{r['scheduler'] or '?':<18} {r['bytes'] / 2**20:9.1f} MiB  {r['created_at'] or ''}  {tags}"
         )
+        if r["differs"]:
+            print("      differs: " + ", ".join(f"{k}={v}" for k, v in r["differs"].items()))
     print(f"names ({len(names)}):")
     for n, v in names.items():
         print(f"  {n} -> {v['current'][:16]}" + (f"  (history: {len(v['history'])})" if v["history"] else ""))
@@ -205,20 +271,20 @@ def cmd_fetch(overrides: list[str]) -> int:
 def cmd_verify(home: Path, keys: list[str]) -> int:
     inv = Inventory.read(home)
     bad: list[str] = []
+    unknown = [k for k in keys if k not in inv.artifacts]
+    if unknown:
+        raise UserError.one(
+            "store verify",
+            f"no finished artifact {', '.join(unknown)} in {home / ARTIFACTS_SUBDIR}",
+            "give full cache keys as `python -m compiler.store ls --json` lists them, or none to verify everything",
+        )
     targets = {k: inv.artifacts[k] for k in keys} if keys else inv.artifacts
     for key, path in targets.items():
         m = _manifest(path)
         if m is None:
             bad.append(f"artifact {key}: unreadable manifest")
             continue
-        for f in m.files:
-            p = path / f.path
-            if not p.is_file():
-                bad.append(f"artifact {key}: missing {f.path}")
-            elif sha256_file(p) != f.sha256:
-                bad.append(f"artifact {key}: {f.path} does not hash to {f.sha256}")
-        if content_digest(m.files) != m.content_digest:
-            bad.append(f"artifact {key}: content digest mismatch")
+        bad += [f"artifact {key}: {problem}" for problem in verify_files(path, m)]
     if not keys:
         for digest, p in inv.blobs.items():
             if sha256_file(p) != digest:
@@ -232,7 +298,7 @@ def cmd_verify(home: Path, keys: list[str]) -> int:
     )
     print(f"verified {checked}: {'all good' if not bad else f'{len(bad)} problems'}")
     if bad:
-        print("hint: delete the bad artifact or blob (or run gc) and compile again; it is rebuilt or refetched")
+        print("hint: compile the recipe again: a damaged artifact is set aside and rebuilt, a damaged blob refetched")
     return 1 if bad else 0
 
 
@@ -251,8 +317,24 @@ def _lock_blobs(dirs: Iterable[Path]) -> set[str]:
     return keep
 
 
-def cmd_gc(home: Path, recipe_dirs: list[Path], dry_run: bool) -> int:
+def cmd_gc(home: Path, recipe_dirs: list[Path], dry_run: bool, keep_history: int | None = None) -> int:
     inv = Inventory.read(home)
+    if keep_history is not None:
+        store = Store(home)
+        for name in inv.names:
+            dropped = store.trim_history(name, keep_history, dry_run)
+            if dropped:
+                keys = ", ".join(h.cache_key[:16] for h in dropped)
+                print(f"{'would trim' if dry_run else 'trimmed'} names/{name}.json history to {keep_history}: {keys}")
+        if not dry_run:
+            inv = Inventory.read(home)
+        else:  # as if trimmed
+            inv = Inventory(
+                inv.artifacts,
+                {n: nf.model_copy(update={"history": nf.history[:keep_history]}) for n, nf in inv.names.items()},
+                inv.blobs,
+                inv.converted,
+            )
     keep_art = {nf.current.cache_key for nf in inv.names.values()}
     keep_art |= {h.cache_key for nf in inv.names.values() for h in nf.history}
     from compiler.store.alias import alias_keys
@@ -271,9 +353,20 @@ def cmd_gc(home: Path, recipe_dirs: list[Path], dry_run: bool) -> int:
     doomed += [p for k, p in inv.converted.items() if k not in keep_converted]
     # unfinished fills (no READY) whose key's lock nobody holds
     doomed += [p for p in ConvertedStore(home).staging_dirs() if not _filling(home, p)]
-    arts = home / "artifacts" / "v1"
+    arts = home / ARTIFACTS_SUBDIR
     if arts.is_dir():  # unfinished builds: no READY (a running build holds its key's lock)
-        doomed += [p for p in arts.iterdir() if p.is_dir() and not (p / READY).is_file() and not _busy(home, p)]
+        doomed += [
+            p
+            for p in arts.iterdir()
+            if p.is_dir() and p.name != VERIFIED_DIR and not (p / READY).is_file() and not _busy(home, p)
+        ]
+    # Memos of artifacts that are gone or going (a memo of a key rebuilt later vouches for nothing:
+    # its stamps name other inodes).
+    staying = set(inv.artifacts) - {p.name for p in doomed}
+    if (arts / VERIFIED_DIR).is_dir():
+        doomed += [p for p in (arts / VERIFIED_DIR).glob("*.json") if p.stem not in staying]
+    if (home / DAMAGED_SUBDIR).is_dir():  # set aside by a compile that found them damaged, then rebuilt
+        doomed += sorted((home / DAMAGED_SUBDIR).iterdir())
     now = time.time()
     for sub in ("blobs/partial", "tmp"):
         d = home / sub
@@ -338,6 +431,14 @@ def main(argv: list[str]) -> int:
         help="folders whose *.lock.json pins are kept (default: env UIW_RECIPES or ./recipes)",
     )
     p_gc.add_argument("--dry-run", action="store_true")
+    p_gc.add_argument(
+        "--keep-history",
+        type=int,
+        metavar="N",
+        default=None,
+        help="first trim each name's history (its previous artifacts, kept for rollback) to the N newest; "
+        "default: keep all history",
+    )
     p_alias = sub.add_parser(
         "alias",
         help="public names for workers: alias set NAME TARGET[=WEIGHT]... | alias rollback NAME | alias show NAME",
@@ -364,7 +465,9 @@ def main(argv: list[str]) -> int:
 
             return cmd_alias(home, args.action, args.name, args.targets)
         dirs = args.recipes or [Path(os.environ.get("UIW_RECIPES", "recipes"))]
-        return cmd_gc(home, [d for d in dirs if d.is_dir()], args.dry_run)
+        if args.keep_history is not None and args.keep_history < 0:
+            raise UserError.one("gc --keep-history", f"{args.keep_history} is negative", "give 0 or more")
+        return cmd_gc(home, [d for d in dirs if d.is_dir()], args.dry_run, args.keep_history)
     except UserError as e:
         sys.stderr.write(f"error: {e}\n")
         return 2
