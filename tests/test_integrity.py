@@ -16,15 +16,13 @@ import pytest
 from tests.conftest import REPO, REQ, decode_image
 
 
-def private_store(home: Path, demo_artifact: Path, dst: Path) -> Path:
-    """A store of its own holding a copy of the session's demo artifact and its name (so damaging
-    it touches nothing another test reads); returns the copied artifact."""
-    from runtime.artifact import ARTIFACTS_SUBDIR, NAMES_SUBDIR
+def private_store(demo_artifact: Path, dst: Path) -> Path:
+    """A store of its own holding a copy of the session's demo artifact (so damaging it touches
+    nothing another test reads); returns the copied artifact."""
+    from runtime.artifact import ARTIFACTS_SUBDIR
 
     artifact = dst / ARTIFACTS_SUBDIR / demo_artifact.name
     shutil.copytree(demo_artifact, artifact)
-    (dst / NAMES_SUBDIR).mkdir(parents=True)
-    shutil.copy(home / NAMES_SUBDIR / "demo.json", dst / NAMES_SUBDIR / "demo.json")
     return artifact
 
 
@@ -61,13 +59,13 @@ def compile_demo(store: Path, capsys: pytest.CaptureFixture[str]) -> tuple[int, 
 
 @pytest.mark.parametrize("damage", [flip_byte, truncate], ids=["flipped-byte", "truncated"])
 def test_damaged_weights_are_refused_by_the_runtime_and_rebuilt_by_the_compiler(
-    damage, home: Path, demo_artifact: Path, demo_image: np.ndarray, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    damage, demo_artifact: Path, demo_image: np.ndarray, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ):
     from runtime.artifact import read_manifest, verify_files
     from runtime.service import Service, Settings
 
     store = tmp_path / "home"
-    artifact = private_store(home, demo_artifact, store)
+    artifact = private_store(demo_artifact, store)
     victim = largest_weight(artifact)
     rel = victim.relative_to(artifact).as_posix()
     expected = next(f for f in read_manifest(artifact).files if f.path == rel)
@@ -94,14 +92,14 @@ def test_damaged_weights_are_refused_by_the_runtime_and_rebuilt_by_the_compiler(
 
 
 def test_a_cache_hit_on_a_damaged_artifact_never_prints_its_path(
-    home: Path, demo_artifact: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    demo_artifact: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ):
     """Damage the compiler can see from a stat alone (a config file grown by a byte) and damage it
     must hash to see (a flipped byte): either way the printed artifact verifies."""
     from runtime.artifact import read_manifest, verify_files
 
     store = tmp_path / "home"
-    artifact = private_store(home, demo_artifact, store)
+    artifact = private_store(demo_artifact, store)
     rc, out = compile_demo(store, capsys)
     assert (rc, out) == (0, f"{artifact}\n")  # an intact copy: a hit (hashed once: the copy is new)
     config = artifact / "pipeline" / "unet" / "config.json"
@@ -159,9 +157,8 @@ def test_the_verifier_names_the_damage_even_when_the_load_failed_on_it(demo_arti
     m = read_manifest(artifact)
     victim = largest_weight(artifact)
     flip_byte(victim)
-    with pytest.raises(IntegrityError, match=victim.name) as caught:
-        with Verifier(artifact, m, list(m.files)):
-            raise ValueError("safetensors could not read it")
+    with pytest.raises(IntegrityError, match=victim.name) as caught, Verifier(artifact, m, list(m.files)):
+        raise ValueError("safetensors could not read it")
     assert isinstance(caught.value.__cause__, ValueError)
     with Verifier(artifact, m, [f for f in m.files if f.path != victim.relative_to(artifact).as_posix()]):
         pass  # the other files are intact
