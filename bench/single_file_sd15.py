@@ -2,7 +2,7 @@
 single-file load: the cold start we replace.
 
 The checkpoint has the real LDM key layout, shapes and dtypes of a pruned fp16 SD 1.5 file
-(../shared/fixtures/model-keys/sd1-ldm.yaml, no EMA), ~2 GB of seeded random weights. Its family's
+(tests/fixtures/model-keys/sd1-ldm.yaml, no EMA), ~2 GB of seeded random weights. Its family's
 config repo (real full-size configs from compiler.family_configs, a small tokenizer) is served by
 the loopback Hub, so the compile takes the path a user's does: detect, lock the config repo,
 fetch configs, convert, save. Each step runs in its own process; peak memory is that process's
@@ -13,7 +13,7 @@ maximum RSS (getrusage).
 Prints one JSON object: compile seconds and peak RSS, artifact bytes, the runtime's load seconds
 and peak RSS from the artifact, and diffusers' ``from_single_file`` load seconds and peak RSS
 from the same file with the same configs (what a worker that converts at every cold start pays),
-and their ratio. Needs ../shared/fixtures (the layout) and the dev install (tests/ helpers).
+and their ratio. Needs the dev install (tests/ helpers).
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ import numpy as np
 import yaml
 
 REPO = Path(__file__).resolve().parents[1]
-LAYOUT = REPO.parent / "shared" / "fixtures" / "model-keys" / "sd1-ldm.yaml"
+LAYOUT = REPO / "tests" / "fixtures" / "model-keys" / "sd1-ldm.yaml"
 ST = {"float16": ("F16", np.float16), "float32": ("F32", np.float32), "int64": ("I64", np.int64)}
 
 

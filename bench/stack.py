@@ -3,7 +3,7 @@ two kohya LoRAs and one A1111 embedding, seeded random weights, written to a fol
 recipe that compiles them and the family's config repo (served from the loopback Hub at compile).
 
 Two sizes, one code path:
-- ``full``: the real SD 1.5 layout and shapes (../shared/fixtures/model-keys/sd1-ldm.yaml, 2.1 GB
+- ``full``: the real SD 1.5 layout and shapes (tests/fixtures/model-keys/sd1-ldm.yaml, 2.1 GB
   fp16 checkpoint), the real family configs (compiler.family_configs), LoRAs of rank 16 and 32
   on every module a kohya SD 1.5 LoRA trains (UNet transformer blocks' projections, text encoder
   attention and MLP), a 768-wide embedding.

@@ -5,7 +5,7 @@ shapes that decided (``evidence``). It never guesses a family: when the header c
 and an SDXL VAE share a layout) ``family`` is None and ``candidates`` lists what it could be.
 ``read_header(path)`` reads the 8-byte length and the JSON header, nothing more.
 
-The rules follow the layouts of real files (../shared/fixtures/model-keys/, from sd-mecha's model
+The rules follow the layouts of real files (tests/fixtures/model-keys/, from sd-mecha's model
 configs) and the checks diffusers' and ComfyUI's loaders make: the UNet's cross-attention width
 tells SD 1.x (768) from SD 2.x (1024), SDXL (2048) and the SDXL refiner (1280); SDXL's ADM input
 (label_emb, 2816 vs 2560) confirms base vs refiner; the first conv's input channels tell an

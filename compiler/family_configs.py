@@ -16,7 +16,7 @@ are shared between entries: read them, copy before changing anything.
 
 Sources. Model configs: every field that shapes a model is checked by
 tests/test_family_configs.py against the real checkpoints (parameter counts, and diffusers'
-single-file converters run over the real key layouts in ``shared/fixtures/model-keys``, which must
+single-file converters run over the real key layouts in ``tests/fixtures/model-keys``, which must
 land on exactly these models' tensors). Their text, and the scheduler, VAE-scaling, tokenizer and
 preprocessor files, follow the Hub files as public projects vendor them, cross-checked where more
 than one copy was found: taproot's ``pretrained`` modules (SD 1.5 UNet, scheduler and feature

@@ -1,7 +1,8 @@
-"""The detection cases: files built from real key layouts (../shared/fixtures/model-keys, sd-mecha's
-model configs) and variants derived from them, each with what detection must say and what the
-compiler does with it. tests/test_detect.py asserts every case; scripts/compatibility.py turns the
-same table into docs/compatibility.md, so the document says what the tests prove.
+"""The detection cases: files built from real key layouts (tests/fixtures/model-keys, vendored from
+sd-mecha's model configs with their license) and variants derived from them, each with what
+detection must say and what the compiler does with it. tests/test_detect.py asserts every case;
+scripts/compatibility.py turns the same table into docs/compatibility.md, so the document says
+what the tests prove.
 """
 
 from __future__ import annotations
@@ -15,7 +16,9 @@ from pathlib import Path
 import yaml
 
 REPO = Path(__file__).resolve().parents[1]
-FIXTURES = REPO.parent / "shared" / "fixtures" / "model-keys"
+# The real layouts live in the repository (their README and sd-mecha's MIT license beside them): a
+# clone anywhere runs every detection test, and a missing file fails them instead of skipping.
+FIXTURES = REPO / "tests" / "fixtures" / "model-keys"
 ST_DTYPE = {
     "float32": ("F32", 4),
     "float16": ("F16", 2),
@@ -27,9 +30,20 @@ ST_DTYPE = {
 Keys = dict[str, tuple[tuple[int, ...], str]]
 
 
+def fixture_path(name: str) -> Path:
+    """A layout file of tests/fixtures/model-keys; a missing one is an error (never a skip)."""
+    path = FIXTURES / f"{name}.yaml"
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"{path}: key-layout fixture missing. hint: it is tracked in git under tests/fixtures/model-keys; "
+            "restore the checkout (the README there says where the layouts come from)"
+        )
+    return path
+
+
 @cache
 def layout(name: str) -> dict[str, Keys]:
-    data = yaml.safe_load((FIXTURES / f"{name}.yaml").read_text())
+    data = yaml.safe_load(fixture_path(name).read_text())
     return {
         comp: {k: (tuple(v["shape"]), v["dtype"]) for k, v in entries.items() if not v.get("optional")}
         for comp, entries in data["components"].items()
@@ -71,7 +85,7 @@ def as_dtype(keys: Keys, dtype: str) -> Keys:
 def ema_only(name: str) -> Keys:
     """A file holding only the EMA weights (LDM stores them as model_ema.<name without dots>);
     the fixture marks them optional, so they are read here directly."""
-    data = yaml.safe_load((FIXTURES / f"{name}.yaml").read_text())
+    data = yaml.safe_load(fixture_path(name).read_text())
     return {k: (tuple(v["shape"]), v["dtype"]) for k, v in data["components"]["ema"].items()}
 
 

@@ -4,11 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from tests.detect_cases import FIXTURES
-
 
 @pytest.mark.slow
-@pytest.mark.skipif(not FIXTURES.is_dir(), reason="needs ../shared/fixtures")
 def test_full_size_sd15_single_file_compiles_without_a_base(tmp_path):
     from bench.single_file_sd15 import main
 

@@ -1,4 +1,4 @@
-"""Detection from real key layouts (../shared/fixtures/model-keys, sd-mecha's model configs):
+"""Detection from real key layouts (tests/fixtures/model-keys, sd-mecha's model configs):
 full-shape safetensors headers over sparse files, and variants derived from them."""
 
 from __future__ import annotations
@@ -10,9 +10,7 @@ import pytest
 
 from compiler.detect import detect, detect_file
 from tests.conftest import PY, REPO
-from tests.detect_cases import CASES, FIXTURES, as_dtype, keys_of, write
-
-pytestmark = pytest.mark.skipif(not FIXTURES.is_dir(), reason=f"fixtures not found at {FIXTURES}")
+from tests.detect_cases import CASES, as_dtype, keys_of, write
 
 
 @pytest.mark.parametrize("case", CASES, ids=[c.name for c in CASES])

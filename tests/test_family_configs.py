@@ -3,7 +3,7 @@
 Every config repo is written out (tests/configrepos.py) and read back the way
 ``from_single_file(path, config=folder)`` reads it; every model component is built on the meta
 device (no weights allocated) and its parameter count compared with the real model's; and the real
-single-file layouts in ../shared/fixtures/model-keys are converted with diffusers' own single-file
+single-file layouts in tests/fixtures/model-keys are converted with diffusers' own single-file
 converters onto the models these configs build, which must take every tensor at its exact shape.
 """
 
@@ -25,13 +25,11 @@ from compiler.families import FAMILIES
 from compiler.family_configs import CONFIG_REPOS, CONFIGS, REPOS, VARIANT_REPOS
 from tests.configrepos import config_repo_files, push_config_repos
 from tests.conftest import REPO
+from tests.detect_cases import fixture_path
 from tests.fakehub import FakeHub
 
-FIXTURES = REPO.parent / "shared" / "fixtures" / "model-keys"
-needs_fixtures = pytest.mark.skipif(not FIXTURES.is_dir(), reason=f"fixtures not found at {FIXTURES}")
-
 # --- the real models' parameter counts -----------------------------------------------------------
-# "fixture": the sum of the real checkpoint's tensors in ../shared/fixtures/model-keys
+# "fixture": the sum of the real checkpoint's tensors in tests/fixtures/model-keys
 # (test_counts_are_the_real_checkpoints_sums re-derives each one); "derived": computed by hand from
 # a fixture count and the architecture difference; "pinned": what this config builds, consistent
 # with the published round figure but with no exact independent source.
@@ -271,7 +269,7 @@ _TORCH_DTYPES = ("float32", "float16", "bfloat16", "int64")
 @cache
 def _fixture(name: str) -> dict[str, dict[str, dict[str, Any]]]:
     loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
-    return yaml.load((FIXTURES / name).read_text(), Loader=loader)["components"]
+    return yaml.load(fixture_path(name.removesuffix(".yaml")).read_text(), Loader=loader)["components"]
 
 
 def _checkpoint(name: str) -> dict[str, Any]:
@@ -295,7 +293,6 @@ def _numel(fixture: str, component: str, prefix: str = "", skip: tuple[str, ...]
     )
 
 
-@needs_fixtures
 def test_counts_are_the_real_checkpoints_sums():
     assert _numel("sd1-ldm.yaml", "clip_l", skip=("position_ids",)) == CLIP_L
     assert _numel("sd1-ldm.yaml", "diffuser") == SD15_UNET
@@ -420,7 +417,6 @@ def _state_shapes(key: str, component: str) -> dict[str, tuple[int, ...]]:
     return {k: tuple(v.shape) for k, v in meta_model(key, component).state_dict().items()}
 
 
-@needs_fixtures
 @pytest.mark.parametrize("family", sorted(ANCHORS))
 def test_anchor_shapes_equal_the_real_single_file(family: str):
     fixture, anchors = ANCHORS[family]
@@ -430,7 +426,6 @@ def test_anchor_shapes_equal_the_real_single_file(family: str):
         assert _state_shapes(family, component)[path] == tuple(specs[theirs]["shape"]), (ours, theirs)
 
 
-@needs_fixtures
 @pytest.mark.parametrize("family", sorted(ANCHORS))
 def test_single_file_converts_exactly_onto_the_configs(family: str, tmp_path: Path, monkeypatch):
     """diffusers' own single-file path, on meta tensors: the checkpoint picks this repo, and each

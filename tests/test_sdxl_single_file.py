@@ -19,9 +19,9 @@ from typing import Any
 import numpy as np
 import pytest
 
-from tests.conftest import REPO, decode_image, run_compiler
+from tests.conftest import decode_image, run_compiler
+from tests.detect_cases import fixture_path
 
-FIXTURE = REPO.parent / "shared" / "fixtures" / "model-keys" / "sdxl-sgm.yaml"
 COMPONENTS = ("unet", "vae", "text_encoder", "text_encoder_2")
 RECIPE = """
 base: builtin:tiny-sdxl
@@ -74,7 +74,6 @@ def _pattern(key: str) -> str:
     return re.sub(r"\b(transformer_blocks|layers|resblocks)\.\d+\.", r"\1.N.", key)
 
 
-@pytest.mark.skipif(not FIXTURE.is_file(), reason=f"fixture not found at {FIXTURE}")
 def test_converted_keys_follow_the_real_sdxl_file_layout(tiny_sdxl):
     """Same key patterns as a real SDXL base file (sd-mecha's sdxl-sgm layout), and the same
     tensor ranks (SGM's VAE attention is 1x1 convs, its UNet projections are linear)."""
@@ -82,7 +81,7 @@ def test_converted_keys_follow_the_real_sdxl_file_layout(tiny_sdxl):
 
     from tests.sgm import pipeline_to_sgm
 
-    components = yaml.safe_load(FIXTURE.read_text())["components"]
+    components = yaml.safe_load(fixture_path("sdxl-sgm").read_text())["components"]
     real = {k: v for c, entries in components.items() if c != "scheduler" for k, v in entries.items()}
     ranks = {_pattern(k): len(v["shape"]) for k, v in real.items()}
     required = {_pattern(k) for k, v in real.items() if not v.get("optional")}
