@@ -379,7 +379,9 @@ def remember_verified(artifact_dir: Path, manifest: Manifest, stamps: dict[str, 
     a different stamp next time). Best effort: a read-only store keeps hashing on every load."""
     memo = VerifiedMemo(content_digest=manifest.content_digest, files=tuple(stamps[p] for p in sorted(stamps)))
     try:
-        write_json_atomic(memo_path(artifact_dir), memo.model_dump(mode="json"))
+        # Not fsynced (a tenth of a second on a busy disk, on every load that hashed): a memo
+        # lost in a crash only costs the next load its hashing.
+        write_json_atomic(memo_path(artifact_dir), memo.model_dump(mode="json"), durable=False)
     except OSError as e:
         log.debug("%s: memo not written (%s); the next load hashes again", artifact_dir, e)
 
@@ -480,8 +482,8 @@ def read_name(home: Path, name: str) -> NameFile | None:
         raise ArtifactError(f"{p}: unreadable name file ({e}). hint: recompile the recipe to rewrite it.") from e
 
 
-def write_json_atomic(path: Path, data: object) -> None:
-    write_text_atomic(path, json.dumps(data, indent=2, sort_keys=True) + "\n")
+def write_json_atomic(path: Path, data: object, durable: bool = True) -> None:
+    write_text_atomic(path, json.dumps(data, indent=2, sort_keys=True) + "\n", durable)
 
 
 def fsync_path(path: Path) -> None:
@@ -493,16 +495,17 @@ def fsync_path(path: Path) -> None:
         os.close(fd)
 
 
-def write_text_atomic(path: Path, text: str) -> None:
-    """Write to a temp file in the same folder, fsync, then rename: readers see the old or the new
-    file, never half of one."""
+def write_text_atomic(path: Path, text: str, durable: bool = True) -> None:
+    """Write to a temp file in the same folder, fsync (unless not ``durable``: a file that may be
+    lost in a crash), then rename: readers see the old or the new file, never half of one."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "w") as f:
             f.write(text)
             f.flush()
-            os.fsync(f.fileno())
+            if durable:
+                os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
