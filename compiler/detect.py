@@ -139,15 +139,21 @@ def read_header(path: Path) -> tuple[dict[str, tuple[Shape, str]], dict[str, str
 
 
 def _entry(key: str, v: Any) -> tuple[Shape, str, tuple[int, int]]:
-    ok = isinstance(v, dict) and isinstance(v.get("dtype"), str) and isinstance(v.get("shape"), list)
-    offsets = v.get("data_offsets") if isinstance(v, dict) else None
-    ok = ok and all(isinstance(d, int) and d >= 0 for d in v["shape"])
-    ok = ok and isinstance(offsets, list) and len(offsets) == 2 and all(isinstance(o, int) for o in offsets)
-    if not ok:
-        raise HeaderError(f"tensor {key}: not a safetensors entry (dtype, shape, data_offsets): {str(v)[:120]}")
-    if v["dtype"] not in DTYPE_BITS:
-        raise HeaderError(f"tensor {key}: unknown dtype {v['dtype']!r}")
-    return tuple(v["shape"]), v["dtype"], (offsets[0], offsets[1])
+    """One header entry, checked for the fields and types safetensors requires."""
+    if isinstance(v, dict):
+        dtype, shape, offsets = v.get("dtype"), v.get("shape"), v.get("data_offsets")
+        if (
+            isinstance(dtype, str)
+            and isinstance(shape, list)
+            and all(isinstance(d, int) and d >= 0 for d in shape)
+            and isinstance(offsets, list)
+            and len(offsets) == 2
+            and all(isinstance(o, int) and o >= 0 for o in offsets)
+        ):
+            if dtype not in DTYPE_BITS:
+                raise HeaderError(f"tensor {key}: unknown dtype {dtype!r}")
+            return tuple(shape), dtype, (offsets[0], offsets[1])
+    raise HeaderError(f"tensor {key}: not a safetensors entry (dtype, shape, data_offsets): {str(v)[:120]}")
 
 
 def _check_offsets(raw: dict[str, Any], keys: dict[str, tuple[Shape, str, tuple[int, int]]], data: int) -> None:

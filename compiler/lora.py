@@ -238,6 +238,63 @@ def load_checked(pipe: Any, path: Path, adapter: str, where: str) -> list[str]:
     return got
 
 
+# The components whose layers a LoRA's shapes are checked against before the build. FLUX's and
+# SD3's transformers are left to the build: diffusers widens a FLUX base's input layer for Control
+# LoRAs, so a wider factor there is not an error.
+SHAPE_CHECKED = ("unet", "text_encoder", "text_encoder_2")
+
+
+def base_shapes(pipe_like: Any) -> dict[str, tuple[int, ...]]:
+    """ "component.module.weight" -> shape for every SHAPE_CHECKED component of a pipeline whose
+    parameters may live on the meta device."""
+    out: dict[str, tuple[int, ...]] = {}
+    for comp in SHAPE_CHECKED:
+        model = pipe_like.get(comp) if isinstance(pipe_like, dict) else getattr(pipe_like, comp, None)
+        if model is not None and hasattr(model, "state_dict"):
+            out.update({f"{comp}.{k}": tuple(v.shape) for k, v in model.state_dict().items()})
+    return out
+
+
+def meta_components(folder: Path) -> dict[str, Any]:
+    """The SHAPE_CHECKED components of a diffusers folder (model_index.json + configs), built from
+    their configs with every parameter on the meta device: shapes without reading or allocating a
+    weight (a real SDXL UNet takes well under a second)."""
+    import importlib
+    import json
+
+    from accelerate import init_empty_weights
+
+    index = json.loads((folder / "model_index.json").read_text())
+    out = {}
+    for comp in SHAPE_CHECKED:
+        entry = index.get(comp)
+        if not (isinstance(entry, list) and len(entry) == 2 and entry[0] in ("diffusers", "transformers")):
+            continue
+        cls = getattr(importlib.import_module(entry[0]), entry[1], None)
+        if cls is None or not (folder / comp / "config.json").is_file():
+            continue
+        with init_empty_weights():
+            if entry[0] == "diffusers":
+                out[comp] = cls.from_config(cls.load_config(folder / comp))
+            else:
+                out[comp] = cls(cls.config_class.from_pretrained(folder / comp))
+    return out
+
+
+def check_fit(loras: list[tuple[PlannedLora, Fetched]], shapes: dict[str, tuple[int, ...]], family: str) -> None:
+    """Every LoRA's factors against the base's layer shapes, from the files' headers: a LoRA of
+    another model fails here, naming the module, before the base is built."""
+    from compiler.detect import detect, read_header
+    from compiler.validate import check_lora_shapes
+
+    for lora, fetched in loras:
+        (path,) = fetched.files.values()
+        keys, meta = read_header(path)
+        check_lora_shapes(
+            {k: shape for k, (shape, _) in keys.items()}, shapes, family, detect(keys, meta), f"loras: {lora.name}"
+        )
+
+
 def apply_loras(pipe: Any, loras: list[tuple[PlannedLora, Fetched]], out: Path) -> None:
     """Load every LoRA as an adapter and check it landed whole; bake the ``fuse`` ones into the
     weights at their scales (W + scale·(alpha/rank)·up·down each); copy the others' files into

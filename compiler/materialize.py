@@ -22,7 +22,7 @@ from compiler.converted import ConvertedBase
 from compiler.embeddings import load_embeddings
 from compiler.families import PREDICTION_TYPES
 from compiler.finite import require_finite_file
-from compiler.lora import apply_loras
+from compiler.lora import apply_loras, base_shapes, check_fit, meta_components
 from compiler.plan import BuildPlan
 from compiler.singlefile import linked, load_component
 from compiler.sources import Fetched
@@ -46,6 +46,18 @@ def _builtin(fetched: Fetched) -> Any:
     src = uri.parse(fetched.source)
     assert isinstance(src, uri.BuiltinSource)
     return BUILTINS[src.name].build()
+
+
+def layer_shapes(fetched: Fetched, scratch: Path) -> dict[str, tuple[int, ...]]:
+    """The base's LoRA-checked layer shapes, from its configs on the meta device (a builtin is
+    generated there): no weight is read or allocated."""
+    if fetched.kind == "builtin":
+        from accelerate import init_empty_weights
+
+        with init_empty_weights():
+            return base_shapes(_builtin(fetched))
+    folder = snapshot(fetched, scratch / "layer-shapes")
+    return base_shapes(meta_components(folder)) if (folder / "model_index.json").is_file() else {}
 
 
 def load_base(
@@ -82,7 +94,8 @@ def load_base(
 
 def replace_denoiser(pipe: Any, scratch: Path, checkpoint: Fetched) -> None:
     """A UNet-only (or transformer-only) file replaces the base's; the base's other weights stay."""
-    require_finite_file(*checkpoint.files.values(), "checkpoint", "checkpoint")
+    (path,) = checkpoint.files.values()
+    require_finite_file(path, "checkpoint", "checkpoint")
     replace_component(pipe, "unet" if hasattr(pipe, "unet") else "transformer", scratch, checkpoint)
 
 
@@ -104,7 +117,8 @@ def load_checkpoint(cls: Any, base: Fetched, scratch: Path, checkpoint: Fetched,
     import diffusers
 
     # Streamed before the conversion reads it (which then finds it in the page cache).
-    require_finite_file(*checkpoint.files.values(), "checkpoint", "checkpoint")
+    (path,) = checkpoint.files.values()
+    require_finite_file(path, "checkpoint", "checkpoint")
     if base.kind == "builtin":
         folder = scratch / "configs"
         _builtin(base).save_pretrained(folder)
@@ -177,6 +191,10 @@ def materialize(
     import torch
 
     try:
+        adapters = adapters or {}
+        loras = [(lora, adapters[f"loras.{i}"]) for i, lora in enumerate(plan.loras)]
+        if loras:  # before the base is built or converted: a LoRA of another model fails in a second
+            check_fit(loras, layer_shapes(fetched, scratch), plan.family)
         pipe = load_base(plan, fetched, scratch, checkpoint, converted)
         if type(pipe).__name__ != plan.pipeline_class:
             raise ValueError(f"{plan.base} built {type(pipe).__name__}, the plan expects {plan.pipeline_class}")
@@ -185,11 +203,10 @@ def materialize(
         # (`EulerDiscreteScheduler.from_config(pipe.scheduler.config)`). Converting here and again per
         # request would chain conversions, and each one fills in defaults of its own.
         getattr(diffusers, SCHEDULERS[plan.scheduler])  # the name maps to a class of this diffusers
-        adapters = adapters or {}
         if plan.vae is not None:
             replace_component(pipe, "vae", scratch, adapters["vae"], "vae")
         tokens = load_embeddings(pipe, [(e, adapters[f"embeddings.{i}"]) for i, e in enumerate(plan.embeddings)])
-        apply_loras(pipe, [(lora, adapters[f"loras.{i}"]) for i, lora in enumerate(plan.loras)], out)
+        apply_loras(pipe, loras, out)
         controlnets = build_controlnets(
             pipe, [(c, adapters[f"controlnets.{i}"]) for i, c in enumerate(plan.controlnets)], scratch, out
         )

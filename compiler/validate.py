@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from compiler.detect import INVALID_HINT, Detection
 from compiler.errors import Problem, UserError
-from compiler.families import family_of_civitai_base_model, lineage
+from compiler.families import CONTEXT_FAMILY, family_of_civitai_base_model, lineage
 from compiler.recipe import Recipe
 
 
@@ -83,6 +83,92 @@ def check_adapter(found: Detection, kind: str, family: str, where: str) -> None:
             f"this {kind} is made for {found.family}, the base is {family} (evidence: {evidence})",
             f"use a {family} {kind}, or a {found.family} base",
         )
+
+
+# How LoRA files name a base's modules, per component: kohya's prefix before the module path with
+# "_" for "." (SD 1.x/2.x UNets in diffusers naming, CLIP text encoders), and PEFT/diffusers names.
+_KOHYA_PREFIXES = {"unet": ("lora_unet_",), "text_encoder": ("lora_te_", "lora_te1_"), "text_encoder_2": ("lora_te2_",)}
+# LoRA "down" and "up" factor key endings, as pairs: (down, up).
+_FACTORS = (
+    (".lora_down.weight", ".lora_up.weight"),
+    (".lora_A.weight", ".lora_B.weight"),
+    (".lora.down.weight", ".lora.up.weight"),
+)
+
+
+def _layer_names(shapes: dict[str, tuple[int, ...]]) -> dict[str, tuple[str, tuple[int, ...]]]:
+    """Every name a LoRA file may give a base layer -> (the layer's "component.module", its
+    weight shape). Text encoders are named with or without transformers' ``text_model.`` level
+    (transformers 5 dropped it; files keep it)."""
+    out: dict[str, tuple[str, tuple[int, ...]]] = {}
+    for key, shape in shapes.items():
+        if not key.endswith(".weight") or len(shape) not in (2, 4):  # Linear and Conv2d layers
+            continue
+        comp, module = key.removesuffix(".weight").split(".", 1)
+        modules = {module}
+        if comp.startswith("text_encoder"):
+            modules |= {module.removeprefix("text_model."), "text_model." + module.removeprefix("text_model.")}
+        for m in modules:
+            for name in (f"{comp}.{m}", *(p + m.replace(".", "_") for p in _KOHYA_PREFIXES.get(comp, ()))):
+                out[name] = (f"{comp}.{module}", shape)
+            if comp == "unet":
+                out[m] = (f"{comp}.{module}", shape)  # PEFT files of the denoiser alone, unprefixed
+    return out
+
+
+def check_lora_shapes(
+    lora: dict[str, tuple[int, ...]],
+    base: dict[str, tuple[int, ...]],
+    family: str,
+    found: Detection,
+    where: str,
+) -> None:
+    """Each LoRA module the base has by name must fit its layer: the down factor's input width is
+    the layer's, the up factor's output width too. Pure: shapes from the file's header and the
+    base's layers (``component.module.weight`` -> shape). Modules named in ways this does not map
+    (SGM-named SDXL kohya files, LyCORIS) are left to the build, which checks where each lands."""
+    names = _layer_names(base)
+    bad: list[tuple[str, str, tuple[int, int], tuple[int, int]]] = []  # layer, file module, widths
+    checked = 0
+    for key in sorted(lora):
+        for down_end, up_end in _FACTORS:
+            if not key.endswith(down_end):
+                continue
+            module = key.removesuffix(down_end)
+            up = lora.get(module + up_end)
+            hit = names.get(module)
+            if hit is None or up is None or len(lora[key]) < 2 or len(up) < 1:
+                continue
+            checked += 1
+            layer, shape = hit
+            have, want = (lora[key][1], up[0]), (shape[1], shape[0])
+            if have != want:
+                bad.append((layer, module, have, want))
+    if not bad:
+        return
+    shown = "; ".join(
+        f"{layer} ({module}): {h[0]} -> {h[1]} in the file, {w[0]} -> {w[1]} in the base"
+        for layer, module, h, w in bad[:2]
+    )
+    lora_family = found.family or _context_family(bad) or "not told by its header"
+    raise UserError.one(
+        where,
+        f"this LoRA does not fit the {family} base: {len(bad)} of the {checked} layers it patches "
+        f"{'has' if len(bad) == 1 else 'have'} other widths "
+        f"(inputs -> outputs), e.g. {shown}. The LoRA's family: {lora_family}",
+        f"use a LoRA made for {family} (its model page names the base model it was trained on), "
+        "or a base of the LoRA's family",
+    )
+
+
+def _context_family(bad: list[tuple[str, str, tuple[int, int], tuple[int, int]]]) -> str | None:
+    """A cross-attention key/value layer's input width is the text context's (SD 1.x 768, SD 2.x
+    1024, SDXL 2048), which names the LoRA's family where its header's detection could not."""
+    for layer, _, (width, _), _ in bad:
+        fam = CONTEXT_FAMILY.get(width) if layer.endswith(("attn2.to_k", "attn2.to_v")) else None
+        if fam is not None:
+            return f"{fam} (its cross-attention takes a {width}-wide text context)"
+    return None
 
 
 FIELD_TAKES = {
