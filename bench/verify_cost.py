@@ -121,7 +121,9 @@ def large(workdir: Path, mib: int, reps: int, manifest_of: Path) -> dict[str, An
             read_all()
 
     plain()  # page cache warm for every case
-    out = _alternate({"load": plain, "load+verify": verified, "hash_alone": lambda: sha256_file(path)}, reps)
+    out: dict[str, Any] = _alternate(
+        {"load": plain, "load+verify": verified, "hash_alone": lambda: sha256_file(path)}, reps
+    )
     size = entry.size
     out["hash_alone"]["gb_per_s"] = round(size / out["hash_alone"]["wall_median_s"] / 1e9, 2)
     out["overhead_median_s"] = round(out["load+verify"]["wall_median_s"] - out["load"]["wall_median_s"], 4)
