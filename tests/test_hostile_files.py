@@ -18,7 +18,7 @@ from safetensors.torch import save_file
 
 from compiler.detect import Detection
 from compiler.errors import UserError
-from tests.conftest import PY, REPO, compile_text
+from tests.conftest import PY, REPO, compile_text, run_compiler
 
 RECIPE = "base: {base}\nprecision: fp32\n{fields}\n"
 # kohya names of tiny-sd15 layers (diffusers module paths with "_"), and the component they are in.
@@ -187,12 +187,14 @@ def test_compile_refuses_unreadable_files(tmp_path, field):
 
 
 def test_a_fifo_inside_a_base_folder_is_refused(tmp_path):
+    """Every file of a plain folder is hashed to pin it: a FIFO there used to block that forever."""
     folder = tmp_path / "recipes" / "model"
     folder.mkdir(parents=True)
-    (folder / "model_index.json").write_text("{}")
+    (folder / "notes.txt").write_text("weights below")
     os.mkfifo(folder / "weights.safetensors")
-    proc = compile_text(tmp_path, "f", RECIPE.format(base="./model", fields=""))
-    refused(proc, "weights.safetensors", "not regular files")
+    (tmp_path / "recipes" / "f.yaml").write_text(RECIPE.format(base="./model", fields=""))
+    proc = run_compiler("recipe=f", f"recipes_dir={tmp_path / 'recipes'}", home=tmp_path / "home", timeout=60)
+    refused(proc, "f.yaml: base", "weights.safetensors", "not regular files")
 
 
 def test_the_checkpoint_detection_log_line_says_what_was_found(tmp_path, sd15):
