@@ -14,6 +14,7 @@ artifacts the compiler set aside and verification memos of artifacts that are go
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
@@ -379,6 +380,10 @@ def cmd_gc(home: Path, recipe_dirs: list[Path], dry_run: bool, keep_history: int
         print(f"{'would remove' if dry_run else 'removed'} {p} ({size / 2**20:.1f} MiB)")
         if not dry_run:
             shutil.rmtree(p) if p.is_dir() else p.unlink()
+    if not dry_run:
+        for empty in (arts / VERIFIED_DIR, home / DAMAGED_SUBDIR):  # only when nothing is left in them
+            with contextlib.suppress(OSError):
+                empty.rmdir()
     print(
         f"{'would free' if dry_run else 'freed'} {freed / 2**20:.1f} MiB; kept {len(keep_art & set(inv.artifacts))} "
         f"artifacts, {len(keep_blobs & set(inv.blobs))} blobs and {len(keep_converted)} converted bases"
