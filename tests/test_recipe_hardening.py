@@ -48,6 +48,7 @@ SECRET = "s3cr3t-value-from-the-environment"
         (BASE, ["defaults.negative_prompt=${oc.env:UIW_TEST_SECRET}"], "command line: defaults.negative_prompt"),
         (BASE, ["+defaults={negative_prompt: '${oc.env:UIW_TEST_SECRET}'}"], "command line: defaults.negative_prompt"),
     ],
+    ids=["oc.env", "oc.env-in-text", "oc.decode", "oc.env-source", "key-reference", "cli-oc.env", "cli-dict-oc.env"],
 )
 def test_recipes_cannot_read_the_environment(tmp_path: Path, recipe: str, args: list[str], where: str):
     recipes = tmp_path / "recipes"
@@ -162,6 +163,20 @@ def test_anchors_and_aliases_within_the_bound_still_compose(tmp_path: Path):
             ["FILE: scheduler: unknown scheduler", "command line: defaults.steps: Input should be a valid integer"],
             [],
         ),
+    ],
+    ids=[
+        "base-null",
+        "lora-keys",
+        "embedding-keys",
+        "controlnet-keys",
+        "builtin-misspelt",
+        "cli-builtin-misspelt",
+        "scheduler-said-once",
+        "cli-precision",
+        "cli-unknown-key",
+        "cli-list-item-key",
+        "cli-delete",
+        "file-and-cli",
     ],
 )
 def test_newcomer_mistakes_say_where_and_what(
