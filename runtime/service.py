@@ -345,8 +345,12 @@ class Service:
             log.exception("request %s: generation failed", trace.request_id)
             device = is_device_error(e)
             trace.kind = "device" if device else "generation"
-            reply = {"error": f"{'the device failed' if device else 'generation failed'}: {describe_exception(e)}"}
-            return reply | ({"refresh_worker": True} if device else {})
+            failed: dict[str, Any] = {
+                "error": f"{'the device failed' if device else 'generation failed'}: {describe_exception(e)}"
+            }
+            if device:
+                failed["refresh_worker"] = True
+            return failed
         trace.phases.update(generated.timings)
         if generated.batch_size > 1:
             trace.fields["batch"] = generated.batch_size
