@@ -275,7 +275,9 @@ def _problem(where: Where, err: Any) -> Problem:
         return Problem(where(loc), "required field is missing", _HINTS.get(loc, "add it to the recipe"))
     msg = err["msg"].removeprefix("Value error, ")
     found = repr(err["input"])
-    what = msg if found in msg else f"{msg}; found {found}"  # validators that name the value already
+    # Validators that end by naming the value ("unknown scheduler 'EulerA'") are not repeated.
+    named = isinstance(err["input"], str) and msg.endswith(found)
+    what = msg if named else f"{msg}; found {found}"
     return Problem(where(loc), what, _HINTS.get(loc, "fix the value"))
 
 

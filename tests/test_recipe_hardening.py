@@ -153,6 +153,7 @@ def test_anchors_and_aliases_within_the_bound_still_compose(tmp_path: Path):
         (BASE + "scheduler: EulerA\n", [], ["FILE: scheduler: unknown scheduler 'EulerA'\n"], ["found 'EulerA'"]),
         # Command-line mistakes are the command line's, not the recipe file's.
         (BASE, ["precision=fp64"], ["command line: precision:", "found 'fp64'"], ["FILE"]),
+        (BASE, ["defaults.width=6"], ["command line: defaults.width: Input should be a multiple of 8; found 6"], []),
         (BASE, ["+foo=1"], ["command line: foo: unknown key"], ["FILE"]),
         (BASE, ["+loras=[{source: ./a.safetensors, scal: 1}]"], ["command line: loras.0.scal: unknown key"], ["FILE"]),
         (BASE, ["~base"], ["command line: base: a recipe needs"], ["FILE"]),
@@ -173,6 +174,7 @@ def test_anchors_and_aliases_within_the_bound_still_compose(tmp_path: Path):
         "cli-builtin-misspelt",
         "scheduler-said-once",
         "cli-precision",
+        "cli-width",
         "cli-unknown-key",
         "cli-list-item-key",
         "cli-delete",
