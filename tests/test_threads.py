@@ -119,9 +119,7 @@ def _start_log(stderr: str) -> dict[str, object]:
 def test_a_started_worker_logs_its_thread_choice_and_runs_torch_with_it(
     settings: dict[str, str], expected: int, why: str
 ):
-    proc = subprocess.run(
-        [PY, "-c", PROBE], cwd=REPO, env=_env(settings), capture_output=True, text=True, timeout=120
-    )
+    proc = subprocess.run([PY, "-c", PROBE], cwd=REPO, env=_env(settings), capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-3000:]
     line = _start_log(proc.stderr)
     assert line["threads"] == expected and why in str(line["message"]), line
