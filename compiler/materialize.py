@@ -49,13 +49,8 @@ def _builtin(fetched: Fetched) -> Any:
 
 
 def layer_shapes(fetched: Fetched, scratch: Path) -> dict[str, tuple[int, ...]]:
-    """The base's LoRA-checked layer shapes, from its configs on the meta device (a builtin is
-    generated there): no weight is read or allocated."""
-    if fetched.kind == "builtin":
-        from accelerate import init_empty_weights
-
-        with init_empty_weights():
-            return base_shapes(_builtin(fetched))
+    """A diffusers base's LoRA-checked layer shapes, from its configs on the meta device: no
+    weight is read or allocated."""
     folder = snapshot(fetched, scratch / "layer-shapes")
     if not (folder / "model_index.json").is_file():
         return {}
@@ -201,9 +196,12 @@ def materialize(
     try:
         adapters = adapters or {}
         loras = [(lora, adapters[f"loras.{i}"]) for i, lora in enumerate(plan.loras)]
-        if loras:  # before the base is built or converted: a LoRA of another model fails in a second
+        builtin = fetched.kind == "builtin"
+        if loras and not builtin:  # before the base is loaded or converted: its configs on the meta device
             check_fit(loras, layer_shapes(fetched, scratch), plan.family)
         pipe = load_base(plan, fetched, scratch, checkpoint, converted)
+        if loras and builtin:  # a generated tiny base costs less to build than a meta twin of it
+            check_fit(loras, base_shapes(pipe), plan.family)
         if type(pipe).__name__ != plan.pipeline_class:
             raise ValueError(f"{plan.base} built {type(pipe).__name__}, the plan expects {plan.pipeline_class}")
         # The base's own scheduler config is kept as it is: the runtime derives the recipe's default
