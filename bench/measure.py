@@ -68,7 +68,7 @@ def config_hub(stack: Any | None) -> Iterator[dict[str, str]]:
         yield {}
         return
     from compiler.families import FAMILIES
-    from tests.fakehub import FakeHub, tree
+    from tests.helpers.fakehub import FakeHub, tree
 
     hub = FakeHub().start()
     try:

@@ -97,7 +97,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     sys.path.insert(0, str(REPO))
     from bench.stack import build, config_files
     from compiler.families import FAMILIES
-    from tests.fakehub import FakeHub
+    from tests.helpers.fakehub import FakeHub
 
     work = args.workdir or Path(tempfile.mkdtemp(prefix="uiw-bench-rebuild-"))
     stack = build(work / f"stack-{args.size}", args.size)

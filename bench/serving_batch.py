@@ -25,7 +25,7 @@ def main() -> None:
     import numpy as np
     import torch
 
-    from compiler.builtins import BUILTINS
+    from compiler.tiny_models import BUILTINS
     from runtime.generate import decode, denoise
     from runtime.schema import GenerationRequest
 

@@ -17,7 +17,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from tests.devserver import dev_server, post
+from tests.helpers.devserver import dev_server, post
 
 
 def main() -> None:

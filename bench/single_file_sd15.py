@@ -142,8 +142,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = ap.parse_args(argv)
     sys.path.insert(0, str(REPO))
     from compiler.families import FAMILIES
-    from tests.configrepos import config_repo_files
-    from tests.fakehub import FakeHub
+    from tests.helpers.configrepos import config_repo_files
+    from tests.helpers.fakehub import FakeHub
 
     work = args.workdir or Path(tempfile.mkdtemp(prefix="uiw-bench-sd15-"))
     (work / "recipes").mkdir(parents=True, exist_ok=True)

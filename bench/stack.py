@@ -65,13 +65,13 @@ class Stack:
 def config_files(size: str) -> dict[str, bytes]:
     """The sd15 config repo's files (no weights) at this size."""
     if size == "full":
-        from tests.configrepos import config_repo_files
+        from tests.helpers.configrepos import config_repo_files
 
         return config_repo_files("sd15")
     import tempfile
 
-    from compiler.builtins import BUILTINS
-    from tests.fakehub import tree
+    from compiler.tiny_models import BUILTINS
+    from tests.helpers.fakehub import tree
 
     with tempfile.TemporaryDirectory() as tmp:
         BUILTINS["tiny-sd15"].build().save_pretrained(tmp)
@@ -129,8 +129,8 @@ def write_checkpoint(size: str, path: Path) -> None:
         return
     from safetensors.torch import save_file
 
-    from compiler.builtins import BUILTINS
-    from tests.ldm import pipeline_to_ldm
+    from compiler.tiny_models import BUILTINS
+    from tests.helpers.ldm import pipeline_to_ldm
 
     save_file({k: v.contiguous() for k, v in pipeline_to_ldm(BUILTINS["tiny-sd15"].build()).items()}, path)
 

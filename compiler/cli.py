@@ -20,7 +20,7 @@ from urllib.parse import urlsplit
 
 from compiler import COMPILER_REVISION
 from compiler.compose import compose
-from compiler.converted import (
+from compiler.converted_bases import (
     PROVENANCE_ROLE,
     ConvertedBase,
     ConvertedStore,
@@ -32,8 +32,8 @@ from compiler.converted import (
 from compiler.detect import Detection, detect_file
 from compiler.errors import UserError
 from compiler.fetch import fetch_entry
-from compiler.lock import LockEntry
-from compiler.locking import Locked, civitai_base_model, lock_sources
+from compiler.lockfile import LockEntry
+from compiler.pinning import Locked, civitai_base_model, lock_sources
 from compiler.plan import BuildPlan, cache_key, make_plan
 from compiler.recipe import Recipe, file_stem, parse_recipe
 from compiler.sources import Context, Fetched, describe_file, describe_pipeline

@@ -6,7 +6,7 @@ each component's ``config.json``, the scheduler config and the tokenizers; the w
 the checkpoint. In production the compiler locks and fetches these files from the Hub repos that
 diffusers itself defaults to (``DIFFUSERS_DEFAULT_PIPELINE_PATHS`` in
 ``diffusers/loaders/single_file_utils.py``). Offline tests serve this data from the fake Hub
-instead (``tests/configrepos.py``), so it has to be faithful to the real files: a wrong width here
+instead (``tests/helpers/configrepos.py``), so it has to be faithful to the real files: a wrong width here
 would pass every offline test and fail on the first real checkpoint.
 
 Keys: a family id (``compiler.families.FAMILIES``) or ``"<family>/<variant>"`` for the variant
@@ -15,7 +15,7 @@ repos a family names in ``Family.variants`` (``"sd15/inpaint"``, ``"sd2/inpaint"
 are shared between entries: read them, copy before changing anything.
 
 Sources. Model configs: every field that shapes a model is checked by
-tests/test_family_configs.py against the real checkpoints (parameter counts, and diffusers'
+tests/compiler/test_family_configs.py against the real checkpoints (parameter counts, and diffusers'
 single-file converters run over the real key layouts in ``tests/fixtures/model-keys``, which must
 land on exactly these models' tensors). Their text, and the scheduler, VAE-scaling, tokenizer and
 preprocessor files, follow the Hub files as public projects vendor them, cross-checked where more
@@ -210,7 +210,7 @@ FLUX_T5_XXL: dict[str, Any] = {**T5_XXL, "torch_dtype": "bfloat16", "transformer
 
 # --- tokenizers --------------------------------------------------------------------------------
 # The vocabularies themselves (vocab.json + merges.txt, tokenizer.json, spiece.model) are not data
-# here: tests write tiny real tokenizers next to these files (tests/configrepos.py). What these
+# here: tests write tiny real tokenizers next to these files (tests/helpers/configrepos.py). What these
 # files fix is what the pipeline reads: the special tokens, the padding token and model_max_length
 # (77 for CLIP; 512 for T5, which the pipelines cap at max_sequence_length).
 
@@ -259,7 +259,7 @@ SDXL_TOKENIZER: dict[str, Any] = {**CLIP_TOKENIZER_LEGACY, "clean_up_tokenizatio
 SDXL_TOKENIZER_2: dict[str, Any] = {**OPENCLIP_TOKENIZER_LEGACY, "clean_up_tokenization_spaces": True}
 
 # The 4.3x format of SD 3 / FLUX repos. added_tokens_decoder ids are the real vocabulary's (a tiny
-# test vocabulary re-keys them, see tests/configrepos.py).
+# test vocabulary re-keys them, see tests/helpers/configrepos.py).
 _CLIP_ADDED = {
     "49406": _token("<|startoftext|>") | {"special": True},
     "49407": _token("<|endoftext|>", normalized=False) | {"special": True},

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from compiler.errors import UserError
-from compiler.lock import LockEntry
+from compiler.lockfile import LockEntry
 from compiler.sources import Context, Fetched, fetch
 from compiler.sources.download import DiskFull, HashMismatch
 

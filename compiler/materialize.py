@@ -16,9 +16,8 @@ from pathlib import Path
 from typing import Any
 
 from compiler import uri
-from compiler.builtins import BUILTINS
 from compiler.controlnets import build_controlnets
-from compiler.converted import ConvertedBase
+from compiler.converted_bases import ConvertedBase
 from compiler.embeddings import load_embeddings
 from compiler.families import PREDICTION_TYPES
 from compiler.finite import require_finite_file
@@ -26,6 +25,7 @@ from compiler.lora import apply_loras, base_shapes, check_fit, meta_components
 from compiler.plan import BuildPlan
 from compiler.singlefile import linked, load_component
 from compiler.sources import Fetched
+from compiler.tiny_models import BUILTINS
 from runtime.artifact import PIPELINE_DIR, SCHEDULERS, TORCH_DTYPES, ControlNetInfo, EmbeddingInfo
 
 log = logging.getLogger(__name__)

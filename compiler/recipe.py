@@ -14,9 +14,9 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from compiler import uri
-from compiler.builtins import BUILTINS
 from compiler.errors import Problem, UserError
 from compiler.families import FAMILIES
+from compiler.tiny_models import BUILTINS
 from runtime.artifact import ATTENTION_BACKENDS, SCHEDULERS, CompileScope, Offload, Quantize
 
 Precision = Literal["fp32", "fp16", "bf16"]

@@ -315,7 +315,7 @@ def decode(pipeline: Any, denoised: Denoised, request: GenerationRequest) -> lis
     """Latents -> PIL images, as the pipeline's own call ends (same operations, same order, so
     the same pixels), but outside the denoise phase: no LoRA gate, so it overlaps other requests'
     denoising. Mirrors diffusers 0.42's StableDiffusion*, StableDiffusionXL*, StableDiffusion3*
-    and Flux* pipelines' tails (checked against them in tests/test_concurrency.py). Non-finite
+    and Flux* pipelines' tails (checked against them in tests/serving/test_concurrency.py). Non-finite
     latents raise NonFiniteLatents before any decoding."""
     import torch
 

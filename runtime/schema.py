@@ -7,7 +7,7 @@ model (``request_model``, built from a ``RequestSpec`` taken from the manifest).
 validates requests and is the base of the JSON Schema that ``describe`` publishes
 (``request_json_schema``); the rules between fields, which a pydantic field cannot carry, are
 written twice, once as Python (for the error messages) and once as JSON Schema (``_rules``), and
-tests/test_describe_schema.py checks with the independent ``jsonschema`` validator, on generated
+tests/runtime/test_describe_schema.py checks with the independent ``jsonschema`` validator, on generated
 inputs, that both accept and reject exactly the same requests.
 """
 
@@ -54,7 +54,7 @@ MAX_ERRORS = 20
 # Which of SCHEDULERS' diffusers classes can replace which, as diffusers' own `compatibles` say:
 # the noise-prediction (epsilon / v) schedulers are all interchangeable (KarrasDiffusionSchedulers);
 # a flow-matching one is compatible only with itself (FLUX, SD 3). Written out, not read from
-# diffusers, so that validation never imports it; tests/test_request_hardening.py compares it with
+# diffusers, so that validation never imports it; tests/runtime/test_request_hardening.py compares it with
 # diffusers. A request may only name a scheduler of its artifact's own group: a flow-matching
 # scheduler on an SD 1.5 UNet fails inside diffusers (no init_noise_sigma).
 SCHEDULER_GROUPS: dict[str, Literal["noise", "flow"]] = {

@@ -131,8 +131,8 @@ def build_sdxl(folder: Path, dtype_name: str, tiny: bool) -> dict[str, Any]:
     from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
-    from compiler.builtins import BUILTINS, tiny_clip_tokenizer
     from compiler.family_configs import CONFIGS
+    from compiler.tiny_models import BUILTINS, tiny_clip_tokenizer
 
     t0 = time.perf_counter()
     dtype = getattr(torch, {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}[dtype_name])

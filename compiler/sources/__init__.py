@@ -14,7 +14,7 @@ from typing import Any
 from compiler import uri
 from compiler.errors import UserError
 from compiler.families import FAMILIES, family_of_repo
-from compiler.lock import LockEntry
+from compiler.lockfile import LockEntry
 from compiler.sources import builtin, civitai, hf, local, url
 from compiler.sources.base import Context, Fetched, Pinned, Resolved
 

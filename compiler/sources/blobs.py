@@ -7,7 +7,7 @@ import os
 from collections.abc import Mapping
 from pathlib import Path
 
-from compiler.lock import LockedFile
+from compiler.lockfile import LockedFile
 from compiler.sources.base import Context
 from compiler.sources.download import download
 

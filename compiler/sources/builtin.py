@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 from compiler import uri
-from compiler.builtins import BUILTINS
 from compiler.errors import UserError
 from compiler.families import FAMILIES
-from compiler.lock import LockEntry
+from compiler.lockfile import LockEntry
 from compiler.sources.base import Context, Fetched
+from compiler.tiny_models import BUILTINS
 
 
 def inventory(source: uri.BuiltinSource, where: str, ctx: Context) -> LockEntry:

@@ -16,7 +16,7 @@ from urllib.parse import urlsplit
 
 from compiler import uri
 from compiler.errors import UserError
-from compiler.lock import LockedFile, LockEntry
+from compiler.lockfile import LockedFile, LockEntry
 from compiler.sources.base import Context, Fetched
 from compiler.sources.blobs import fetch_pinned
 from compiler.sources.download import HttpStatusError, TransferError, get_json

@@ -19,7 +19,7 @@ from typing import Any
 from compiler import uri
 from compiler.errors import UserError
 from compiler.families import family_of_repo
-from compiler.lock import LockedFile, LockEntry
+from compiler.lockfile import LockedFile, LockEntry
 from compiler.sources.base import Context, Fetched
 from compiler.sources.blobs import fetch_pinned, fetch_unpinned
 from compiler.sources.download import HttpStatusError, TransferError

@@ -16,7 +16,7 @@ from filelock import FileLock
 
 from compiler import uri
 from compiler.errors import UserError
-from compiler.lock import LockedFile, LockEntry
+from compiler.lockfile import LockedFile, LockEntry
 from compiler.sources import hf
 from compiler.sources.base import Context, Fetched
 from runtime.artifact import sha256_file, write_json_atomic

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from compiler.converted import ConvertedStore, key_of
+from compiler.converted_bases import ConvertedStore, key_of
 from compiler.errors import UserError
 from compiler.store import DAMAGED_SUBDIR, Store
 from runtime.artifact import (
@@ -232,7 +232,7 @@ def cmd_show(overrides: list[str]) -> int:
     (lock=frozen) and without building anything."""
     from compiler.cli import prepare
     from compiler.compose import compose
-    from compiler.locking import lock_path, read_lock
+    from compiler.pinning import lock_path, read_lock
 
     composed = compose(overrides)
     lock = read_lock(lock_path(composed.path))
@@ -304,7 +304,7 @@ def cmd_verify(home: Path, keys: list[str]) -> int:
 
 
 def _lock_blobs(dirs: Iterable[Path]) -> set[str]:
-    from compiler.lock import loads
+    from compiler.lockfile import loads
 
     keep: set[str] = set()
     for d in dirs:
