@@ -27,6 +27,9 @@ log = logging.getLogger(__name__)
 
 # Bump when a reader of the previous version could misread a new artifact.
 FORMAT_VERSION = 1
+# The store when UIW_HOME is unset: the one default, shared by the compiler, its store commands and the
+# runtime (conf/config.yaml repeats it as a YAML literal, and a test holds the two equal).
+DEFAULT_HOME = "~/.cache/uiw"
 ARTIFACTS_SUBDIR = "artifacts/v1"
 NAMES_SUBDIR = "names"
 ALIASES_SUBDIR = "aliases"  # <alias>.json: public name -> weighted routes, with history
