@@ -2,47 +2,29 @@
 the store by what decides its bytes, so that a rebuild whose other inputs changed (a LoRA's scale,
 an embedding, the scheduler) loads it with ``from_pretrained`` instead of converting the file again.
 
-    <store>/converted/v1/<key>/
-      pipeline/    save_pretrained layout, safetensors only: the base as converted, before adapters
-      entry.json   what it was converted from, and every file's size and sha256
-      READY        written last; no READY, not an entry
-
-Published like artifacts: built in a staging folder beside its final place under a per-key file
-lock, renamed into place once READY is written. Artifacts stay self-contained: files whose bytes an
-artifact shares with its converted base are hard links to the same inode (``link_identical``), so
-``gc`` may drop an entry without touching any artifact. An artifact records the entry it came from
-in its manifest's provenance (``PROVENANCE_ROLE``), which is what ``gc`` keeps entries by.
-
-Torch-free: the compiler's cache-hit path and the store commands import it; the caller passes the
-conversion, load and save steps in.
+This module decides the entry's key (``converted_key``) and runs the conversion or the load
+(``ConvertedBase``); ``compiler.store.converted_bases`` keeps the entries on disk
+(``<store>/converted/v1/<key>/``). Torch-free: the compiler's cache-hit path imports it; the
+caller passes the conversion, load and save steps in.
 """
 
 from __future__ import annotations
 
-import contextlib
-import filecmp
 import hashlib
 import json
 import logging
-import os
-import shutil
 import time
-import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from filelock import FileLock
-
 from compiler.plan import BuildPlan
-from runtime.artifact import PIPELINE_DIR, READY, fsync_path, sha256_file, write_json_atomic
+from compiler.store.converted_bases import ConvertedBaseStore
+from runtime.artifact import PIPELINE_DIR
 
 log = logging.getLogger(__name__)
 
-CONVERTED_SUBDIR = "converted/v1"
-ENTRY = "entry.json"
-PROVENANCE_ROLE = "converted"  # manifest.provenance[PROVENANCE_ROLE] = "converted/v1/<key>"
 # Bump by hand when the compiler converts the same inputs into other bytes (another converter
 # call, another post-conversion fix-up). Independent of COMPILER_REVISION: a change to what is
 # built on top of the base does not invalidate the conversions.
@@ -82,127 +64,11 @@ def converted_key(plan: BuildPlan, environment: dict[str, str]) -> str | None:
     return hashlib.sha256(text.encode()).hexdigest()
 
 
-def provenance_value(key: str) -> str:
-    return f"{CONVERTED_SUBDIR}/{key}"
-
-
-def key_of(provenance: dict[str, str]) -> str | None:
-    """The converted entry an artifact's manifest provenance names, if any."""
-    value = provenance.get(PROVENANCE_ROLE)
-    if value is None or not value.startswith(CONVERTED_SUBDIR + "/"):
-        return None
-    return value.removeprefix(CONVERTED_SUBDIR + "/")
-
-
-class ConvertedStore:
-    """``<home>/converted/v1``: lookup, fill under a lock, publish, discard."""
-
-    def __init__(self, home: Path):
-        self.home = Path(home)
-        self.root = self.home / CONVERTED_SUBDIR
-        self.locks = self.home / "locks"
-
-    def path(self, key: str) -> Path:
-        return self.root / key
-
-    def entries(self) -> dict[str, Path]:
-        """Every published entry (READY present), by key."""
-        if not self.root.is_dir():
-            return {}
-        return {p.name: p for p in sorted(self.root.iterdir()) if (p / READY).is_file()}
-
-    def staging_dirs(self) -> list[Path]:
-        """Unfinished fills: staging folders and final folders without READY."""
-        if not self.root.is_dir():
-            return []
-        return [p for p in sorted(self.root.iterdir()) if p.is_dir() and not (p / READY).is_file()]
-
-    def lock(self, key: str) -> FileLock:
-        self.locks.mkdir(parents=True, exist_ok=True)
-        return FileLock(str(self.locks / f"converted-{key}.lock"))
-
-    def lookup(self, key: str) -> Path | None:
-        """The entry's folder if it is published and whole: READY, its record readable, every
-        recorded file present at its recorded size (a stat each; ``verify`` re-hashes)."""
-        d = self.path(key)
-        if not (d / READY).is_file():
-            return None
-        problem = self._damage(d)
-        if problem is not None:
-            log.warning("converted base %s is damaged (%s); it is converted again", key, problem)
-            return None
-        return d
-
-    def _damage(self, d: Path) -> str | None:
-        try:
-            files = json.loads((d / ENTRY).read_text())["files"]
-        except (OSError, ValueError, KeyError) as e:
-            return f"{ENTRY}: {e}"
-        for rel, info in files.items():
-            p = d / rel
-            if not p.is_file():
-                return f"{rel} is missing"
-            if p.stat().st_size != info["size"]:
-                return f"{rel} has {p.stat().st_size} bytes, {info['size']} recorded"
-        return None
-
-    def verify(self, key: str) -> list[str]:
-        """Every recorded file re-hashed: the problems found (none: the entry is whole)."""
-        d = self.path(key)
-        problem = self._damage(d)
-        if problem is not None:
-            return [problem]
-        files = json.loads((d / ENTRY).read_text())["files"]
-        bad = [rel for rel, info in files.items() if sha256_file(d / rel) != info["sha256"]]
-        return [f"{rel} does not hash to its recorded sha256" for rel in bad]
-
-    def discard(self, key: str) -> None:
-        """Remove a damaged entry (READY first, so no reader takes it for whole meanwhile)."""
-        d = self.path(key)
-        with contextlib.suppress(FileNotFoundError):
-            (d / READY).unlink()
-        shutil.rmtree(d, ignore_errors=True)
-
-    @contextlib.contextmanager
-    def filling(self, key: str) -> Iterator[Path | None]:
-        """Hold the key's lock and yield a fresh staging folder, or None if another compile
-        published the entry while we waited."""
-        self.root.mkdir(parents=True, exist_ok=True)
-        with self.lock(key):
-            if self.lookup(key) is not None:
-                yield None
-                return
-            # Under the lock nobody else fills this key: leftovers of a killed fill are garbage.
-            for stale in self.root.glob(f".staging-{key}-*"):
-                shutil.rmtree(stale, ignore_errors=True)
-            self.discard(key)
-            staging = self.root / f".staging-{key}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-            staging.mkdir()
-            try:
-                yield staging
-            finally:
-                shutil.rmtree(staging, ignore_errors=True)  # gone already when published
-
-    def publish(self, staging: Path, key: str, about: dict[str, Any]) -> Path:
-        """Record every file's size and sha256 (fsynced), READY last, then rename into place."""
-        files = {}
-        for p in sorted(staging.rglob("*")):
-            if p.is_file():
-                fsync_path(p)
-                files[p.relative_to(staging).as_posix()] = {"size": p.stat().st_size, "sha256": sha256_file(p)}
-        write_json_atomic(staging / ENTRY, {"key": key, **about, "files": files})
-        write_json_atomic(staging / READY, {"key": key})
-        final = self.path(key)
-        os.replace(staging, final)
-        fsync_path(final.parent)
-        return final
-
-
 @dataclass(frozen=True)
 class ConvertedBase:
     """One plan's converted base: where it is (or goes) in the store, and what it came from."""
 
-    store: ConvertedStore
+    store: ConvertedBaseStore
     key: str
     about: dict[str, str]  # recorded in entry.json: the checkpoint, configs, family, precision
 
@@ -245,29 +111,3 @@ class ConvertedBase:
             else:
                 log.info("converted base: hit %s (filled by another compile meanwhile)", self.key)
         return load(self.folder)
-
-
-def link_identical(source: Path, target: Path) -> int:
-    """Replace each file under ``target`` whose bytes equal the file at the same relative path
-    under ``source`` by a hard link to it (one copy on disk, as DESIGN asks for shared bytes).
-    Returns the bytes shared. Byte comparison stops at the first difference, so a component the
-    build changed (a fused LoRA) costs one read of its first differing chunk. Where links are not
-    possible (another filesystem), the copies stay."""
-    shared = 0
-    for dst in sorted(target.rglob("*")):
-        src = source / dst.relative_to(target)
-        if not dst.is_file() or dst.is_symlink() or not src.is_file():
-            continue
-        if src.stat().st_size != dst.stat().st_size or src.stat().st_ino == dst.stat().st_ino:
-            continue
-        if not filecmp.cmp(src, dst, shallow=False):
-            continue
-        tmp = dst.with_name(f".{dst.name}.link-{uuid.uuid4().hex[:8]}")
-        try:
-            os.link(src, tmp)
-        except OSError as e:
-            log.info("kept a copy of %s (no hard link: %s)", dst, e)
-            continue
-        os.replace(tmp, dst)
-        shared += dst.stat().st_size
-    return shared

@@ -1,8 +1,9 @@
 """BuildPlan + fetched inputs -> pipeline folder on disk (diffusers save_pretrained layout,
 safetensors only).
 
-The only compiler stage that imports torch and diffusers; everything before it is pure, so a
-cache hit never pays for them.
+Imports torch and diffusers, as do the stages it drives (lora, controlnets, optimize, finite, and
+tiny_models for built-in bases) and compiler.pickles where a recipe allows a pickle. The build
+imports it only on a cache miss, so a cache hit never pays for torch.
 """
 
 from __future__ import annotations

@@ -1,7 +1,8 @@
 """Pickled checkpoints (.ckpt, .pt, .bin), only where a recipe says `allow_pickle: true`: their
 tensors are read with ``torch.load(weights_only=True)`` (an unpickler that builds tensors and plain
 containers and refuses every other global, so nothing in the file can run) and written to the
-store as safetensors, which is all any later stage ever reads."""
+store as safetensors, which is all any later stage ever reads. Each pickle is converted once: its
+marker (``Store.pickle_marker``, on disk ``blobs/converted/<sha256>``) names the blob made from it."""
 
 from __future__ import annotations
 
@@ -26,7 +27,7 @@ def convert(path: Path, name: str, where: str, store: Store) -> Path:
     from safetensors.torch import save_file
 
     source_hex = sha256_file(path)
-    marker = store.home / "blobs" / "converted" / source_hex  # -> the sha256 of the converted blob
+    marker = store.pickle_marker(source_hex)  # holds the sha256 of the safetensors blob made from it
     if marker.is_file() and store.blob_path(marker.read_text().strip()).is_file():
         return store.blob_path(marker.read_text().strip())
     try:

@@ -1,9 +1,12 @@
-"""The artifact store: ``artifacts/v1/<cache_key>/``, ``names/<recipe>.json``, build locks.
+"""The artifact store: ``artifacts/v1/<cache_key>/``, ``names/<recipe>.json``, blobs, build locks
+(``compiler.store.layout`` names every folder and lock under the home).
 
 Publishing is atomic: a build writes into a staging folder beside its final place and renames it
 there once ``READY`` is written, so a reader sees a whole artifact or none. A per-key file lock
 makes two concurrent compiles of one recipe build it once. A finished artifact found damaged (its
 files are not what its manifest lists) is set aside under that lock and built again.
+
+Storage only: nothing here imports a stage that decides or builds (the layering test holds it).
 """
 
 from __future__ import annotations
@@ -12,28 +15,36 @@ import contextlib
 import datetime as dt
 import logging
 import os
-import shutil
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from filelock import FileLock
 
+from compiler.store.layout import (
+    BLOBS_SUBDIR,
+    DAMAGED_SUBDIR,
+    PARTIAL_SUBDIR,
+    PICKLE_MARKERS_SUBDIR,
+    SCRATCH_SUBDIR,
+    blob_lock_name,
+    build_lock_name,
+    file_lock,
+    name_lock_name,
+)
+from compiler.store.staging import publish_staged, staged
 from runtime.artifact import (
     ARTIFACTS_SUBDIR,
     READY,
     NameFile,
     NameRecord,
     artifact_path,
-    fsync_path,
     memo_path,
     names_path,
     read_name,
     write_json_atomic,
     write_text_atomic,
 )
-
-DAMAGED_SUBDIR = "damaged"  # <home>/damaged/<cache_key>-<time>/: damaged artifacts, kept to look at; gc removes them
 
 log = logging.getLogger(__name__)
 
@@ -46,29 +57,32 @@ class Store:
     def __init__(self, home: Path):
         self.home = Path(home)
         self.artifacts = self.home / ARTIFACTS_SUBDIR
-        self.locks = self.home / "locks"
 
     # --- blobs: blobs/sha256/<hex>, shared by every recipe -------------------------------------
 
     def blob_path(self, hex_digest: str) -> Path:
-        return self.home / "blobs" / "sha256" / hex_digest
+        return self.home / BLOBS_SUBDIR / hex_digest
+
+    def pickle_marker(self, source_hex: str) -> Path:
+        """Where the sha256 of a pickled checkpoint's safetensors blob is noted, by the pickle's
+        own sha256 (``compiler.pickles`` converts each pickle once)."""
+        return self.home / PICKLE_MARKERS_SUBDIR / source_hex
 
     def partial_path(self, name: str) -> Path:
         """Where an interrupted download keeps its bytes until it resumes (same filesystem as the
         blobs, so the final rename is atomic)."""
-        return self.home / "blobs" / "partial" / f"{name}.part"
+        return self.home / PARTIAL_SUBDIR / f"{name}.part"
 
     @contextlib.contextmanager
     def blob_lock(self, name: str) -> Iterator[None]:
         """Held while a blob is fetched: a second compile wanting the same bytes waits, then finds
         the blob in place instead of downloading it again."""
-        self.locks.mkdir(parents=True, exist_ok=True)
-        with FileLock(str(self.locks / f"blob-{name}.lock")):
+        with file_lock(self.home, blob_lock_name(name)):
             yield
 
     def scratch(self) -> Path:
         """A fresh private folder for build inputs (symlinked snapshots); the caller removes it."""
-        d = self.home / "tmp" / f"{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        d = self.home / SCRATCH_SUBDIR / f"{os.getpid()}-{uuid.uuid4().hex[:8]}"
         d.mkdir(parents=True)
         return d
 
@@ -80,34 +94,27 @@ class Store:
         d = self.artifact_dir(key)
         return d if (d / READY).is_file() else None
 
+    def build_lock(self, key: str) -> FileLock:
+        """Held while the key's artifact is built (and while a damaged one is set aside)."""
+        return file_lock(self.home, build_lock_name(key))
+
     @contextlib.contextmanager
     def building(self, key: str, problems: Callable[[Path], list[str]] | None = None) -> Iterator[Path | None]:
         """Hold the key's build lock and yield a fresh staging folder, or None if another process
         finished the same artifact while we waited for the lock. ``problems`` checks a finished
         artifact found there: one with problems is set aside and built again."""
-        self.locks.mkdir(parents=True, exist_ok=True)
-        self.artifacts.mkdir(parents=True, exist_ok=True)
-        with FileLock(str(self.locks / f"{key}.lock")):
-            if (found := self.lookup(key)) is not None:
-                # Checked again under the lock: another compile may have rebuilt it meanwhile.
-                damage = problems(found) if problems is not None else []
-                if not damage:
-                    yield None
-                    return
+
+        def finished() -> bool:
+            # Checked again under the lock: another compile may have rebuilt it meanwhile.
+            if (found := self.lookup(key)) is None:
+                return False
+            damage = problems(found) if problems is not None else []
+            if damage:
                 self.set_aside(key, damage)
-            # Under the lock nobody else builds this key: staging folders left by a killed build
-            # (and a final folder without READY) are garbage.
-            for stale in self.artifacts.glob(f".staging-{key}-*"):
-                shutil.rmtree(stale, ignore_errors=True)
-            final = self.artifact_dir(key)
-            if final.exists():
-                shutil.rmtree(final)
-            staging = self.artifacts / f".staging-{key}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-            staging.mkdir()
-            try:
-                yield staging
-            finally:
-                shutil.rmtree(staging, ignore_errors=True)  # gone already when published
+            return not damage
+
+        with staged(self.artifacts, key, self.build_lock(key), finished) as staging:
+            yield staging
 
     def set_aside(self, key: str, problems: list[str]) -> Path:
         """Move a damaged artifact out of artifacts/ (READY removed first: a worker resolving it
@@ -127,16 +134,15 @@ class Store:
         """Rename a staged artifact (READY already inside) to its final place."""
         if not (staging / READY).is_file():
             raise RuntimeError(f"{staging}: refusing to publish without {READY}")
-        final = self.artifact_dir(key)
-        os.replace(staging, final)
-        fsync_path(final.parent)
-        return final
+        return publish_staged(staging, self.artifact_dir(key))
+
+    def name_lock(self, name: str) -> FileLock:
+        return file_lock(self.home, name_lock_name(name))
 
     def trim_history(self, name: str, keep: int, dry_run: bool = False) -> tuple[NameRecord, ...]:
         """Keep the ``keep`` newest entries of the name's history (what a rollback can return to);
         return the dropped ones. ``dry_run``: only say what would go."""
-        self.locks.mkdir(parents=True, exist_ok=True)
-        with FileLock(str(self.locks / f"name-{name}.lock")):
+        with self.name_lock(name):
             old = read_name(self.home, name)
             if old is None or len(old.history) <= keep:
                 return ()
@@ -149,8 +155,7 @@ class Store:
     def record_name(self, name: str, key: str, digest: str) -> None:
         """Point names/<name>.json at an artifact, keeping the previous ones as history. Leaves the
         file untouched when it already points there."""
-        self.locks.mkdir(parents=True, exist_ok=True)
-        with FileLock(str(self.locks / f"name-{name}.lock")):
+        with self.name_lock(name):
             old = read_name(self.home, name)
             if old is not None and old.current.cache_key == key:
                 return

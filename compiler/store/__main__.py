@@ -1,12 +1,9 @@
-"""`python -m compiler.store ls|show|fetch|verify|gc`: look into and tidy the store.
-
-Hydra owns `python -m compiler`'s arguments, so the store's commands live here, with argparse.
-"""
+"""`python -m compiler.store ...`: the store's commands (``compiler.store_cli``)."""
 
 from __future__ import annotations
 
 import sys
 
-from compiler.store.commands import main
+from compiler.store_cli import main
 
 sys.exit(main(sys.argv[1:]))

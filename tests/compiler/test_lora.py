@@ -221,7 +221,7 @@ def test_lora_recipe_errors_are_reported_with_hints(tmp_path):
 
 
 def test_adapters_from_civitai_versions_take_their_locked_file_names():
-    from compiler.cli import named_by_lock
+    from compiler.build import named_by_lock
     from compiler.lockfile import Lock, LockedFile, LockEntry
     from compiler.pinning import Locked
     from compiler.recipe import parse_recipe
