@@ -136,6 +136,20 @@ def measure(p: Point, evict: Any, sink: Any = None) -> list[dict[str, Any]]:
     ]
     emit(records[-1:])
     env = child_env(p.home, {"HF_HUB_OFFLINE": "1"})
+    kinds = measured_kinds(p, artifact)
+    for rnd in range(p.rounds):
+        for cache in p.caches:
+            for kind, targets, files in kinds:
+                if cache == "evicted":
+                    evict(files)
+                result, child = probe(kind.split("_")[0], targets, p, env, precision)
+                records.append({**base, "kind": kind, "round": rnd, "cache": cache, **probe_record(result, child)})
+                emit(records[-1:])
+    return records
+
+
+def measured_kinds(p: Point, artifact: Path) -> list[tuple[str, list[str], list[Path]]]:
+    """(kind, the probe's targets, the files its page cache state is about) per measurement."""
     kinds: list[tuple[str, list[str], list[Path]]] = [("artifact", [str(artifact)], [artifact])]
     if p.stack is not None and p.baselines:
         stack_files = p.stack.weight_files
@@ -145,31 +159,21 @@ def measure(p: Point, evict: Any, sink: Any = None) -> list[dict[str, Any]]:
             ("floor_checkpoint", [str(f) for f in stack_files], stack_files),
             ("floor_artifact", [str(f) for f in weight_files(artifact)], weight_files(artifact)),
         ]
-    for rnd in range(p.rounds):
-        for cache in p.caches:
-            for kind, targets, files in kinds:
-                if cache == "evicted":
-                    evict(files)
-                probe_kind = kind.split("_")[0]
-                result, child = probe(probe_kind, targets, p, env, precision)
-                warm = result.pop("warm", [])
-                records.append(
-                    {
-                        **base,
-                        "kind": kind,
-                        "round": rnd,
-                        "cache": cache,
-                        "peak_rss": child.peak_rss,
-                        "wall": child.seconds,
-                        "requests": len(warm),
-                        "warm_p50": _pct(warm, 50),
-                        "warm_p95": _pct(warm, 95),
-                        **{k: v for k, v in result.items() if k != "steps"},
-                        **{f"step_{k}": v for k, v in result.get("steps", {}).items()},
-                    }
-                )
-                emit(records[-1:])
-    return records
+    return kinds
+
+
+def probe_record(result: dict[str, Any], child: Child) -> dict[str, Any]:
+    """A probe's JSON as a record: warm request times as p50/p95, load steps flattened."""
+    warm = result.pop("warm", [])
+    return {
+        "peak_rss": child.peak_rss,
+        "wall": child.seconds,
+        "requests": len(warm),
+        "warm_p50": _pct(warm, 50),
+        "warm_p95": _pct(warm, 95),
+        **{k: v for k, v in result.items() if k != "steps"},
+        **{f"step_{k}": v for k, v in result.get("steps", {}).items()},
+    }
 
 
 def _pct(values: list[float], q: float) -> float | None:

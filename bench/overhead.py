@@ -29,6 +29,7 @@ import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -99,22 +100,47 @@ def part1(artifact: Path, home: Path, reps: int) -> dict[str, Any]:
         call_direct()
         call_runtime()
     image = call_direct()[0]
-    t_direct, t_runtime, t_validate, t_encode = [], [], [], []
-    w_direct, w_runtime = [], []
+    t = interleaved(
+        call_direct,
+        call_runtime,
+        validate=lambda: validate(dict(REQ), manifest),
+        encode=lambda: encode(image, "png").data_uri(),
+        reps=reps,
+    )
+    return part1_report(t, reps)
+
+
+def interleaved(
+    call_direct: Callable[[], Any],
+    call_runtime: Callable[[], Any],
+    *,
+    validate: Callable[[], Any],
+    encode: Callable[[], Any],
+    reps: int,
+) -> dict[str, list[float]]:
+    """CPU-time samples of both calls, alternating, with the runtime's pieces timed alone, and a
+    few wall-clock samples."""
+    t: dict[str, list[float]] = {
+        k: [] for k in ("direct", "runtime", "validate", "encode", "wall_direct", "wall_runtime")
+    }
     for i in range(reps):
         # alternate the order so neither side always runs on a cache the other just warmed
         if i % 2:
-            t_direct.append(_timed(call_direct))
-            t_runtime.append(_timed(call_runtime))
+            t["direct"].append(_timed(call_direct))
+            t["runtime"].append(_timed(call_runtime))
         else:
-            t_runtime.append(_timed(call_runtime))
-            t_direct.append(_timed(call_direct))
+            t["runtime"].append(_timed(call_runtime))
+            t["direct"].append(_timed(call_direct))
         if i % 4 == 0:  # wall clock too, for context (inflated by whatever else runs)
-            w_direct.append(_wall(call_direct))
-            w_runtime.append(_wall(call_runtime))
-        t_validate.append(_timed(lambda: validate(dict(REQ), manifest)))
-        t_encode.append(_timed(lambda: encode(image, "png").data_uri()))
-    direct_ms, runtime_ms = _median_ms(t_direct), _median_ms(t_runtime)
+            t["wall_direct"].append(_wall(call_direct))
+            t["wall_runtime"].append(_wall(call_runtime))
+        t["validate"].append(_timed(validate))
+        t["encode"].append(_timed(encode))
+    return t
+
+
+def part1_report(t: dict[str, list[float]], reps: int) -> dict[str, Any]:
+    direct_ms, runtime_ms = _median_ms(t["direct"]), _median_ms(t["runtime"])
     return {
         "size": "64x64",
         "steps": 1,
@@ -122,15 +148,15 @@ def part1(artifact: Path, home: Path, reps: int) -> dict[str, Any]:
         "direct_pipeline_ms": direct_ms,
         "runtime_ms": runtime_ms,
         "overhead_ms": round(runtime_ms - direct_ms, 3),
-        "overhead_ms_paired_median": _median_ms([r - q for r, q in zip(t_runtime, t_direct, strict=True)]),
-        "validate_ms": _median_ms(t_validate),
-        "encode_png_data_uri_ms": _median_ms(t_encode),
+        "overhead_ms_paired_median": _median_ms([r - q for r, q in zip(t["runtime"], t["direct"], strict=True)]),
+        "validate_ms": _median_ms(t["validate"]),
+        "encode_png_data_uri_ms": _median_ms(t["encode"]),
         "clock": "process CPU time (all threads)",
-        "direct_spread_ms": [_median_ms([min(t_direct)]), _median_ms([max(t_direct)])],
-        "runtime_spread_ms": [_median_ms([min(t_runtime)]), _median_ms([max(t_runtime)])],
-        "wall_direct_ms": _median_ms(w_direct),
-        "wall_runtime_ms": _median_ms(w_runtime),
-        "wall_reps": len(w_direct),
+        "direct_spread_ms": [_median_ms([min(t["direct"])]), _median_ms([max(t["direct"])])],
+        "runtime_spread_ms": [_median_ms([min(t["runtime"])]), _median_ms([max(t["runtime"])])],
+        "wall_direct_ms": _median_ms(t["wall_direct"]),
+        "wall_runtime_ms": _median_ms(t["wall_runtime"]),
+        "wall_reps": len(t["wall_direct"]),
     }
 
 

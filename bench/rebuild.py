@@ -86,14 +86,99 @@ def set_first_scale(text: str, scale: float) -> str:
     return new
 
 
-def main(argv: list[str] | None = None) -> dict[str, Any]:
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--size", choices=("full", "tiny"), default="full")
     ap.add_argument("--workdir", type=Path, default=None, help="kept between runs: the stack is written once")
     ap.add_argument("--repeat", type=int, default=5, help="unchanged recompiles timed")
     ap.add_argument("--scale", type=float, default=0.5, help="the first LoRA's new scale")
     ap.add_argument("--keep", action="store_true", help="keep the stores (artifacts of ~4.3 GB each at full size)")
-    args = ap.parse_args(argv)
+    return ap.parse_args(argv)
+
+
+@dataclass(frozen=True)
+class Bench:
+    """One run's inputs: the recipe under test (a copy of the stack's), its stores and environment."""
+
+    work: Path
+    recipes: Path
+    name: str
+    recipe: Path
+    original: str  # the recipe's text before the scale change: written back at the end
+    home: Path  # the store every compile but the uncached one shares
+    fresh: Path  # the store of the uncached compile
+    base_env: dict[str, str]  # the Hub's address, no UIW_ or HF_ settings of this process
+
+    @property
+    def env(self) -> dict[str, str]:
+        return {**self.base_env, "UIW_HOME": str(self.home)}
+
+
+def unchanged_recompiles(b: Bench, cold: Compile, repeat: int) -> dict[str, Any]:
+    """The unchanged recipe compiled again: cache hits, with and without kept bytecode."""
+    # Python as users run it keeps compiled bytecode (__pycache__; here under the work folder):
+    # the first run writes it. PYTHONDONTWRITEBYTECODE (set in some sandboxes) recompiles every
+    # project module from source on each start: measured too.
+    pyc = {k: v for k, v in b.env.items() if k != "PYTHONDONTWRITEBYTECODE"}
+    pyc["PYTHONPYCACHEPREFIX"] = str(b.work / "pycache")
+    compile_once(b.name, b.recipes, pyc)
+    hits = [compile_once(b.name, b.recipes, pyc) for _ in range(repeat)]
+    no_pyc = [compile_once(b.name, b.recipes, {**b.env, "PYTHONDONTWRITEBYTECODE": "1"}) for _ in range(repeat)]
+    traced = compile_once(b.name, b.recipes, {**pyc, "PYTHONPROFILEIMPORTTIME": "1"})
+    runs = [*hits, *no_pyc, traced]
+    assert all(h.cache_hit and h.artifact == cold.artifact and not h.converted for h in runs)
+
+    def spread(xs: list[float]) -> dict[str, float]:
+        return {"min": min(xs), "median": statistics.median(xs), "max": max(xs)}
+
+    return dict(
+        unchanged_recompile_s=spread([h.seconds for h in hits]),
+        unchanged_recompile_cpu_s=spread([h.cpu_seconds for h in hits]),
+        unchanged_recompile_no_bytecode_s=spread([h.seconds for h in no_pyc]),
+        unchanged_recompile_no_bytecode_cpu_s=spread([h.cpu_seconds for h in no_pyc]),
+        unchanged_recompile_imports_torch=traced.imported_torch,
+    )
+
+
+def scale_change(b: Bench, cold: Compile, scale: float, hub_log: list[Any]) -> tuple[Compile, dict[str, Any]]:
+    """One LoRA's scale changed: the converted base reused, no blob or Hub request added."""
+    blobs_before, requests_before = blobs(b.home), len(hub_log)
+    b.recipe.write_text(set_first_scale(b.original, scale))
+    changed = compile_once(b.name, b.recipes, b.env)
+    result: dict[str, Any] = dict(
+        scale_change_compile_s=changed.seconds,
+        scale_change_compile_cpu_s=changed.cpu_seconds,
+        scale_change_converted=[c[0] for c in changed.converted],
+        converted_key=changed.converted[0][1] if changed.converted else None,
+        blob_files_before=len(blobs_before),
+        blob_files_after=len(blobs(b.home)),
+        blobs_unchanged=blobs(b.home) == blobs_before,
+        hub_requests_during_scale_change=len(hub_log) - requests_before,
+        new_artifact=changed.artifact != cold.artifact,
+    )
+    vae = "pipeline/vae/diffusion_pytorch_model.safetensors"
+    entry = b.home / "converted" / "v1" / str(result["converted_key"])
+    result["vae_hard_linked"] = (Path(changed.artifact) / vae).stat().st_ino == (entry / vae).stat().st_ino
+    return changed, result
+
+
+def without_cache(b: Bench, changed: Compile) -> dict[str, Any]:
+    """The changed recipe in a fresh store: the rebuild's cost without the converted base."""
+    uncached = compile_once(b.name, b.recipes, {**b.base_env, "UIW_HOME": str(b.fresh)})
+    digests = [
+        json.loads((Path(a) / "manifest.json").read_text())["content_digest"]
+        for a in (changed.artifact, uncached.artifact)
+    ]
+    return dict(
+        scale_change_without_cache_s=uncached.seconds,
+        scale_change_without_cache_cpu_s=uncached.cpu_seconds,
+        scale_change_without_cache_converted=[c[0] for c in uncached.converted],
+        same_artifact_either_way=digests[0] == digests[1],
+    )
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    args = parse_args(argv)
     sys.path.insert(0, str(REPO))
     from bench.stack import build, config_files
     from compiler.families import FAMILIES
@@ -104,22 +189,16 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     recipes = Path(stack.recipes_dir)
     name = f"rebuild-sd15-{args.size}"
     original = (recipes / f"{stack.recipe}.yaml").read_text()
-    recipe = recipes / f"{name}.yaml"
-    recipe.write_text(original)
+    (recipes / f"{name}.yaml").write_text(original)
     (recipes / f"{name}.lock.json").unlink(missing_ok=True)
-    home, fresh = work / "home", work / "home-fresh"
-    for d in (home, fresh):
+    for d in (work / "home", work / "home-fresh"):
         shutil.rmtree(d, ignore_errors=True)
 
     hub = FakeHub().start()
     hub.repo(FAMILIES["sd15"].config_repo.removeprefix("hf://")).push(config_files(args.size))
-    base_env = {
-        **{k: v for k, v in os.environ.items() if not k.startswith(("UIW_", "HF_"))},
-        "HF_ENDPOINT": hub.url,
-        "HF_HOME": str(work / "hf-home"),
-        "UIW_LOG_LEVEL": "INFO",
-    }
-    env = {**base_env, "UIW_HOME": str(home)}
+    keep = {k: v for k, v in os.environ.items() if not k.startswith(("UIW_", "HF_"))}
+    base_env = {**keep, "HF_ENDPOINT": hub.url, "HF_HOME": str(work / "hf-home"), "UIW_LOG_LEVEL": "INFO"}
+    b = Bench(work, recipes, name, recipes / f"{name}.yaml", original, work / "home", work / "home-fresh", base_env)
     result: dict[str, Any] = {
         "machine": f"{os.cpu_count()} cpu",
         "size": args.size,
@@ -129,67 +208,22 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "load_average_at_start": [round(x, 1) for x in os.getloadavg()],
     }
     try:
-        cold = compile_once(name, recipes, env)
-        result["cold_compile_s"] = cold.seconds
-        result["cold_compile_cpu_s"] = cold.cpu_seconds
-        result["cold_converted"] = [c[0] for c in cold.converted]
-
-        # Python as users run it keeps compiled bytecode (__pycache__; here under the work folder):
-        # the first run writes it. PYTHONDONTWRITEBYTECODE (set in some sandboxes) recompiles every
-        # project module from source on each start: measured too.
-        pyc = {k: v for k, v in env.items() if k != "PYTHONDONTWRITEBYTECODE"}
-        pyc["PYTHONPYCACHEPREFIX"] = str(work / "pycache")
-        compile_once(name, recipes, pyc)
-        hits = [compile_once(name, recipes, pyc) for _ in range(args.repeat)]
-        no_pyc = [compile_once(name, recipes, {**env, "PYTHONDONTWRITEBYTECODE": "1"}) for _ in range(args.repeat)]
-        traced = compile_once(name, recipes, {**pyc, "PYTHONPROFILEIMPORTTIME": "1"})
-        runs = [*hits, *no_pyc, traced]
-        assert all(h.cache_hit and h.artifact == cold.artifact and not h.converted for h in runs)
-
-        def spread(xs: list[float]) -> dict[str, float]:
-            return {"min": min(xs), "median": statistics.median(xs), "max": max(xs)}
-
+        cold = compile_once(name, recipes, b.env)
         result.update(
-            unchanged_recompile_s=spread([h.seconds for h in hits]),
-            unchanged_recompile_cpu_s=spread([h.cpu_seconds for h in hits]),
-            unchanged_recompile_no_bytecode_s=spread([h.seconds for h in no_pyc]),
-            unchanged_recompile_no_bytecode_cpu_s=spread([h.cpu_seconds for h in no_pyc]),
-            unchanged_recompile_imports_torch=traced.imported_torch,
+            cold_compile_s=cold.seconds,
+            cold_compile_cpu_s=cold.cpu_seconds,
+            cold_converted=[c[0] for c in cold.converted],
         )
-
-        blobs_before, requests_before = blobs(home), len(hub.log)
-        recipe.write_text(set_first_scale(original, args.scale))
-        changed = compile_once(name, recipes, env)
-        result.update(
-            scale_change_compile_s=changed.seconds,
-            scale_change_compile_cpu_s=changed.cpu_seconds,
-            scale_change_converted=[c[0] for c in changed.converted],
-            converted_key=changed.converted[0][1] if changed.converted else None,
-            blob_files_before=len(blobs_before),
-            blob_files_after=len(blobs(home)),
-            blobs_unchanged=blobs(home) == blobs_before,
-            hub_requests_during_scale_change=len(hub.log) - requests_before,
-            new_artifact=changed.artifact != cold.artifact,
-        )
-        vae = "pipeline/vae/diffusion_pytorch_model.safetensors"
-        entry = home / "converted" / "v1" / str(result["converted_key"])
-        result["vae_hard_linked"] = (Path(changed.artifact) / vae).stat().st_ino == (entry / vae).stat().st_ino
-
-        uncached = compile_once(name, recipes, {**base_env, "UIW_HOME": str(fresh)})
-        result["scale_change_without_cache_s"] = uncached.seconds
-        result["scale_change_without_cache_cpu_s"] = uncached.cpu_seconds
-        result["scale_change_without_cache_converted"] = [c[0] for c in uncached.converted]
-        digests = [
-            json.loads((Path(a) / "manifest.json").read_text())["content_digest"]
-            for a in (changed.artifact, uncached.artifact)
-        ]
-        result["same_artifact_either_way"] = digests[0] == digests[1]
+        result.update(unchanged_recompiles(b, cold, args.repeat))
+        changed, changes = scale_change(b, cold, args.scale, hub.log)
+        result.update(changes)
+        result.update(without_cache(b, changed))
         result["load_average_at_end"] = [round(x, 1) for x in os.getloadavg()]
     finally:
         hub.stop()
-        recipe.write_text(original)
+        b.recipe.write_text(original)
         if not args.keep:
-            for d in (home, fresh):
+            for d in (b.home, b.fresh):
                 shutil.rmtree(d, ignore_errors=True)
             if args.workdir is None:
                 shutil.rmtree(work, ignore_errors=True)
