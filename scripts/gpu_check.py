@@ -66,22 +66,91 @@ def decode(uri: str):  # type: ignore[no-untyped-def]
     return np.array(Image.open(io.BytesIO(base64.b64decode(uri.split(",", 1)[1]))))
 
 
-def main() -> int:
+REQUEST = {"prompt": "a lighthouse on a cliff at dusk", "seed": 42}
+
+
+def parse_args() -> argparse.Namespace:
     ap = argparse.ArgumentParser()
     ap.add_argument("--home", type=Path, required=True)
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--quick", action="store_true", help="tiny CPU mode: fp32 only, no 1024x1024 request")
     ap.add_argument("--warm", type=int, default=10)
-    args = ap.parse_args()
+    return ap.parse_args()
 
+
+def check_precision(args: argparse.Namespace, precision: str, device: str) -> dict:
+    """Compile the demo at one precision, serve it, and measure; the run's record."""
+    import torch
+
+    from runtime.service import Service, Settings
+
+    artifact, compile_s = compile_recipe(args.home, f"precision={precision}")
+    service, load_s = timed(Service, Settings(artifacts=(str(artifact),), home=args.home))
+    reply, first_s = timed(service.run, REQUEST)
+    assert "images" in reply, reply
+    warm = []
+    for _ in range(args.warm):
+        again, s = timed(service.run, REQUEST)
+        warm.append(s)
+    assert again["images"] == reply["images"], "same seed, same device: same bytes"
+    img = decode(reply["images"][0])
+    run = {
+        "precision": precision,
+        "compile_s": round(compile_s, 2),
+        "load_s": round(load_s, 3),
+        "first_request_s": round(first_s, 3),
+        "warm_p50_s": round(statistics.median(warm), 4),
+        "warm_max_s": round(max(warm), 4),
+        "image_std": float(img.std()),
+    }
+    if not args.quick:
+        run.update(worker_sdxl_job(service))
+    if device == "cuda" and precision == "fp32":
+        run.update(gpu_vs_cpu(artifact, img))
+    if device == "cuda":
+        run["peak_gpu_mib"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
+    return run
+
+
+def worker_sdxl_job(service) -> dict:  # type: ignore[no-untyped-def]
+    """worker-sdxl's own test_input.json (1024x1024, 25 steps), twice: cold kernels, then warm."""
+    job = json.loads(SDXL_TEST_INPUT.read_text())["input"]
+    sdxl, s1 = timed(service.run, job)
+    assert "images" in sdxl, sdxl
+    _, s2 = timed(service.run, job)
+    return {
+        "worker_sdxl_1024_25steps_s": [round(s1, 3), round(s2, 3)],
+        "worker_sdxl_shape": list(decode(sdxl["images"][0]).shape),
+    }
+
+
+def gpu_vs_cpu(artifact: Path, img) -> dict:  # type: ignore[no-untyped-def]
+    """The same artifact and seed on the CPU: noise is drawn on the CPU, so the pictures match up
+    to kernel rounding."""
+    import numpy as np
+
+    from runtime.generate import generate
+    from runtime.loader import load
+    from runtime.schema import validate
+
+    cpu = load(artifact, device="cpu")
+    req, _ = validate(REQUEST, cpu.manifest)
+    cpu_img = np.array(generate(cpu.pipeline, req)[0])
+    return {
+        "gpu_vs_cpu_max_abs_diff": int(abs(cpu_img.astype(int) - img.astype(int)).max()),
+        "gpu_vs_cpu_mean_abs_diff": float(abs(cpu_img.astype(float) - img.astype(float)).mean()),
+    }
+
+
+def main() -> int:
+    args = parse_args()
     t0 = time.perf_counter()
     import diffusers  # imported up front: load_s below is the artifact's load alone
     import torch
     import transformers
 
     import_s = time.perf_counter() - t0
-    from runtime.loader import load
-    from runtime.service import Service, Settings
+    import runtime.service  # noqa: F401  (imported here: load_s times the artifact, not these imports)
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     result: dict = {
@@ -93,51 +162,10 @@ def main() -> int:
         "import_s": round(import_s, 2),
         "runs": [],
     }
-    precisions = ["fp32"] if args.quick else ["fp32", "fp16", "bf16"]
-    request = {"prompt": "a lighthouse on a cliff at dusk", "seed": 42}
-    for precision in precisions:
-        artifact, compile_s = compile_recipe(args.home, f"precision={precision}")
-        service, load_s = timed(Service, Settings(artifacts=(str(artifact),), home=args.home))
-        reply, first_s = timed(service.run, request)
-        assert "images" in reply, reply
-        warm = []
-        for _ in range(args.warm):
-            again, s = timed(service.run, request)
-            warm.append(s)
-        assert again["images"] == reply["images"], "same seed, same device: same bytes"
-        img = decode(reply["images"][0])
-        run = {
-            "precision": precision,
-            "compile_s": round(compile_s, 2),
-            "load_s": round(load_s, 3),
-            "first_request_s": round(first_s, 3),
-            "warm_p50_s": round(statistics.median(warm), 4),
-            "warm_max_s": round(max(warm), 4),
-            "image_std": float(img.std()),
-        }
-        if not args.quick:
-            job = json.loads(SDXL_TEST_INPUT.read_text())["input"]
-            sdxl, s1 = timed(service.run, job)
-            assert "images" in sdxl, sdxl
-            _, s2 = timed(service.run, job)
-            run["worker_sdxl_1024_25steps_s"] = [round(s1, 3), round(s2, 3)]
-            run["worker_sdxl_shape"] = list(decode(sdxl["images"][0]).shape)
-        if device == "cuda" and precision == "fp32":
-            # The same artifact and seed on the CPU: noise is drawn on the CPU, so the pictures match
-            # up to kernel rounding.
-            cpu = load(artifact, device="cpu")
-            from runtime.generate import generate
-            from runtime.schema import validate
-
-            req, _ = validate(request, cpu.manifest)
-            cpu_img = __import__("numpy").array(generate(cpu.pipeline, req)[0])
-            run["gpu_vs_cpu_max_abs_diff"] = int(abs(cpu_img.astype(int) - img.astype(int)).max())
-            run["gpu_vs_cpu_mean_abs_diff"] = float(abs(cpu_img.astype(float) - img.astype(float)).mean())
-        if device == "cuda":
-            run["peak_gpu_mib"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
+    for precision in ["fp32"] if args.quick else ["fp32", "fp16", "bf16"]:
+        run = check_precision(args, precision, device)
         result["runs"].append(run)
         print(json.dumps(run), flush=True)
-        del service
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2) + "\n")
     print(json.dumps({k: v for k, v in result.items() if k != "runs"}))

@@ -178,22 +178,12 @@ def child(args: argparse.Namespace) -> int:
     import diffusers
     import torch
 
-    from runtime.artifact import CompileOptions, RuntimeOptions
-    from runtime.optimize import CACHE_FILE, COMPILE_DIR, apply, compile_cache_key
+    from runtime.optimize import apply
 
     imports_s = time.perf_counter() - t_imports
     diffusers.utils.logging.disable_progress_bar()
     device = "cuda" if torch.cuda.is_available() else "cpu"
     work = Path(args.work)
-    compiled = args.child in ("compiled", "cached")
-    options = RuntimeOptions(
-        dtype=args.precision,
-        channels_last=compiled and args.ladder,
-        fused_qkv=compiled and args.ladder,
-        compile=CompileOptions(scope=args.scope, mode=args.mode, shapes=((args.size, args.size),))
-        if compiled
-        else CompileOptions(),
-    )
     t0 = time.perf_counter()
     dtype = getattr(torch, {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}[args.precision])
     pipe = diffusers.StableDiffusionXLPipeline.from_pretrained(work / "pipeline", dtype=dtype, local_files_only=True)
@@ -201,7 +191,48 @@ def child(args: argparse.Namespace) -> int:
     pipe.set_progress_bar_config(disable=True)
     sync(torch)
     load_s = time.perf_counter() - t0
-    applied = apply(pipe, options, device, work if args.child == "cached" else None)
+    applied = apply(pipe, runtime_options(args), device, work if args.child == "cached" else None)
+    image, first_s, first_done, warm = images(pipe, args)
+    result: dict[str, Any] = {
+        "mode": args.child,
+        "imports_s": round(imports_s, 2),
+        "load_s": round(load_s, 2),
+        "first_image_s": round(first_s, 2),
+        "first_image_done_at": first_done,
+        "warm_s": [round(s, 3) for s in warm],
+        "warm_p50_s": round(statistics.median(warm), 3) if warm else None,
+        "applied": applied.applied,
+        "skipped": applied.skipped,
+        "image_mean": float(image.mean()),
+    }
+    if device == "cuda":
+        result["peak_gpu_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
+    if args.child == "compiled":
+        result.update(save_compile_cache(work))
+    Path(args.result).write_text(json.dumps(result))
+    return 0
+
+
+def runtime_options(args: argparse.Namespace) -> Any:
+    """What runtime.optimize applies in this mode: nothing for eager; compile (and with --ladder
+    channels_last + fused QKV) for the compiled and cached runs."""
+    from runtime.artifact import CompileOptions, RuntimeOptions
+
+    compiled = args.child in ("compiled", "cached")
+    return RuntimeOptions(
+        dtype=args.precision,
+        channels_last=compiled and args.ladder,
+        fused_qkv=compiled and args.ladder,
+        compile=CompileOptions(scope=args.scope, mode=args.mode, shapes=((args.size, args.size),))
+        if compiled
+        else CompileOptions(),
+    )
+
+
+def images(pipe: Any, args: argparse.Namespace) -> tuple[Any, float, float, list[float]]:
+    """The first image (its array, seconds, and the wall-clock time it was done) and the warm
+    images' seconds."""
+    import torch
 
     def once(seed: int) -> Any:
         out = pipe(
@@ -225,30 +256,23 @@ def child(args: argparse.Namespace) -> int:
         t2 = time.perf_counter()
         once(i + 1)
         warm.append(time.perf_counter() - t2)
-    result: dict[str, Any] = {
-        "mode": args.child,
-        "imports_s": round(imports_s, 2),
-        "load_s": round(load_s, 2),
-        "first_image_s": round(first_s, 2),
-        "first_image_done_at": first_done,
-        "warm_s": [round(s, 3) for s in warm],
-        "warm_p50_s": round(statistics.median(warm), 3) if warm else None,
-        "applied": applied.applied,
-        "skipped": applied.skipped,
-        "image_mean": float(image.mean()),
-    }
-    if device == "cuda":
-        result["peak_gpu_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
-    if args.child == "compiled":
-        saved = torch.compiler.save_cache_artifacts()
-        if saved is not None:
-            out = work / COMPILE_DIR / compile_cache_key()
-            out.mkdir(parents=True, exist_ok=True)
-            (out / CACHE_FILE).write_bytes(saved[0])
-            result["cache_bytes"] = len(saved[0])
-            result["cache_key"] = out.name
-    Path(args.result).write_text(json.dumps(result))
-    return 0
+    return image, first_s, first_done, warm
+
+
+def save_compile_cache(work: Path) -> dict[str, Any]:
+    """The compiled run's caches, baked where the artifact keeps them (compile/<gpu kind + versions>/)
+    for the cached run to load."""
+    import torch
+
+    from runtime.optimize import CACHE_FILE, COMPILE_DIR, compile_cache_key
+
+    saved = torch.compiler.save_cache_artifacts()
+    if saved is None:
+        return {}
+    out = work / COMPILE_DIR / compile_cache_key()
+    out.mkdir(parents=True, exist_ok=True)
+    (out / CACHE_FILE).write_bytes(saved[0])
+    return {"cache_bytes": len(saved[0]), "cache_key": out.name}
 
 
 def sync(torch: Any) -> None:
@@ -300,7 +324,7 @@ def run_child(mode: str, args: argparse.Namespace, work: Path) -> dict[str, Any]
     return out
 
 
-def main() -> int:
+def parse_args() -> argparse.Namespace:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", type=Path)
     ap.add_argument("--work", type=Path, default=None, help="scratch folder (default: a temp folder)")
@@ -322,13 +346,18 @@ def main() -> int:
     args.precision = args.precision or ("fp32" if args.tiny else "bf16")
     args.size = args.size or (64 if args.tiny else 1024)
     args.steps = args.steps or (2 if args.tiny else 30)
+    if not (args.fetch_wheels or args.child) and args.out is None:
+        ap.error("--out is required")
+    return args
+
+
+def main() -> int:
+    args = parse_args()
     if args.fetch_wheels:
         return fetch_wheels()
     if args.child:
         sys.path.insert(0, str(REPO))
         return child(args)
-    if args.out is None:
-        ap.error("--out is required")
     installed = ensure_installed()
     sys.path.insert(0, str(REPO))
     import torch
@@ -349,16 +378,9 @@ def main() -> int:
 
     result["diffusers"] = diffusers.__version__
     try:
-        # A kept --work folder (a second call on a warm device) reuses the weights and the cache.
-        if (work / "pipeline" / "model_index.json").is_file():
-            result["weights"] = {"reused": str(work / "pipeline")}
-        else:
-            result["weights"] = build_sdxl(work / "pipeline", args.precision, args.tiny)
+        result["weights"] = weights(work, args)
         print(json.dumps(result["weights"]), flush=True)
-        modes = ["eager"] + (["compiled", "cached"] if (not args.tiny or args.compile) else [])
-        if args.modes:
-            modes = [m for m in args.modes.split(",") if m]
-        for mode in modes:
+        for mode in modes(args):
             result["runs"][mode] = run_child(mode, args, work)
     finally:
         args.out.parent.mkdir(parents=True, exist_ok=True)
@@ -366,6 +388,20 @@ def main() -> int:
         if args.work is None:
             shutil.rmtree(work, ignore_errors=True)
     return 0
+
+
+def weights(work: Path, args: argparse.Namespace) -> dict[str, Any]:
+    # A kept --work folder (a second call on a warm device) reuses the weights and the cache.
+    if (work / "pipeline" / "model_index.json").is_file():
+        return {"reused": str(work / "pipeline")}
+    return build_sdxl(work / "pipeline", args.precision, args.tiny)
+
+
+def modes(args: argparse.Namespace) -> list[str]:
+    """--modes, else eager, with the compiled modes on a GPU or with --tiny --compile."""
+    if args.modes:
+        return [m for m in args.modes.split(",") if m]
+    return ["eager"] + (["compiled", "cached"] if (not args.tiny or args.compile) else [])
 
 
 if __name__ == "__main__":
