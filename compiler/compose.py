@@ -1,4 +1,5 @@
-"""The only module that touches Hydra/OmegaConf: command line + conf/ + recipe file -> plain dict.
+"""Command line + conf/ + recipe file -> plain dict: the compiler's only Hydra/OmegaConf user (the
+bench app, bench/, is a Hydra app of its own).
 
 Precedence: ``conf/`` (``config.yaml``, then the preset picked with ``preset=NAME``) < the recipe
 file < command-line values. A preset is a set of defaults for a kind of machine: what the recipe

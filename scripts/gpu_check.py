@@ -20,7 +20,9 @@ import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
 SDXL_TEST_INPUT = REPO / "tests" / "data" / "worker_sdxl_test_input.json"
@@ -42,7 +44,7 @@ def compile_recipe(home: Path, *overrides: str) -> tuple[Path, float]:
     return Path(proc.stdout.strip()), time.perf_counter() - t0
 
 
-def timed(fn, *args):  # type: ignore[no-untyped-def]
+def timed(fn: Callable[..., Any], *args: Any) -> tuple[Any, float]:
     t0 = time.perf_counter()
     out = fn(*args)
     sync()
@@ -56,7 +58,7 @@ def sync() -> None:
         torch.cuda.synchronize()
 
 
-def decode(uri: str):  # type: ignore[no-untyped-def]
+def decode(uri: str) -> Any:
     import base64
     import io
 
@@ -112,7 +114,7 @@ def check_precision(args: argparse.Namespace, precision: str, device: str) -> di
     return run
 
 
-def worker_sdxl_job(service) -> dict:  # type: ignore[no-untyped-def]
+def worker_sdxl_job(service: Any) -> dict:
     """worker-sdxl's own test_input.json (1024x1024, 25 steps), twice: cold kernels, then warm."""
     job = json.loads(SDXL_TEST_INPUT.read_text())["input"]
     sdxl, s1 = timed(service.run, job)
@@ -124,7 +126,7 @@ def worker_sdxl_job(service) -> dict:  # type: ignore[no-untyped-def]
     }
 
 
-def gpu_vs_cpu(artifact: Path, img) -> dict:  # type: ignore[no-untyped-def]
+def gpu_vs_cpu(artifact: Path, img: Any) -> dict:
     """The same artifact and seed on the CPU: noise is drawn on the CPU, so the pictures match up
     to kernel rounding."""
     import numpy as np
