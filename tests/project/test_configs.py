@@ -108,3 +108,11 @@ def test_a_preset_through_the_real_cli(tmp_path: Path):
     # Two compiler start-ups (~3 s of CPU each); that these overrides change the plan is
     # test_perf_options' business.
     assert cache_key("preset=fast-gpu") == cache_key("compile.scope=regional", "channels_last=true")
+
+
+def test_a_recipe_file_cannot_pick_a_preset(tmp_path: Path):
+    """Presets are command-line choices: in a recipe file `preset:` is an unknown recipe field."""
+    got = fields(tmp_path, BASE + "preset: fast-gpu\n")
+    assert got["precision"] == "fp32"
+    with pytest.raises(UserError, match="preset: unknown key"):
+        parse_recipe("r", tmp_path / "r.yaml", got)
