@@ -2,7 +2,6 @@
 --rp_serve_api work as with any RunPod handler)."""
 
 import logging
-import os
 import sys
 
 from runtime import threads
@@ -13,24 +12,24 @@ WAIT_POLICY = threads.prefer_passive_wait()
 
 import runpod  # noqa: E402  (after the wait policy: see above)
 
-from runtime.artifact import ArtifactError  # noqa: E402
-from runtime.batching import SettingError  # noqa: E402
-from runtime.handler import concurrency, start_config  # noqa: E402
-from runtime.logs import configure, log_format  # noqa: E402
+from runtime.handler import start_config  # noqa: E402
+from runtime.logs import configure  # noqa: E402
 from runtime.service import get_service  # noqa: E402
+from runtime.settings import SettingError, WorkerSettings  # noqa: E402
 
 try:
-    # One JSON object per line by default (what log collectors parse); UIW_LOG_FORMAT=text for
-    # a person at a terminal. Every UIW_* setting is parsed here (start_config: the memory
-    # budget, time limit, batching, progress interval, concurrency, handler choice...; then
-    # UIW_THREADS): a bad value stops the worker at start (exit code 2) with the reason and a
-    # hint, not at its first job.
-    configure(log_format("json"))
-    config = start_config()
-    thread_choice = threads.choose(os.environ, concurrency(), threads.usable_cores())
-except (ValueError, SettingError, ArtifactError) as e:
+    # Every UIW_* setting is parsed here, into one value (runtime.settings): a bad value stops the
+    # worker at start (exit code 2) with the reason and a hint, not at its first job.
+    cores = threads.usable_cores()
+    settings = WorkerSettings.from_env(cores)
+except SettingError as e:
     print(f"runtime: {e}", file=sys.stderr)
     sys.exit(2)
+# One JSON object per line by default (what log collectors parse); UIW_LOG_FORMAT=text for a
+# person at a terminal.
+configure(settings.log_format, settings.log_level)
+config = start_config(settings)
+thread_choice = threads.decide(settings.threads, settings.omp_num_threads, settings.concurrency, cores)
 
 # torch's intra-op threads for this worker (runtime.threads): the start log says what and why.
 torch_threads = threads.apply(thread_choice)
@@ -55,7 +54,7 @@ logging.getLogger("runtime").info(
 # it gets its error). A failure to resolve the artifacts still lets the worker start and answer
 # every job with the error.
 try:
-    get_service()
+    get_service(settings.service)
 except Exception as e:
     logging.getLogger("runtime").error("start-up failed: %s", e)
 

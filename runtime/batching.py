@@ -10,51 +10,15 @@ asyncio.to_thread), so waiting here blocks only the request's own thread.
 
 from __future__ import annotations
 
-import os
 import threading
 from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Generic, TypeVar
 
+from runtime.settings import BatchSettings
+
 T = TypeVar("T")
 R = TypeVar("R")
-
-MAX_BATCH_LIMIT = 16
-MAX_WINDOW_MS = 10_000
-DEFAULT_MAX_BATCH = 4  # measured: see README "Progress, concurrency and failures"
-DEFAULT_WINDOW_MS = 20
-
-
-class SettingError(ValueError):
-    pass
-
-
-def _int_env(name: str, default: int, low: int, high: int) -> int:
-    raw = os.environ.get(name, "").strip()
-    if not raw:
-        return default
-    try:
-        value = int(raw)
-    except ValueError:
-        value = low - 1
-    if not low <= value <= high:
-        raise SettingError(
-            f"{name}={raw!r}: expected a whole number from {low} to {high}. hint: unset it for {default}"
-        )
-    return value
-
-
-@dataclass(frozen=True)
-class BatchSettings:
-    max_batch: int = DEFAULT_MAX_BATCH
-    window_s: float = DEFAULT_WINDOW_MS / 1000
-
-    @classmethod
-    def from_env(cls) -> BatchSettings:
-        return cls(
-            max_batch=_int_env("UIW_MAX_BATCH", DEFAULT_MAX_BATCH, 1, MAX_BATCH_LIMIT),
-            window_s=_int_env("UIW_BATCH_WINDOW_MS", DEFAULT_WINDOW_MS, 0, MAX_WINDOW_MS) / 1000,
-        )
 
 
 @dataclass

@@ -14,56 +14,26 @@ from __future__ import annotations
 
 import gc
 import logging
-import os
 import threading
 import time
 from collections.abc import Hashable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from runtime import generate as gen
-from runtime.batching import Batcher, BatchSettings, SettingError
+from runtime.batching import Batcher
 from runtime.loader import Loaded
 from runtime.metrics import ErrorKind
 from runtime.progress import Deadline, Listener, StepWatch, TimeLimitExceeded
 from runtime.schema import GenerationRequest, RequestError, quote
+from runtime.settings import ExecSettings
 
 log = logging.getLogger(__name__)
 
-DEFAULT_REQUEST_TIMEOUT_S = 600.0
-MAX_REQUEST_TIMEOUT_S = 24 * 3600.0
 # Serving options a request may send beside the generation fields; popped before validation
 # (like `model`), so the generation schema stays the artifact's.
 OPTION_FIELDS = ("timeout", "preview")
-
-
-def _flag(name: str) -> bool:
-    return os.environ.get(name, "").strip().lower() in ("1", "true", "yes")
-
-
-@dataclass(frozen=True)
-class ExecSettings:
-    request_timeout_s: float | None = DEFAULT_REQUEST_TIMEOUT_S  # None: no limit
-    preview: bool = False  # progress events carry a latent preview unless the request says
-    batch: BatchSettings = field(default_factory=BatchSettings)
-
-    @classmethod
-    def from_env(cls) -> ExecSettings:
-        raw = os.environ.get("UIW_REQUEST_TIMEOUT", "").strip()
-        timeout: float | None = DEFAULT_REQUEST_TIMEOUT_S
-        if raw:
-            try:
-                value = float(raw)
-            except ValueError:
-                value = -1.0
-            if not 0 <= value <= MAX_REQUEST_TIMEOUT_S:
-                raise SettingError(
-                    f"UIW_REQUEST_TIMEOUT={raw!r}: expected seconds from 0 (no limit) to {MAX_REQUEST_TIMEOUT_S:g}. "
-                    f"hint: unset it for {DEFAULT_REQUEST_TIMEOUT_S:g} s"
-                )
-            timeout = value or None
-        return cls(request_timeout_s=timeout, preview=_flag("UIW_PREVIEW"), batch=BatchSettings.from_env())
 
 
 @dataclass(frozen=True)

@@ -31,28 +31,13 @@ from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 from runtime.artifact import ArtifactError
-from runtime.batching import SettingError
 from runtime.execute import RunContext
 from runtime.progress import Progress
 from runtime.service import get_service
+from runtime.settings import SettingError, WorkerSettings, progress_interval
+from runtime.threads import usable_cores
 
 log = logging.getLogger(__name__)
-
-MAX_CONCURRENCY = 64
-DEFAULT_PROGRESS_INTERVAL_S = 1.0
-
-
-def concurrency() -> int:
-    """UIW_CONCURRENCY: jobs this worker runs at once (default 1)."""
-    raw = os.environ.get("UIW_CONCURRENCY", "").strip()
-    if not raw:
-        return 1
-    if not raw.isdigit() or not 1 <= int(raw) <= MAX_CONCURRENCY:
-        raise SettingError(
-            f"UIW_CONCURRENCY={raw!r}: expected a whole number from 1 to {MAX_CONCURRENCY}. "
-            "hint: 1 runs one job at a time; more overlap input fetching, decoding and encoding with denoising"
-        )
-    return int(raw)
 
 
 def concurrency_modifier(current: int) -> int:
@@ -66,48 +51,18 @@ _concurrency = 1
 _config: dict[str, Any] | None = None
 
 
-def progress_interval() -> float:
-    """UIW_PROGRESS_INTERVAL: seconds between progress updates of the default handler (>= 0)."""
-    raw = os.environ.get("UIW_PROGRESS_INTERVAL", "").strip()
-    if not raw:
-        return DEFAULT_PROGRESS_INTERVAL_S
-    try:
-        value = float(raw)
-    except ValueError:
-        value = -1.0
-    if not 0 <= value < float("inf"):
-        raise SettingError(
-            f"UIW_PROGRESS_INTERVAL={raw!r}: expected seconds, 0 or more. "
-            f"hint: unset it for {DEFAULT_PROGRESS_INTERVAL_S:g} s; 0 sends every step"
-        )
-    return value
-
-
-def check_settings() -> None:
-    """Parse every UIW_* setting that can be wrong without looking at the artifacts (raises
-    SettingError or ArtifactError, with a hint): a bad value stops the worker at start.
-    UIW_LOG_FORMAT/UIW_LOG_LEVEL are checked by runtime.__main__ (logging comes first);
-    UIW_CONCURRENCY and UIW_STREAM by start_config."""
-    from runtime.execute import ExecSettings
-    from runtime.service import Settings
-
-    Settings.from_env()  # UIW_ARTIFACTS, UIW_HOME, UIW_MEMORY_BUDGET, UIW_PRELOAD, UIW_ROUTING_SEED
-    ExecSettings.from_env()  # UIW_REQUEST_TIMEOUT, UIW_PREVIEW, UIW_MAX_BATCH, UIW_BATCH_WINDOW_MS
-    progress_interval()
-
-
-def start_config() -> dict[str, Any]:
-    """The `runpod.serverless.start` config for this worker's environment, after checking every
-    setting (raises SettingError or ArtifactError)."""
+def start_config(settings: WorkerSettings | None = None) -> dict[str, Any]:
+    """The `runpod.serverless.start` config for the worker's settings (runtime.__main__ parses them
+    at start; without them, from the environment, raising SettingError for a bad value)."""
     global _concurrency, _config
-    check_settings()
-    _concurrency = concurrency()
-    stream = os.environ.get("UIW_STREAM", "").strip().lower() in ("1", "true", "yes")
+    if settings is None:
+        settings = WorkerSettings.from_env(usable_cores())
+    _concurrency = settings.concurrency
     config: dict[str, Any] = {
-        "handler": stream_handler if stream else handler,
+        "handler": stream_handler if settings.stream else handler,
         "concurrency_modifier": concurrency_modifier,
     }
-    if stream:
+    if settings.stream:
         config["return_aggregate_stream"] = True
     _config = config
     return config
@@ -166,7 +121,7 @@ class _Throttled:
 def _progress_listener(job: Any) -> Callable[[Progress], None] | None:
     if not isinstance(job, dict) or not _job_id(job) or not os.environ.get("RUNPOD_WEBHOOK_POST_OUTPUT"):
         return None
-    return _Throttled(job, progress_interval())  # checked at start (start_config)
+    return _Throttled(job, progress_interval())  # per job; checked at start (WorkerSettings)
 
 
 async def handler(job: dict[str, Any]) -> dict[str, Any]:

@@ -26,7 +26,6 @@ from __future__ import annotations
 import base64
 import binascii
 import io
-import os
 import re
 import time
 from dataclasses import replace
@@ -35,6 +34,7 @@ from typing import Any
 from runtime.artifact import Limits
 from runtime.progress import Deadline
 from runtime.schema import MIN_SIZE, GenerationRequest, RequestError
+from runtime.settings import allow_private_urls
 
 MAX_IMAGE_BYTES = 20 * 2**20  # 20 MiB: a large phone JPEG is under 10
 MAX_IMAGE_PIXELS = 8192 * 8192  # decoded size: 64 Mpx, 192 MiB as RGB
@@ -44,8 +44,6 @@ MAX_REDIRECTS = 3
 # Pillow's opener names. JPEG's opener also reads MPO (the multi-picture JPEG many phones write):
 # Pillow 13 registers no opener of MPO's own, and an unknown name in Image.open(formats=) raises.
 FORMATS = ("PNG", "JPEG", "WEBP", "GIF", "BMP")
-ALLOW_PRIVATE_ENV = "UIW_ALLOW_PRIVATE_URLS"
-ALLOW_PRIVATE_ENV_OLD = "UIW_ALLOW_PRIVATE_IMAGE_URLS"  # the first name, kept working
 # identity: a compressed body could unpack past MAX_IMAGE_BYTES (runtime.fetch bounds it anyway).
 HEADERS = {"User-Agent": "universal-image-worker", "Accept": "image/*", "Accept-Encoding": "identity"}
 
@@ -57,13 +55,6 @@ class _Bad(Exception):
     """One input's problem; attach_images prefixes the field name."""
 
 
-def allow_private() -> bool:
-    return any(
-        os.environ.get(n, "").strip().lower() in ("1", "true", "yes")
-        for n in (ALLOW_PRIVATE_ENV, ALLOW_PRIVATE_ENV_OLD)
-    )
-
-
 def _fetch(url: str, deadline: Deadline | None) -> bytes:
     """An image URL -> its bytes, within this module's bounds and the request's own deadline."""
     from runtime.fetch import Bounds, FetchError, fetch  # httpx/httpcore: only when a URL is sent
@@ -73,7 +64,7 @@ def _fetch(url: str, deadline: Deadline | None) -> bytes:
         until, what = deadline.at, f"the request's time limit of {deadline.limit_s:g} s ({deadline.source})"
     else:
         until, what = own, f"the {FETCH_DEADLINE_S:g} s limit of a fetch"
-    bounds = Bounds(MAX_IMAGE_BYTES, FETCH_TIMEOUT_S, until, what, MAX_REDIRECTS, allow_private())
+    bounds = Bounds(MAX_IMAGE_BYTES, FETCH_TIMEOUT_S, until, what, MAX_REDIRECTS, allow_private_urls())
     try:
         return fetch(url, bounds, HEADERS)
     except FetchError as e:

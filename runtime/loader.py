@@ -12,21 +12,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from runtime.artifact import (
-    PIPELINE_DIR,
-    TORCH_DTYPES,
-    VERIFY_MODES,
-    ArtifactError,
-    Manifest,
-    VerifyMode,
-    integrity_error,
-    read_manifest,
-    remember_verified,
-    stat_files,
-    unverified,
-)
+from runtime.artifact import PIPELINE_DIR, TORCH_DTYPES, ArtifactError, Manifest, read_manifest
 from runtime.fastload import Verifier, Warmer, preload_components, weight_files
 from runtime.gate import ModeGate
+from runtime.integrity import VerifyMode, integrity_error, remember_verified, stat_files, unverified
+from runtime.settings import verify_mode
 
 # Artifacts are complete: nothing at serve time may reach the Hub. Set before diffusers or
 # huggingface_hub are imported (the loader imports them lazily, after this line).
@@ -167,22 +157,11 @@ def default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def verify_mode() -> VerifyMode:
-    """``UIW_VERIFY``: how a load checks the artifact's files against its manifest. ``memo`` (the
-    default) hashes the files whose stat changed since they last hashed right; ``full`` hashes
-    every file on every load (also catches bytes that rotted in place); ``off`` checks only that
-    each file is there with its size."""
-    value = os.environ.get("UIW_VERIFY", "memo").strip() or "memo"
-    for mode in VERIFY_MODES:
-        if value == mode:
-            return mode
-    raise ArtifactError(f"UIW_VERIFY: {value!r} is not one of {', '.join(VERIFY_MODES)}. hint: unset it (memo).")
-
-
 def load(artifact_dir: Path, device: str | None = None, verify: VerifyMode | None = None) -> Loaded:
     """Load an artifact, checking its files against the manifest as it reads them (``verify``,
-    default UIW_VERIFY): a missing or resized file fails before any model work, a file with other
-    bytes fails the load once the hashing thread has seen it (runtime.artifact.IntegrityError)."""
+    default UIW_VERIFY, read by runtime.settings.verify_mode): a missing or resized file fails
+    before any model work, a file with other bytes fails the load once the hashing thread has
+    seen it (runtime.integrity.IntegrityError)."""
     t0 = time.perf_counter()
     manifest = read_manifest(artifact_dir)
     mode = verify or verify_mode()

@@ -10,12 +10,10 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import sys
 import time
 from typing import Any
 
-FORMATS = ("json", "text")
 TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
 
@@ -45,19 +43,13 @@ class TextFormatter(logging.Formatter):
         return line
 
 
-def log_format(default: str = "json") -> str:
-    value = os.environ.get("UIW_LOG_FORMAT", default).strip().lower() or default
-    if value not in FORMATS:
-        raise ValueError(f"UIW_LOG_FORMAT={value!r}: expected one of {', '.join(FORMATS)}. hint: json or text")
-    return value
-
-
-def configure(fmt: str, level: str | None = None) -> None:
-    """The root logger to stderr in `fmt` (replacing earlier handlers: one line per record)."""
+def configure(fmt: str, level: str = "INFO") -> None:
+    """The root logger to stderr in `fmt` (replacing earlier handlers: one line per record); the
+    worker passes UIW_LOG_FORMAT and UIW_LOG_LEVEL as runtime.settings parsed them."""
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(JsonFormatter() if fmt == "json" else TextFormatter())
     root = logging.getLogger()
     for old in list(root.handlers):
         root.removeHandler(old)
     root.addHandler(handler)
-    root.setLevel(level or os.environ.get("UIW_LOG_LEVEL", "INFO"))
+    root.setLevel(level)

@@ -12,9 +12,11 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from runtime import settings
 from runtime.encode import encode
 from runtime.schema import GenerationRequest
-from runtime.upload import Bucket, UploadError, upload
+from runtime.settings import Bucket
+from runtime.upload import UploadError, upload
 
 __all__ = ["Delivered", "UploadError", "deliver", "destination"]
 
@@ -35,7 +37,10 @@ def destination() -> Bucket | None:
     """Where this worker's images go: a bucket, or None for data URIs. Read per request (cheap), so
     a changed environment needs no restart; call it before model work, as a partial configuration
     raises UploadError (an error reply, not an image silently kept somewhere else)."""
-    return Bucket.from_env()
+    try:
+        return settings.bucket()
+    except settings.SettingError as e:
+        raise UploadError(str(e)) from e
 
 
 def deliver(images: Sequence[Any], request: GenerationRequest, job_id: str, bucket: Bucket | None) -> Delivered:

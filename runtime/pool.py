@@ -17,9 +17,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
-
-from pydantic import ByteSize, TypeAdapter, ValidationError
+from typing import Any, Literal
 
 from runtime.artifact import ArtifactError, Manifest
 
@@ -34,20 +32,6 @@ WEIGHT_SUFFIXES = (".safetensors",)
 
 class PoolError(ArtifactError):
     """An artifact that cannot be served under the budget; the message has a hint."""
-
-
-def parse_budget(text: str) -> int:
-    """``UIW_MEMORY_BUDGET``: bytes, or a number with a unit (8GiB, 500MB, 1.5GB)."""
-    try:
-        value = int(TypeAdapter(ByteSize).validate_python(text.strip()))
-    except ValidationError:
-        value = 0
-    if value <= 0:
-        raise ArtifactError(
-            f"UIW_MEMORY_BUDGET: {text!r} is not a memory size. hint: give bytes or a number with a unit, "
-            "such as 8GiB, 500MB or 1.5GB; leave it unset for the device's default."
-        )
-    return value
 
 
 def default_budget() -> tuple[int, str]:
@@ -188,6 +172,15 @@ class Pool:
                 f"{name}: its weights take {need} B, more than the whole memory budget of {self.budget} B. "
                 "hint: raise UIW_MEMORY_BUDGET, or compile the recipe at a smaller precision (precision=fp16)."
             )
+        claim = self._claim(key, need, name, evict)
+        if isinstance(claim, str):  # "load": room reserved for this caller
+            return self._load_claimed(path, key, need, name)
+        return claim
+
+    def _claim(self, key: str, need: int, name: str, evict: bool) -> Lease | Literal["load"] | None:
+        """A lease on the loaded artifact; or "load": room is reserved and the caller loads it; or
+        None: it does not fit without evicting (``evict`` False). Waits (within ``wait_s``) while
+        another request loads it or leased artifacts fill the budget."""
         deadline = time.monotonic() + self.wait_s
         evicted: list[_Entry] = []
         try:
@@ -207,7 +200,7 @@ class Pool:
                         evicted += self._make_room(need)
                         if self._used() + need <= self.budget:
                             self._loading[key] = need
-                            break
+                            return "load"
                     # Another request is loading it, or leased artifacts fill the budget: wait.
                     left = deadline - time.monotonic()
                     if left <= 0:
@@ -219,6 +212,9 @@ class Pool:
                     self._cond.wait(timeout=min(left, 1.0))
         finally:  # also when it gives up: what it evicted is freed either way
             _free(evicted)
+
+    def _load_claimed(self, path: Path, key: str, need: int, name: str) -> Lease:
+        """Load an artifact whose room ``_claim`` reserved, and charge its measured footprint."""
         t0 = time.perf_counter()
         try:
             loaded = self._load(path)

@@ -33,7 +33,6 @@ from runtime.artifact import (
 )
 from runtime.execute import (
     OPTION_FIELDS,
-    ExecSettings,
     Executor,
     GenerationFailed,
     Options,
@@ -46,41 +45,16 @@ from runtime.inputs import attach_images
 from runtime.loader import Loaded
 from runtime.metrics import METRICS
 from runtime.outputs import UploadError, deliver, destination
-from runtime.pool import Pool, default_budget, parse_budget
+from runtime.pool import Pool, default_budget
 from runtime.schema import RequestError, quote, request_json_schema, validate
+from runtime.settings import Bucket, ExecSettings, Settings
 from runtime.trace import Trace
-from runtime.upload import Bucket
 
 log = logging.getLogger(__name__)
 
 
 MODEL_FIELDS = ("model", "recipe")  # the request field that picks the artifact, and its alias
 PRELOAD_CHOICES = "1 (the default artifact), all, 0, or a comma list of served names"
-
-
-@dataclass(frozen=True)
-class Settings:
-    artifacts: tuple[str, ...]  # directories, recipe names or alias names; the first is the default
-    home: Path
-    memory_budget: int | None = None  # bytes; None: from the device (runtime.pool.default_budget)
-    preload: str = "1"  # UIW_PRELOAD: see PRELOAD_CHOICES
-    routing_seed: int | None = None  # UIW_ROUTING_SEED: reproducible A/B choices (tests, replays)
-
-    @classmethod
-    def from_env(cls) -> Settings:
-        entries = tuple(e.strip() for e in os.environ.get("UIW_ARTIFACTS", "").split(",") if e.strip())
-        home = Path(os.environ.get("UIW_HOME", "~/.cache/uiw")).expanduser()
-        budget = os.environ.get("UIW_MEMORY_BUDGET", "").strip()
-        seed = os.environ.get("UIW_ROUTING_SEED", "").strip()
-        if seed and not seed.isdigit():
-            raise ArtifactError(f"UIW_ROUTING_SEED: {seed!r} is not a whole number. hint: unset it or give e.g. 0.")
-        return cls(
-            artifacts=entries,
-            home=home,
-            memory_budget=parse_budget(budget) if budget else None,
-            preload=os.environ.get("UIW_PRELOAD", "1").strip() or "1",
-            routing_seed=int(seed) if seed else None,
-        )
 
 
 @dataclass(frozen=True)
@@ -173,7 +147,7 @@ class Service:
             budget, source = default_budget()
         log.info("memory budget %d B (%s); serving %s", budget, source, ", ".join(self.served))
         self.pool = Pool(budget)
-        self.executor = Executor(ExecSettings.from_env())  # time limit, batching, previews
+        self.executor = Executor(settings.execution)  # time limit, batching, previews
         self._rng = random.Random(settings.routing_seed)
         self._rng_lock = threading.Lock()
         self.preload(settings.preload)
@@ -428,18 +402,7 @@ def describe(service: Service, raw_input: dict[str, Any]) -> dict[str, Any]:
         if not isinstance(name, str) or name not in service.served:
             return {"error": f"{field}: unknown model {quote(name)}; this worker serves: {', '.join(names)}"}
         names = [name]
-    # Which served names can send a request to each artifact (live routes), for the schemas.
-    routing: dict[str, list[str]] = {}
-    default_keys: set[str] = set()
-    for n, s in service.served.items():
-        try:
-            live = [r.cache_key for r in s.routes() if r.weight > 0]
-        except ArtifactError:
-            continue
-        for key in live:
-            routing.setdefault(key, []).append(n)
-        if n == service.default_name:
-            default_keys.update(live)
+    routing, default_keys = _routing(service)
     models: list[dict[str, Any]] = []
     artifacts: dict[str, dict[str, Any]] = {}
     for name in names:
@@ -458,24 +421,10 @@ def describe(service: Service, raw_input: dict[str, Any]) -> dict[str, Any]:
             }
         )
         for r in routes:
-            if r.cache_key[:12] in artifacts:
-                continue
-            manifest = service.manifests.get(r.path)
-            st = service.pool.status(manifest)
-            artifacts[r.cache_key[:12]] = {
-                "recipe": manifest.recipe,
-                "family": manifest.family,
-                "cache_key": manifest.cache_key,
-                "dtype": manifest.runtime.dtype,
-                "loaded": st.loaded,
-                "load_seconds": None if st.load_seconds is None else round(st.load_seconds, 3),
-                "footprint_bytes": st.footprint,
-                "footprint": "measured" if st.measured else "estimated from the weight files",
-                # The whole job input: validation's own schema plus model/recipe, timeout, preview.
-                "schema": worker_input_schema(
-                    manifest, routing.get(r.cache_key, []), r.cache_key in default_keys, service.executor.settings
-                ),
-            }
+            if r.cache_key[:12] not in artifacts:
+                manifest = service.manifests.get(r.path)
+                names_here, default_here = routing.get(r.cache_key, []), r.cache_key in default_keys
+                artifacts[r.cache_key[:12]] = _describe_artifact(service, manifest, names_here, default_here)
     return {
         "models": models,
         "artifacts": artifacts,
@@ -485,14 +434,48 @@ def describe(service: Service, raw_input: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+def _routing(service: Service) -> tuple[dict[str, list[str]], set[str]]:
+    """Which served names can send a request to each artifact (live routes, by cache key), and
+    the artifacts the default model routes to: what each artifact's schema says of ``model``."""
+    routing: dict[str, list[str]] = {}
+    default_keys: set[str] = set()
+    for n, s in service.served.items():
+        try:
+            live = [r.cache_key for r in s.routes() if r.weight > 0]
+        except ArtifactError:
+            continue
+        for key in live:
+            routing.setdefault(key, []).append(n)
+        if n == service.default_name:
+            default_keys.update(live)
+    return routing, default_keys
+
+
+def _describe_artifact(service: Service, manifest: Manifest, names: list[str], default_here: bool) -> dict[str, Any]:
+    st = service.pool.status(manifest)
+    return {
+        "recipe": manifest.recipe,
+        "family": manifest.family,
+        "cache_key": manifest.cache_key,
+        "dtype": manifest.runtime.dtype,
+        "loaded": st.loaded,
+        "load_seconds": None if st.load_seconds is None else round(st.load_seconds, 3),
+        "footprint_bytes": st.footprint,
+        "footprint": "measured" if st.measured else "estimated from the weight files",
+        # The whole job input: validation's own schema plus model/recipe, timeout, preview.
+        "schema": worker_input_schema(manifest, names, default_here, service.executor.settings),
+    }
+
+
 _service: Service | None = None
 _lock = threading.Lock()  # a thread lock, not an asyncio one: it outlives any event loop
 
 
-def get_service() -> Service:
-    """The process's service, created on first use from the environment."""
+def get_service(settings: Settings | None = None) -> Service:
+    """The process's service, created on first use: from ``settings`` (the worker's, parsed at
+    start), else from the environment (an in-process handler: tests, the bench)."""
     global _service
     with _lock:
         if _service is None:
-            _service = Service(Settings.from_env())
+            _service = Service(settings if settings is not None else Settings.from_env())
         return _service

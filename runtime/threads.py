@@ -9,7 +9,7 @@ other, so an oversubscribed or busy machine loses the time slices to spinning: a
 request took seconds instead of a fraction of one (bench/threads.py, bench/RESULTS.md).
 
 The rule, in order:
-1. ``UIW_THREADS=N`` (1 ... MAX_THREADS): N threads.
+1. ``UIW_THREADS=N`` (1 ... runtime.settings.MAX_THREADS): N threads.
 2. ``OMP_NUM_THREADS`` set: torch already read it at import; left as it is.
 3. Otherwise: the whole cores this process may use (min of the affinity mask and the cgroup
    quota, rounded up) divided by UIW_CONCURRENCY, at least 1.
@@ -29,9 +29,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-from runtime.batching import SettingError
+from runtime.settings import requested_threads
 
-MAX_THREADS = 1024
 CGROUP_ROOT = Path("/sys/fs/cgroup")
 PROC_CGROUP = Path("/proc/self/cgroup")
 # cgroup v1 mounts the cpu controller under one of these names (often "cpu" as a link to the pair).
@@ -130,18 +129,18 @@ def usable_cores(root: Path = CGROUP_ROOT, proc_cgroup: Path = PROC_CGROUP) -> C
 
 
 def choose(env: Mapping[str, str], concurrency: int, cores: Cores) -> ThreadChoice:
-    """The rule of this module's docstring; raises SettingError for a bad UIW_THREADS."""
-    raw = env.get("UIW_THREADS", "").strip()
-    if raw:
-        if not raw.isdigit() or not 1 <= int(raw) <= MAX_THREADS:
-            raise SettingError(
-                f"UIW_THREADS={raw!r}: expected a whole number from 1 to {MAX_THREADS}. hint: unset it and the "
-                f"worker uses the cores it may use ({cores.count} here, {cores.source}) divided by UIW_CONCURRENCY"
-            )
-        return ThreadChoice(int(raw), f"UIW_THREADS={raw}", cores, concurrency)
-    omp = env.get("OMP_NUM_THREADS", "").strip()
-    if omp:
-        return ThreadChoice(None, f"OMP_NUM_THREADS={omp}, read by torch", cores, concurrency)
+    """The rule of this module's docstring for an environment; raises SettingError for a bad
+    UIW_THREADS (parsed by runtime.settings)."""
+    return decide(requested_threads(env, cores), env.get("OMP_NUM_THREADS", "").strip(), concurrency, cores)
+
+
+def decide(requested: int | None, omp_num_threads: str, concurrency: int, cores: Cores) -> ThreadChoice:
+    """The rule of this module's docstring: ``requested`` is UIW_THREADS parsed (None: unset),
+    ``omp_num_threads`` the OMP_NUM_THREADS value ("" when unset)."""
+    if requested is not None:
+        return ThreadChoice(requested, f"UIW_THREADS={requested}", cores, concurrency)
+    if omp_num_threads:
+        return ThreadChoice(None, f"OMP_NUM_THREADS={omp_num_threads}, read by torch", cores, concurrency)
     threads = max(1, cores.count // concurrency)
     reason = f"{cores.count} usable cores ({cores.source}) / UIW_CONCURRENCY {concurrency}"
     return ThreadChoice(threads, reason, cores, concurrency)

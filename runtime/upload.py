@@ -1,11 +1,12 @@
 """Encoded images -> objects in S3-compatible storage, answered with URLs instead of data URIs.
 
-The configuration is the RunPod SDK uploader's (runpod.serverless.utils.rp_upload, which
-worker-sdxl calls), so an endpoint configured for worker-sdxl uploads here unchanged:
-``BUCKET_ENDPOINT_URL``, ``BUCKET_ACCESS_KEY_ID``, ``BUCKET_SECRET_ACCESS_KEY``; the bucket is
-``BUCKET_NAME``, else the SDK's default, the current month as ``MM-YY``; keys are
-``<job id>/<8 hex>.<ext>``; the reply carries a presigned GET URL valid for 7 days; the region is
-read from AWS/Backblaze (``.s3.<region>.``) and DigitalOcean Spaces endpoint URLs.
+The configuration (parsed by runtime.settings.bucket) is the RunPod SDK uploader's
+(runpod.serverless.utils.rp_upload, which worker-sdxl calls), so an endpoint configured for
+worker-sdxl uploads here unchanged: ``BUCKET_ENDPOINT_URL``, ``BUCKET_ACCESS_KEY_ID``,
+``BUCKET_SECRET_ACCESS_KEY``; the bucket is ``BUCKET_NAME``, else the SDK's default, the
+current month as ``MM-YY``; keys are ``<job id>/<8 hex>.<ext>``; the reply carries a presigned
+GET URL valid for 7 days; the region is read from AWS/Backblaze (``.s3.<region>.``) and
+DigitalOcean Spaces endpoint URLs.
 
 Where the SDK falls back silently (no endpoint or no keys: it writes the image to a local folder
 and returns that path, useless to a remote client), this module refuses: a half-configured bucket
@@ -16,84 +17,20 @@ helpers return local paths on failure.
 
 from __future__ import annotations
 
-import os
-import time
 import uuid
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
 from functools import lru_cache
 from typing import Any
-from urllib.parse import urlsplit
 
 from runtime.encode import Encoded
+from runtime.settings import BUCKET_ENV, ENDPOINT_ENV, Bucket
 
-ENDPOINT_ENV = "BUCKET_ENDPOINT_URL"
-KEY_ID_ENV = "BUCKET_ACCESS_KEY_ID"
-SECRET_ENV = "BUCKET_SECRET_ACCESS_KEY"
-BUCKET_ENV = "BUCKET_NAME"
 URL_EXPIRES_S = 7 * 24 * 3600  # the SDK's presigned URL lifetime (604800 s)
 
 
 class UploadError(Exception):
     """A bucket that is configured wrongly or failed; the message says what and ends with a hint."""
-
-
-@dataclass(frozen=True)
-class Bucket:
-    endpoint_url: str
-    access_key_id: str
-    secret_access_key: str = field(repr=False)
-    name: str | None  # None: the SDK's default, chosen per upload (the month changes)
-    region: str | None
-
-    @classmethod
-    def from_env(cls, env: Mapping[str, str] | None = None) -> Bucket | None:
-        """The bucket to upload to, or None when none is configured (replies carry data URIs).
-        Raises UploadError for a partial configuration: never a silent fallback."""
-        env = os.environ if env is None else env
-        endpoint = env.get(ENDPOINT_ENV, "").strip()
-        key_id, secret = env.get(KEY_ID_ENV, "").strip(), env.get(SECRET_ENV, "").strip()
-        if not endpoint:
-            if key_id or secret:
-                raise UploadError(
-                    f"{KEY_ID_ENV}/{SECRET_ENV} are set but {ENDPOINT_ENV} is not, so images cannot be uploaded. "
-                    f"hint: set {ENDPOINT_ENV} (e.g. https://s3.us-east-1.amazonaws.com), or unset the keys to "
-                    "receive images as data URIs."
-                )
-            return None
-        missing = [name for name, value in ((KEY_ID_ENV, key_id), (SECRET_ENV, secret)) if not value]
-        if missing:
-            raise UploadError(
-                f"{ENDPOINT_ENV} is set ({endpoint}) but {' and '.join(missing)} "
-                f"{'is' if len(missing) == 1 else 'are'} not, so images cannot be uploaded. "
-                f"hint: set {KEY_ID_ENV} and {SECRET_ENV} to the bucket's keys, "
-                f"or unset {ENDPOINT_ENV} to receive images as data URIs."
-            )
-        parts = urlsplit(endpoint)
-        if parts.scheme not in ("http", "https") or not parts.hostname:
-            raise UploadError(
-                f"{ENDPOINT_ENV}: {endpoint!r} is not an http(s) URL. hint: give the S3 endpoint, e.g. "
-                "https://s3.us-east-1.amazonaws.com or https://<account>.r2.cloudflarestorage.com"
-            )
-        name = env.get(BUCKET_ENV, "").strip() or None
-        return cls(endpoint.rstrip("/"), key_id, secret, name, region_of(endpoint))
-
-    def bucket_name(self) -> str:
-        return self.name or time.strftime("%m-%y")  # the SDK's default bucket
-
-
-def region_of(endpoint_url: str) -> str | None:
-    """The region in an endpoint URL, as the SDK reads it (rp_upload.extract_region_from_url) for
-    AWS/Backblaze (``[bucket.]s3.<region>.…``) and DigitalOcean Spaces (``<region>.digitaloceanspaces.com``);
-    None otherwise (boto3 then takes AWS_DEFAULT_REGION, else signs for us-east-1)."""
-    labels = (urlsplit(endpoint_url).hostname or "").split(".")
-    if "s3" in labels[:-2]:
-        region = labels[labels.index("s3") + 1]
-        return None if region == "amazonaws" else region
-    if labels[-2:] == ["digitaloceanspaces", "com"] and len(labels) >= 3:
-        return labels[-3]
-    return None
 
 
 @lru_cache(maxsize=4)

@@ -132,3 +132,8 @@ def call(service_env):
         return asyncio.run(handler({"id": "test", "input": job_input}))
 
     return _call
+
+
+def run_store(home: Path, *args: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
+    """`python -m compiler.store --home HOME ARGS...` as a user runs it, in the child environment."""
+    return run_compiler("--home", str(home), *args, home=home, timeout=timeout, module="compiler.store")

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -102,42 +104,24 @@ def choose_file(files: list[dict[str, Any]], where: str, what: str) -> dict[str,
     )
 
 
-def inventory(src: uri.CivitaiSource, where: str, ctx: Context) -> LockEntry:
+@contextmanager
+def _failures(where: str, what: str, failed: str, hint: str) -> Iterator[None]:
+    """A CivitAI call's HTTP status (``what`` was asked for) and transfer failures (``failed``:
+    the message's start) as UserErrors with a hint."""
     try:
-        version_id = src.version_id
-        if version_id is None:  # pin the newest version (the API lists newest first)
-            model = _api(ctx, f"models/{src.model_id}")
-            versions = model.get("modelVersions") or []
-            if not versions:
-                raise UserError.one(where, f"CivitAI model {src.model_id} has no versions", "check the model id")
-            version_id = int(versions[0]["id"])
-        try:
-            version = _api(ctx, f"model-versions/{version_id}")
-        except HttpStatusError as e:
-            if e.status == 404 and src.model_id is not None:
-                raise _missing_version(ctx, where, src.model_id, version_id) from None
-            raise
-        if src.model_id is not None and version.get("modelId") not in (None, src.model_id):
-            raise UserError.one(
-                where,
-                f"CivitAI version {version_id} belongs to model {version.get('modelId')}, not {src.model_id}",
-                f"write civitai://models/{version.get('modelId')}@{version_id}",
-            )
+        yield
     except HttpStatusError as e:
-        raise _status_error(e, where, f"model {src.model_id or '?'} version {src.version_id or 'latest'}") from None
+        raise _status_error(e, where, what) from None
     except TransferError as e:
-        raise UserError.one(
-            where, f"cannot reach CivitAI at {ctx.civitai_base}: {e}", "check CIVITAI_BASE_URL and the network"
-        ) from None
-    files = version.get("files") or []
-    if src.file_id is not None:
-        files = [f for f in files if f.get("id") == src.file_id]
-        if not files:
-            listed = ", ".join(f"{f.get('id')} ({f.get('name')})" for f in version.get("files") or [])
-            raise UserError.one(
-                where, f"CivitAI version {version_id} has no file {src.file_id}", f"its files: {listed}"
-            )
-    chosen = choose_file(files, where, f"CivitAI version {version_id}")
+        raise UserError.one(where, f"{failed}: {e}", hint) from None
+
+
+def inventory(src: uri.CivitaiSource, where: str, ctx: Context) -> LockEntry:
+    what = f"model {src.model_id or '?'} version {src.version_id or 'latest'}"
+    unreachable = f"cannot reach CivitAI at {ctx.civitai_base}"
+    with _failures(where, what, unreachable, "check CIVITAI_BASE_URL and the network"):
+        version_id, version = _version(src, where, ctx)
+    chosen = _weights(src, version, version_id, where)
     sha = str((chosen.get("hashes") or {}).get("SHA256", "")).lower()
     if len(sha) != 64:
         raise UserError.one(
@@ -165,6 +149,43 @@ def inventory(src: uri.CivitaiSource, where: str, ctx: Context) -> LockEntry:
     )
 
 
+def _version(src: uri.CivitaiSource, where: str, ctx: Context) -> tuple[int, dict[str, Any]]:
+    """The version the source names (its model's newest when it names none) and its record."""
+    version_id = src.version_id
+    if version_id is None:  # pin the newest version (the API lists newest first)
+        model = _api(ctx, f"models/{src.model_id}")
+        versions = model.get("modelVersions") or []
+        if not versions:
+            raise UserError.one(where, f"CivitAI model {src.model_id} has no versions", "check the model id")
+        version_id = int(versions[0]["id"])
+    try:
+        version = _api(ctx, f"model-versions/{version_id}")
+    except HttpStatusError as e:
+        if e.status == 404 and src.model_id is not None:
+            raise _missing_version(ctx, where, src.model_id, version_id) from None
+        raise
+    if src.model_id is not None and version.get("modelId") not in (None, src.model_id):
+        raise UserError.one(
+            where,
+            f"CivitAI version {version_id} belongs to model {version.get('modelId')}, not {src.model_id}",
+            f"write civitai://models/{version.get('modelId')}@{version_id}",
+        )
+    return version_id, version
+
+
+def _weights(src: uri.CivitaiSource, version: dict[str, Any], version_id: int, where: str) -> dict[str, Any]:
+    """The file to pin: the one the source names, else the version's safetensors weights."""
+    files = version.get("files") or []
+    if src.file_id is not None:
+        files = [f for f in files if f.get("id") == src.file_id]
+        if not files:
+            listed = ", ".join(f"{f.get('id')} ({f.get('name')})" for f in version.get("files") or [])
+            raise UserError.one(
+                where, f"CivitAI version {version_id} has no file {src.file_id}", f"its files: {listed}"
+            )
+    return choose_file(files, where, f"CivitAI version {version_id}")
+
+
 def _missing_version(ctx: Context, where: str, model_id: int, version_id: int) -> UserError:
     try:
         model = _api(ctx, f"models/{model_id}")
@@ -183,12 +204,8 @@ def fetch(entry: LockEntry, where: str, ctx: Context, paths: tuple[str, ...]) ->
     url = f.url or ""
     if not urlsplit(url).netloc:
         url = ctx.civitai_base + url
-    try:
-        blob = fetch_pinned(ctx, f, url, _headers(), f"civitai {entry.meta.get('version_id')}: {f.path}")
-    except HttpStatusError as e:
-        raise _status_error(e, where, f"the download of version {entry.meta.get('version_id')}") from None
-    except TransferError as e:
-        raise UserError.one(
-            where, f"download from CivitAI failed: {e}", "retry; the partial download is kept and resumes"
-        ) from None
+    version = entry.meta.get("version_id")
+    failed, hint = "download from CivitAI failed", "retry; the partial download is kept and resumes"
+    with _failures(where, f"the download of version {version}", failed, hint):
+        blob = fetch_pinned(ctx, f, url, _headers(), f"civitai {version}: {f.path}")
     return Fetched(source=entry.source, kind=entry.kind, files={f.path: blob})

@@ -12,6 +12,7 @@ from __future__ import annotations
 import errno
 import hashlib
 import logging
+import math
 import os
 import shutil
 import sys
@@ -24,11 +25,14 @@ from urllib.parse import urlsplit
 
 import httpx
 
+from compiler.errors import UserError
 from runtime.artifact import fsync_path
 
 log = logging.getLogger(__name__)
 
 CHUNK = 1 << 20
+TIMEOUT_ENV = "UIW_HTTP_TIMEOUT"
+RETRIES_ENV = "UIW_HTTP_RETRIES"
 
 
 @dataclass(frozen=True)
@@ -41,14 +45,42 @@ class Policy:
     max_backoff: float = 8.0
 
     @classmethod
-    def from_env(cls) -> Policy:
-        return cls(
-            timeout=float(os.environ.get("UIW_HTTP_TIMEOUT", cls.timeout)),
-            retries=int(os.environ.get("UIW_HTTP_RETRIES", cls.retries)),
-        )
+    def from_env(cls, env: Mapping[str, str] = os.environ) -> Policy:
+        """Raises UserError naming the variable for a value that is not a time or a count."""
+        return cls(timeout=_timeout(env, cls.timeout), retries=_retries(env, cls.retries))
 
     def wait(self, attempt: int) -> float:
         return min(self.backoff * 2**attempt, self.max_backoff)
+
+
+def _timeout(env: Mapping[str, str], default: float) -> float:
+    raw = env.get(TIMEOUT_ENV, "").strip()
+    if not raw:
+        return default
+    try:
+        value = float(raw)
+    except ValueError:
+        value = -1.0
+    if not 0 < value < math.inf:  # NaN fails too
+        raise UserError.one(
+            f"environment: {TIMEOUT_ENV}",
+            f"expected seconds greater than 0 (the longest wait for a byte), found {raw!r}",
+            f"unset it for {default:g} s, or give e.g. 120 for a slow mirror",
+        )
+    return value
+
+
+def _retries(env: Mapping[str, str], default: int) -> int:
+    raw = env.get(RETRIES_ENV, "").strip()
+    if not raw:
+        return default
+    if not (raw.isascii() and raw.isdigit()):
+        raise UserError.one(
+            f"environment: {RETRIES_ENV}",
+            f"expected a whole number of retries, 0 or more, found {raw!r}",
+            f"unset it for {default}, or give 0 to fail at the first error",
+        )
+    return int(raw)
 
 
 class HttpStatusError(Exception):
@@ -161,63 +193,90 @@ def download(
     bar = _progress(label, expected_size, part.size)
     try:
         with client(policy) as c:
-            attempt = 0
-            while True:
-                done = expected_size is not None and part.size == expected_size
-                if done:
-                    break
-                req_headers = {**headers, "Accept-Encoding": "identity"}
-                if part.size:
-                    req_headers["Range"] = f"bytes={part.size}-"
-                try:
-                    with c.stream("GET", url, headers=req_headers) as r:
-                        if r.status_code == 416 and part.size:  # nothing after our offset: restart clean
-                            part.reset()
-                            raise _Retry(f"HTTP 416 at offset {part.size}")
-                        if r.status_code not in (200, 206):
-                            if _retryable(r.status_code):
-                                raise _Retry(f"HTTP {r.status_code}")
-                            r.read()
-                            raise HttpStatusError(url, r.status_code, r.text[:500])
-                        if r.status_code == 200 and part.size:
-                            log.info("%s: server ignored the Range request; starting over", label)
-                            part.reset()
-                        if r.status_code == 206:
-                            log.info("%s: resuming at byte %d", label, part.size)
-                        total = _total(r)
-                        _write(r, part, bar)
-                        if total is not None and part.size < total:
-                            raise _Retry(f"connection closed at byte {part.size} of {total}")
-                        break
-                except (_Retry, httpx.TransportError) as e:
-                    why = str(e) if isinstance(e, _Retry) else f"{type(e).__name__}: {e}"
-                    if attempt >= policy.retries:
-                        raise TransferError(f"{label}: {why} (after {attempt + 1} attempts)") from None
-                    _sleep(policy, attempt, f"{label}: {why} (have {part.size} bytes)")
-                    attempt += 1
-        found = part.hasher.hexdigest()
-        wrong_size = expected_size is not None and part.size != expected_size
-        if wrong_size or (expected_sha256 is not None and found != expected_sha256):
-            got = f"{found} ({part.size} bytes)"
-            part.reset()
-            raise HashMismatch(label, expected_sha256 or f"{expected_size} bytes", got)
-        fsync_path(partial)
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        os.replace(partial, dest)
-        fsync_path(dest.parent)
-        return found
+            _transfer(c, _Source(url, headers, label), part, bar, expected_size, policy)
+        return _land(part, dest, expected_sha256, expected_size, label)
     except OSError as e:
         if e.errno == errno.ENOSPC:
-            part.reset()
-            free = shutil.disk_usage(partial.parent).free
-            raise DiskFull(
-                f"{label}: disk full under {partial.parent} ({free} bytes free"
-                + (f", the file needs {expected_size}" if expected_size else "")
-                + "); nothing partial was kept"
-            ) from None
+            raise _disk_full(part, expected_size, label) from None
         raise
     finally:
         bar.close()
+
+
+@dataclass(frozen=True)
+class _Source:
+    url: str
+    headers: Mapping[str, str]
+    label: str  # for logs and errors: never the URL, which may carry a token
+
+
+def _transfer(
+    c: httpx.Client, src: _Source, part: _Partial, bar: Any, expected_size: int | None, policy: Policy
+) -> None:
+    """Attempts until every byte is on disk, each resuming after the bytes already there; raises
+    TransferError once the retries are spent."""
+    attempt = 0
+    while not (expected_size is not None and part.size == expected_size):
+        try:
+            _attempt(c, src, part, bar)
+            return
+        except (_Retry, httpx.TransportError) as e:
+            why = str(e) if isinstance(e, _Retry) else f"{type(e).__name__}: {e}"
+            if attempt >= policy.retries:
+                raise TransferError(f"{src.label}: {why} (after {attempt + 1} attempts)") from None
+            _sleep(policy, attempt, f"{src.label}: {why} (have {part.size} bytes)")
+            attempt += 1
+
+
+def _attempt(c: httpx.Client, src: _Source, part: _Partial, bar: Any) -> None:
+    """One GET (a Range request after the bytes on disk); raises _Retry for what another attempt
+    may fix, HttpStatusError for a final status."""
+    req_headers = {**src.headers, "Accept-Encoding": "identity"}
+    if part.size:
+        req_headers["Range"] = f"bytes={part.size}-"
+    with c.stream("GET", src.url, headers=req_headers) as r:
+        if r.status_code == 416 and part.size:  # nothing after our offset: restart clean
+            part.reset()
+            raise _Retry(f"HTTP 416 at offset {part.size}")
+        if r.status_code not in (200, 206):
+            if _retryable(r.status_code):
+                raise _Retry(f"HTTP {r.status_code}")
+            r.read()
+            raise HttpStatusError(src.url, r.status_code, r.text[:500])
+        if r.status_code == 200 and part.size:
+            log.info("%s: server ignored the Range request; starting over", src.label)
+            part.reset()
+        if r.status_code == 206:
+            log.info("%s: resuming at byte %d", src.label, part.size)
+        total = _total(r)
+        _write(r, part, bar)
+        if total is not None and part.size < total:
+            raise _Retry(f"connection closed at byte {part.size} of {total}")
+
+
+def _land(part: _Partial, dest: Path, expected_sha256: str | None, expected_size: int | None, label: str) -> str:
+    """Check the finished bytes against the pin, then give them their final name (atomically)."""
+    found = part.hasher.hexdigest()
+    wrong_size = expected_size is not None and part.size != expected_size
+    if wrong_size or (expected_sha256 is not None and found != expected_sha256):
+        got = f"{found} ({part.size} bytes)"
+        part.reset()
+        raise HashMismatch(label, expected_sha256 or f"{expected_size} bytes", got)
+    fsync_path(part.path)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    os.replace(part.path, dest)
+    fsync_path(dest.parent)
+    return found
+
+
+def _disk_full(part: _Partial, expected_size: int | None, label: str) -> DiskFull:
+    part.reset()
+    free = shutil.disk_usage(part.path.parent).free
+    return DiskFull(
+        f"{label}: disk full under {part.path.parent} ({free} bytes free"
+        + (f", the file needs {expected_size}" if expected_size else "")
+        + "); nothing partial was kept"
+    )
 
 
 class _Retry(Exception):

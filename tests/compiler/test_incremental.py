@@ -23,7 +23,7 @@ import torch
 from compiler.families import FAMILIES
 from tests.compiler.test_lora import _check, _factors, kohya_file
 from tests.compiler.test_sources import compile_recipe
-from tests.conftest import DEMO_SETTINGS, PY, REPO, REQ, child_env, run_compiler, serve
+from tests.conftest import DEMO_SETTINGS, PY, REPO, REQ, child_env, run_store, serve
 from tests.helpers.fakehub import FakeHub, tree
 
 SD15_CONFIGS = FAMILIES["sd15"].config_repo.removeprefix("hf://")
@@ -109,17 +109,7 @@ def test_lora_scale_change_reuses_the_converted_base_and_every_blob(tmp_path, co
     blobs = _blobs(home)
     assert blobs  # the config repo's files came through the blob store
 
-    # Unchanged: a cache hit that neither converts nor imports torch (nor diffusers).
-    t0 = time.perf_counter()
-    again = compile_recipe(
-        tmp_path, home, config_hub, "", text=RECIPE.format(scale=1.0), env={"PYTHONPROFILEIMPORTTIME": "1"}
-    )
-    seconds = time.perf_counter() - t0
-    assert again.returncode == 0 and again.stdout == first.stdout, again.stderr[-3000:]
-    imported = {line.rsplit("|", 1)[-1].strip() for line in again.stderr.splitlines() if line.startswith("import time")}
-    assert "compiler.cli" in imported and not {"torch", "diffusers", "transformers"} & imported
-    assert "converted base" not in again.stderr
-    print(f"unchanged recompile: {seconds:.2f} s (subprocess, imports included)")
+    _assert_unchanged_recompile_is_a_torch_free_hit(tmp_path, home, config_hub, first)
 
     # Only the LoRA's scale changed: the converted base is loaded, not converted; nothing is fetched.
     t0 = time.perf_counter()
@@ -135,12 +125,7 @@ def test_lora_scale_change_reuses_the_converted_base_and_every_blob(tmp_path, co
     _check(two, base, [(stack["factors"], 0.5, ALPHA)])
     image_one, image_two = serve(home, one, REQ), serve(home, two, REQ)
     assert image_one.shape == image_two.shape and not np.array_equal(image_one, image_two)
-    # What the LoRA leaves alone (the VAE) is one file on disk, shared with the converted base.
-    vae = "pipeline/vae/diffusion_pytorch_model.safetensors"
-    assert (two / vae).stat().st_ino == (entry / vae).stat().st_ino == (one / vae).stat().st_ino
-    # The unet the LoRA changed is the artifact's own file.
-    unet = "pipeline/unet/diffusion_pytorch_model.safetensors"
-    assert (two / unet).stat().st_ino != (entry / unet).stat().st_ino
+    _assert_shares_only_what_the_lora_left_alone(one, two, entry)
 
     # A cold build of the same recipe in a fresh store (converter called) is the same artifact.
     cold = _compile(tmp_path, config_hub, 0.5, home=tmp_path / "fresh")
@@ -148,11 +133,36 @@ def test_lora_scale_change_reuses_the_converted_base_and_every_blob(tmp_path, co
     assert _conversions(cold.stderr) == [("miss", key)]
     assert _manifest(Path(cold.stdout.strip()))["content_digest"] == _manifest(two)["content_digest"]
 
-    # The store commands: ls lists the entry with its users; verify re-hashes it.
+    _assert_store_commands_list_the_entry(home, key, users=(one, two))
+
+
+def _assert_unchanged_recompile_is_a_torch_free_hit(tmp_path: Path, home: Path, hub: FakeHub, first) -> None:
+    """Unchanged: a cache hit that neither converts nor imports torch (nor diffusers)."""
+    t0 = time.perf_counter()
+    again = compile_recipe(tmp_path, home, hub, "", text=RECIPE.format(scale=1.0), env={"PYTHONPROFILEIMPORTTIME": "1"})
+    seconds = time.perf_counter() - t0
+    assert again.returncode == 0 and again.stdout == first.stdout, again.stderr[-3000:]
+    imported = {line.rsplit("|", 1)[-1].strip() for line in again.stderr.splitlines() if line.startswith("import time")}
+    assert "compiler.cli" in imported and not {"torch", "diffusers", "transformers"} & imported
+    assert "converted base" not in again.stderr
+    print(f"unchanged recompile: {seconds:.2f} s (subprocess, imports included)")
+
+
+def _assert_shares_only_what_the_lora_left_alone(one: Path, two: Path, entry: Path) -> None:
+    """What the LoRA leaves alone (the VAE) is one file on disk, shared with the converted base;
+    the unet the LoRA changed is the artifact's own file."""
+    vae = "pipeline/vae/diffusion_pytorch_model.safetensors"
+    assert (two / vae).stat().st_ino == (entry / vae).stat().st_ino == (one / vae).stat().st_ino
+    unet = "pipeline/unet/diffusion_pytorch_model.safetensors"
+    assert (two / unet).stat().st_ino != (entry / unet).stat().st_ino
+
+
+def _assert_store_commands_list_the_entry(home: Path, key: str, users: tuple[Path, ...]) -> None:
+    """The store commands: ls lists the converted entry with its users; verify re-hashes it."""
     ls = _store(home, "ls", "--json")
     assert ls.returncode == 0, ls.stderr
     (row,) = json.loads(ls.stdout)["converted"]
-    assert row["key"] == key and sorted(row["artifacts"]) == sorted([one.name, two.name])
+    assert row["key"] == key and sorted(row["artifacts"]) == sorted(u.name for u in users)
     verify = _store(home, "verify")
     assert verify.returncode == 0 and "1 converted" in verify.stdout, verify.stdout
 
@@ -223,7 +233,7 @@ def test_gc_keeps_converted_bases_that_kept_artifacts_came_from(tmp_path, config
 
 
 def _store(home: Path, *args: str) -> subprocess.CompletedProcess[str]:
-    return run_compiler("--home", str(home), *args, home=home, module="compiler.store", timeout=120)
+    return run_store(home, *args, timeout=120)
 
 
 @pytest.mark.slow

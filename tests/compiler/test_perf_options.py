@@ -1,4 +1,4 @@
-"""Performance options (issue 7): offload, compile, channels_last, fused QKV, attention backend and
+"""Performance options: offload, compile, channels_last, fused QKV, attention backend and
 quantize. Each one parses, enters the plan and the cache key, lands in the manifest, and is
 applied at load; the pictures match the plain artifact's (exactly up to float rounding for the
 layout options, within a stated tolerance for quantized weights); the combinations that cannot

@@ -215,25 +215,14 @@ def test_fp16_sdxl_decodes_in_fp32_and_leaves_the_shared_vae_as_it_was():
 
     from compiler.tiny_models import BUILTINS
     from runtime.generate import generate
-    from runtime.schema import GenerationRequest
+    from tests.helpers.generation import tiny_request
 
     pipe = BUILTINS["tiny-sdxl"].build().to(torch.float16)  # as materialize casts an fp16 build
     pipe.set_progress_bar_config(disable=True)
     assert pipe.vae.config.force_upcast
     seen: list[torch.dtype] = []
     pipe.vae.decoder.register_forward_pre_hook(lambda module, args: seen.append(args[0].dtype))
-    request = GenerationRequest(
-        task="txt2img",
-        prompt="a red fox in the snow",
-        negative_prompt="blurry",
-        width=64,
-        height=64,
-        steps=1,
-        guidance_scale=7.5,
-        scheduler="K_EULER",
-        seed=7,
-        num_images=1,
-    )
+    request = tiny_request(negative_prompt="blurry", steps=1, guidance_scale=7.5, seed=7)
     first, again = (np.array(generate(pipe, request)[0]) for _ in range(2))
     assert seen == [torch.float32, torch.float32], "decoded in fp32"
     assert pipe.vae.dtype == torch.float16 and pipe.unet.dtype == torch.float16, "the shared VAE is cast back"

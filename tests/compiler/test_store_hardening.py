@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import PY, REPO, child_env
+from tests.conftest import REPO, run_store
 
 # demo as the session compiled it (fp32, K_EULER), then three rebuilds: the name's history is then
 # [fp16+DDIM (current), fp16, DDIM, fp32 K_EULER]
@@ -19,14 +19,7 @@ BUILDS = ([], ["scheduler=DDIM"], ["precision=fp16"], ["precision=fp16", "schedu
 
 
 def store_cli(home: Path, *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [PY, "-m", "compiler.store", "--home", str(home), *args],
-        cwd=REPO,
-        env=child_env(home),
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    return run_store(home, *args, timeout=120)
 
 
 @pytest.fixture(scope="module")
@@ -80,7 +73,8 @@ def test_ls_shows_what_differs_between_artifacts_of_one_recipe(four: tuple[Path,
 
 
 def test_gc_keep_history_frees_old_history_and_keeps_current_and_aliased(four: tuple[Path, list[str]], tmp_path: Path):
-    from runtime.artifact import ARTIFACTS_SUBDIR, VERIFIED_DIR, read_name
+    from runtime.artifact import ARTIFACTS_SUBDIR, read_name
+    from runtime.integrity import VERIFIED_DIR
 
     store = tmp_path / "home"
     shutil.copytree(four[0], store)

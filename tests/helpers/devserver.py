@@ -53,10 +53,15 @@ class DevServer:
 
 @contextmanager
 def dev_server(
-    env: dict[str, str], tmp_path: Path, startup_s: float = 180, log_path: Path | None = None
+    env: dict[str, str],
+    tmp_path: Path,
+    startup_s: float = 180,
+    log_path: Path | None = None,
+    drop: tuple[str, ...] = (),
 ) -> Iterator[DevServer]:
     """The worker sees this process's environment less conftest.LEAKY (the session's own store
-    and artifacts), plus `env`; its log lines go to `log_path` (default: a file in tmp_path)."""
+    and artifacts) and less `drop`, plus `env`; its log lines go to `log_path` (default: a file in
+    tmp_path)."""
     port = free_port()
     log_path = log_path or tmp_path / f"worker-{port}.log"
     # Two files: the SDK prints to stdout, our log lines go to stderr; one file for both could
@@ -65,7 +70,7 @@ def dev_server(
         proc = subprocess.Popen(
             [PY, "-m", "runtime", "--rp_serve_api", "--rp_api_host", "127.0.0.1", "--rp_api_port", str(port)],
             cwd=REPO,
-            env={**{k: v for k, v in os.environ.items() if k not in LEAKY}, "UIW_LOG_FORMAT": "json", **env},
+            env={**{k: v for k, v in os.environ.items() if k not in (*LEAKY, *drop)}, "UIW_LOG_FORMAT": "json", **env},
             stdout=sdk_file,
             stderr=log_file,
             text=True,

@@ -188,212 +188,216 @@ class FakeHub:
         }
 
 
-def _handler(hub: FakeHub) -> type[BaseHTTPRequestHandler]:
-    class Handler(BaseHTTPRequestHandler):
-        protocol_version = "HTTP/1.1"
+class _HubHandler(BaseHTTPRequestHandler):
+    """Answers one request from a fake Hub's state (`_handler` makes the subclass that names which hub)."""
 
-        def log_message(self, *args: Any) -> None:  # quiet
+    hub: FakeHub
+    protocol_version = "HTTP/1.1"
+
+    def log_message(self, *args: Any) -> None:  # quiet
+        pass
+
+    def do_HEAD(self) -> None:
+        self._route(head=True)
+
+    def do_GET(self) -> None:
+        self._route(head=False)
+
+    # --- plumbing ----------------------------------------------------------------------
+    def _json(self, code: int, body: Any, headers: dict[str, str] | None = None) -> None:
+        data = json.dumps(body).encode()
+        self.send_response(code)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        for k, v in (headers or {}).items():
+            self.send_header(k, v)
+        self.end_headers()
+        if not self.head:
+            self.wfile.write(data)
+
+    def _hf_error(self, code: int, error_code: str, message: str) -> None:
+        self._json(code, {"error": message}, {"X-Error-Code": error_code, "X-Error-Message": message})
+
+    def _bytes(self, data: bytes, headers: dict[str, str], fault: Fault | None) -> None:
+        start = 0
+        rng = self.headers.get("Range")
+        if rng and (m := re.match(r"bytes=(\d+)-$", rng)):
+            start = int(m.group(1))
+            if start >= len(data):
+                self.send_response(416)
+                self.send_header("Content-Range", f"bytes */{len(data)}")
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+                return
+        body = data[start:]
+        if fault is not None and fault.kind == "corrupt":
+            body = bytes([body[0] ^ 0xFF]) + body[1:]
+        self.send_response(206 if start else 200)
+        if start:
+            self.send_header("Content-Range", f"bytes {start}-{len(data) - 1}/{len(data)}")
+        self.send_header("Accept-Ranges", "bytes")
+        self.send_header("Content-Length", str(len(body)))
+        for k, v in headers.items():
+            self.send_header(k, v)
+        self.end_headers()
+        if self.head:
+            return
+        if fault is not None and fault.kind == "drop":
+            self.wfile.write(body[: int(fault.arg)])
+            self.wfile.flush()
+            self.close_connection = True
+            self.connection.shutdown(2)
+            return
+        if fault is not None and fault.kind == "stall":
+            self.wfile.write(body[:1])
+            self.wfile.flush()
+            time.sleep(fault.arg)
+            self.close_connection = True
+            return
+        self.wfile.write(body)
+
+    def _route(self, head: bool) -> None:
+        self.head = head
+        parts = urlsplit(self.path)
+        path = unquote(parts.path)
+        self.hub.log.append(
+            LoggedRequest(
+                self.command, path, self.headers.get("Range"), "authorization" in {k.lower() for k in self.headers}
+            )
+        )
+        fault = self.hub.take_fault(path)
+        if fault is not None and fault.kind == "status":
+            self._json(int(fault.arg), {"error": f"injected {int(fault.arg)}"})
+            return
+        try:
+            if m := re.match(r"^/api/models/(?P<repo>[^/]+/[^/]+)(?:/revision/(?P<rev>.+))?$", path):
+                return self._model_info(m.group("repo"), m.group("rev") or "main")
+            if m := re.match(r"^/api/v1/model-versions/by-hash/(?P<h>[0-9A-Fa-f]+)$", path):
+                return self._by_hash(m.group("h"))
+            if m := re.match(r"^/api/v1/model-versions/(?P<id>\d+)$", path):
+                return self._version(int(m.group("id")))
+            if m := re.match(r"^/api/v1/models/(?P<id>\d+)$", path):
+                return self._model(int(m.group("id")))
+            if m := re.match(r"^/api/download/models/(?P<id>\d+)$", path):
+                return self._civitai_download(int(m.group("id")), parse_qs(parts.query))
+            if m := re.match(r"^/storage/(?P<vid>\d+)/(?P<fid>\d+)/(?P<name>[^/]+)$", path):
+                return self._storage(int(m.group("vid")), int(m.group("fid")), fault)
+            if m := re.match(r"^/files/(?P<name>.+)$", path):
+                data = self.hub.files.get(m.group("name"))
+                if data is None:
+                    return self._json(404, {"error": "not found"})
+                return self._bytes(data, {}, fault)
+            if m := re.match(r"^/(?P<repo>[^/]+/[^/]+)/resolve/(?P<rev>[^/]+)/(?P<file>.+)$", path):
+                return self._resolve(m.group("repo"), m.group("rev"), m.group("file"), fault)
+            self._json(404, {"error": f"no route {path}"})
+        except (BrokenPipeError, ConnectionResetError):
             pass
 
-        def do_HEAD(self) -> None:
-            self._route(head=True)
+    # --- HuggingFace -------------------------------------------------------------------
+    def _repo_access(self, name: str) -> Repo | None:
+        repo = self.hub.repos.get(name)
+        auth = self.headers.get("Authorization", "")
+        if repo is None or (repo.token and not repo.gated and auth != f"Bearer {repo.token}"):
+            self._hf_error(401, "RepoNotFound", "Repository not found")
+            return None
+        if repo.gated and auth != f"Bearer {repo.token}":
+            self._hf_error(403 if auth else 401, "GatedRepo", f"Access to model {name} is restricted.")
+            return None
+        return repo
 
-        def do_GET(self) -> None:
-            self._route(head=False)
+    def _commit(self, repo: Repo, rev: str) -> str | None:
+        commit = repo.refs.get(rev, rev if rev in repo.commits else None)
+        if commit is None:
+            self._hf_error(404, "RevisionNotFound", f"Invalid rev id: {rev}")
+        return commit
 
-        # --- plumbing ----------------------------------------------------------------------
-        def _json(self, code: int, body: Any, headers: dict[str, str] | None = None) -> None:
-            data = json.dumps(body).encode()
-            self.send_response(code)
-            self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Length", str(len(data)))
-            for k, v in (headers or {}).items():
-                self.send_header(k, v)
-            self.end_headers()
-            if not self.head:
-                self.wfile.write(data)
+    def _model_info(self, name: str, rev: str) -> None:
+        repo = self._repo_access(name)
+        if repo is None or (commit := self._commit(repo, rev)) is None:
+            return
+        siblings = []
+        for p, data in sorted(repo.commits[commit].items()):
+            s: dict[str, Any] = {"rfilename": p, "blobId": git_blob_id(data), "size": len(data)}
+            if is_lfs(p):
+                s["lfs"] = {"sha256": hashlib.sha256(data).hexdigest(), "size": len(data), "pointerSize": 134}
+            siblings.append(s)
+        self._json(
+            200,
+            {
+                "id": name,
+                "sha": commit,
+                "private": bool(repo.token),
+                "gated": repo.gated,
+                "lastModified": "2026-11-01T00:00:00.000Z",
+                "siblings": siblings,
+            },
+        )
 
-        def _hf_error(self, code: int, error_code: str, message: str) -> None:
-            self._json(code, {"error": message}, {"X-Error-Code": error_code, "X-Error-Message": message})
-
-        def _bytes(self, data: bytes, headers: dict[str, str], fault: Fault | None) -> None:
-            start = 0
-            rng = self.headers.get("Range")
-            if rng and (m := re.match(r"bytes=(\d+)-$", rng)):
-                start = int(m.group(1))
-                if start >= len(data):
-                    self.send_response(416)
-                    self.send_header("Content-Range", f"bytes */{len(data)}")
-                    self.send_header("Content-Length", "0")
-                    self.end_headers()
-                    return
-            body = data[start:]
-            if fault is not None and fault.kind == "corrupt":
-                body = bytes([body[0] ^ 0xFF]) + body[1:]
-            self.send_response(206 if start else 200)
-            if start:
-                self.send_header("Content-Range", f"bytes {start}-{len(data) - 1}/{len(data)}")
-            self.send_header("Accept-Ranges", "bytes")
-            self.send_header("Content-Length", str(len(body)))
-            for k, v in headers.items():
-                self.send_header(k, v)
-            self.end_headers()
-            if self.head:
-                return
-            if fault is not None and fault.kind == "drop":
-                self.wfile.write(body[: int(fault.arg)])
-                self.wfile.flush()
-                self.close_connection = True
-                self.connection.shutdown(2)
-                return
-            if fault is not None and fault.kind == "stall":
-                self.wfile.write(body[:1])
-                self.wfile.flush()
-                time.sleep(fault.arg)
-                self.close_connection = True
-                return
-            self.wfile.write(body)
-
-        def _route(self, head: bool) -> None:
-            self.head = head
-            parts = urlsplit(self.path)
-            path = unquote(parts.path)
-            hub.log.append(
-                LoggedRequest(
-                    self.command, path, self.headers.get("Range"), "authorization" in {k.lower() for k in self.headers}
-                )
-            )
-            fault = hub.take_fault(path)
-            if fault is not None and fault.kind == "status":
-                self._json(int(fault.arg), {"error": f"injected {int(fault.arg)}"})
-                return
-            try:
-                if m := re.match(r"^/api/models/(?P<repo>[^/]+/[^/]+)(?:/revision/(?P<rev>.+))?$", path):
-                    return self._model_info(m.group("repo"), m.group("rev") or "main")
-                if m := re.match(r"^/api/v1/model-versions/by-hash/(?P<h>[0-9A-Fa-f]+)$", path):
-                    return self._by_hash(m.group("h"))
-                if m := re.match(r"^/api/v1/model-versions/(?P<id>\d+)$", path):
-                    return self._version(int(m.group("id")))
-                if m := re.match(r"^/api/v1/models/(?P<id>\d+)$", path):
-                    return self._model(int(m.group("id")))
-                if m := re.match(r"^/api/download/models/(?P<id>\d+)$", path):
-                    return self._civitai_download(int(m.group("id")), parse_qs(parts.query))
-                if m := re.match(r"^/storage/(?P<vid>\d+)/(?P<fid>\d+)/(?P<name>[^/]+)$", path):
-                    return self._storage(int(m.group("vid")), int(m.group("fid")), fault)
-                if m := re.match(r"^/files/(?P<name>.+)$", path):
-                    data = hub.files.get(m.group("name"))
-                    if data is None:
-                        return self._json(404, {"error": "not found"})
-                    return self._bytes(data, {}, fault)
-                if m := re.match(r"^/(?P<repo>[^/]+/[^/]+)/resolve/(?P<rev>[^/]+)/(?P<file>.+)$", path):
-                    return self._resolve(m.group("repo"), m.group("rev"), m.group("file"), fault)
-                self._json(404, {"error": f"no route {path}"})
-            except (BrokenPipeError, ConnectionResetError):
-                pass
-
-        # --- HuggingFace -------------------------------------------------------------------
-        def _repo_access(self, name: str) -> Repo | None:
-            repo = hub.repos.get(name)
-            auth = self.headers.get("Authorization", "")
-            if repo is None or (repo.token and not repo.gated and auth != f"Bearer {repo.token}"):
-                self._hf_error(401, "RepoNotFound", "Repository not found")
-                return None
-            if repo.gated and auth != f"Bearer {repo.token}":
-                self._hf_error(403 if auth else 401, "GatedRepo", f"Access to model {name} is restricted.")
-                return None
-            return repo
-
-        def _commit(self, repo: Repo, rev: str) -> str | None:
-            commit = repo.refs.get(rev, rev if rev in repo.commits else None)
-            if commit is None:
-                self._hf_error(404, "RevisionNotFound", f"Invalid rev id: {rev}")
-            return commit
-
-        def _model_info(self, name: str, rev: str) -> None:
-            repo = self._repo_access(name)
-            if repo is None or (commit := self._commit(repo, rev)) is None:
-                return
-            siblings = []
-            for p, data in sorted(repo.commits[commit].items()):
-                s: dict[str, Any] = {"rfilename": p, "blobId": git_blob_id(data), "size": len(data)}
-                if is_lfs(p):
-                    s["lfs"] = {"sha256": hashlib.sha256(data).hexdigest(), "size": len(data), "pointerSize": 134}
-                siblings.append(s)
+    def _resolve(self, name: str, rev: str, file: str, fault: Fault | None) -> None:
+        repo = self._repo_access(name)
+        if repo is None or (commit := self._commit(repo, rev)) is None:
+            return
+        data = repo.commits[commit].get(file)
+        if data is None:
             self._json(
-                200,
-                {
-                    "id": name,
-                    "sha": commit,
-                    "private": bool(repo.token),
-                    "gated": repo.gated,
-                    "lastModified": "2026-11-01T00:00:00.000Z",
-                    "siblings": siblings,
-                },
+                404,
+                {"error": "Entry not found"},
+                {"X-Error-Code": "EntryNotFound", "X-Error-Message": "Entry not found", "X-Repo-Commit": commit},
             )
+            return
+        headers = {"X-Repo-Commit": commit, "ETag": f'"{git_blob_id(data)}"'}
+        if is_lfs(file):
+            headers.update({"X-Linked-Etag": f'"{hashlib.sha256(data).hexdigest()}"', "X-Linked-Size": str(len(data))})
+        self._bytes(data, headers, fault)
 
-        def _resolve(self, name: str, rev: str, file: str, fault: Fault | None) -> None:
-            repo = self._repo_access(name)
-            if repo is None or (commit := self._commit(repo, rev)) is None:
-                return
-            data = repo.commits[commit].get(file)
-            if data is None:
-                self._json(
-                    404,
-                    {"error": "Entry not found"},
-                    {"X-Error-Code": "EntryNotFound", "X-Error-Message": "Entry not found", "X-Repo-Commit": commit},
-                )
-                return
-            headers = {"X-Repo-Commit": commit, "ETag": f'"{git_blob_id(data)}"'}
-            if is_lfs(file):
-                headers.update(
-                    {"X-Linked-Etag": f'"{hashlib.sha256(data).hexdigest()}"', "X-Linked-Size": str(len(data))}
-                )
-            self._bytes(data, headers, fault)
+    # --- CivitAI -----------------------------------------------------------------------
+    def _version(self, vid: int) -> None:
+        v = self.hub.versions.get(vid)
+        if v is None:
+            return self._json(404, {"error": "Model not found"})
+        self._json(200, self.hub.version_json(v))
 
-        # --- CivitAI -----------------------------------------------------------------------
-        def _version(self, vid: int) -> None:
-            v = hub.versions.get(vid)
-            if v is None:
-                return self._json(404, {"error": "Model not found"})
-            self._json(200, hub.version_json(v))
+    def _by_hash(self, h: str) -> None:
+        for v in self.hub.versions.values():
+            if any(h.upper() in (f["hashes"].get("SHA256"), f["hashes"].get("AutoV2")) for f in v.files):
+                return self._json(200, self.hub.version_json(v))
+        self._json(404, {"error": "Model not found"})
 
-        def _by_hash(self, h: str) -> None:
-            for v in hub.versions.values():
-                if any(h.upper() in (f["hashes"].get("SHA256"), f["hashes"].get("AutoV2")) for f in v.files):
-                    return self._json(200, hub.version_json(v))
-            self._json(404, {"error": "Model not found"})
+    def _model(self, mid: int) -> None:
+        m = self.hub.models.get(mid)
+        if m is None:
+            return self._json(404, {"error": f"No model with id {mid}"})
+        versions = [
+            {k: val for k, val in self.hub.version_json(self.hub.versions[v]).items() if k != "model"}
+            for v in m["versions"]
+        ]
+        self._json(200, {"id": mid, "name": m["name"], "type": m["type"], "modelVersions": versions})
 
-        def _model(self, mid: int) -> None:
-            m = hub.models.get(mid)
-            if m is None:
-                return self._json(404, {"error": f"No model with id {mid}"})
-            versions = [
-                {k: val for k, val in hub.version_json(hub.versions[v]).items() if k != "model"} for v in m["versions"]
-            ]
-            self._json(200, {"id": mid, "name": m["name"], "type": m["type"], "modelVersions": versions})
+    def _civitai_download(self, vid: int, query: dict[str, list[str]]) -> None:
+        v = self.hub.versions.get(vid)
+        if v is None:
+            return self._json(404, {"error": "File not found"})
+        if v.needs_token and self.headers.get("Authorization") != f"Bearer {self.hub.civitai_token}":
+            return self._json(
+                401, {"error": "Unauthorized", "message": "The creator of this asset requires you to be logged in"}
+            )
+        fid = int(query["fileId"][0]) if "fileId" in query else v.files[0]["id"]
+        f = next((f for f in v.files if f["id"] == fid), None)
+        if f is None:
+            return self._json(404, {"error": "File not found"})
+        self.send_response(307)
+        self.send_header("Location", f"/storage/{vid}/{fid}/{quote(f['name'])}")
+        self.send_header("Content-Length", "0")
+        self.end_headers()
 
-        def _civitai_download(self, vid: int, query: dict[str, list[str]]) -> None:
-            v = hub.versions.get(vid)
-            if v is None:
-                return self._json(404, {"error": "File not found"})
-            if v.needs_token and self.headers.get("Authorization") != f"Bearer {hub.civitai_token}":
-                return self._json(
-                    401, {"error": "Unauthorized", "message": "The creator of this asset requires you to be logged in"}
-                )
-            fid = int(query["fileId"][0]) if "fileId" in query else v.files[0]["id"]
-            f = next((f for f in v.files if f["id"] == fid), None)
-            if f is None:
-                return self._json(404, {"error": "File not found"})
-            self.send_response(307)
-            self.send_header("Location", f"/storage/{vid}/{fid}/{quote(f['name'])}")
-            self.send_header("Content-Length", "0")
-            self.end_headers()
+    def _storage(self, vid: int, fid: int, fault: Fault | None) -> None:
+        f = next(f for f in self.hub.versions[vid].files if f["id"] == fid)
+        self._bytes(f["_bytes"], {"Content-Disposition": f'attachment; filename="{f["name"]}"'}, fault)
 
-        def _storage(self, vid: int, fid: int, fault: Fault | None) -> None:
-            f = next(f for f in hub.versions[vid].files if f["id"] == fid)
-            self._bytes(f["_bytes"], {"Content-Disposition": f'attachment; filename="{f["name"]}"'}, fault)
 
-    return Handler
+def _handler(hub: FakeHub) -> type[BaseHTTPRequestHandler]:
+    """The request handler class for one hub (the server instantiates it per request, so the hub rides on the class)."""
+    return type("Handler", (_HubHandler,), {"hub": hub})
 
 
 def tree(folder: Path) -> dict[str, bytes]:

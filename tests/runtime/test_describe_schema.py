@@ -430,8 +430,8 @@ def test_describe_publishes_the_schema_of_the_whole_worker_input(service_env):
 
 
 def test_worker_input_schema_requires_a_model_where_the_default_does_not_route():
-    from runtime.execute import ExecSettings
     from runtime.service import worker_input_schema
+    from runtime.settings import ExecSettings
 
     m = MANIFESTS["txt2img"]
     off_default = Draft202012Validator(worker_input_schema(m, ["b", "fox"], False, ExecSettings()))

@@ -139,8 +139,8 @@ def test_the_worker_limit_applies_without_a_request_timeout(fresh):
 
 
 def test_bad_serving_settings_are_refused_with_the_reason(fresh, monkeypatch):
-    from runtime.batching import SettingError
     from runtime.handler import concurrency_modifier, handler, start_config, stream_handler
+    from runtime.settings import SettingError
 
     for name, value in (("UIW_REQUEST_TIMEOUT", "-1"), ("UIW_MAX_BATCH", "0"), ("UIW_BATCH_WINDOW_MS", "x")):
         with monkeypatch.context() as m:
@@ -206,7 +206,7 @@ def test_describe_carries_the_stats(call, service_env):
 
 
 def test_private_url_switch_takes_the_issue_name_and_the_old_one(monkeypatch):
-    from runtime.inputs import allow_private
+    from runtime.settings import allow_private_urls as allow_private
 
     monkeypatch.delenv("UIW_ALLOW_PRIVATE_URLS", raising=False)
     monkeypatch.delenv("UIW_ALLOW_PRIVATE_IMAGE_URLS", raising=False)

@@ -27,6 +27,7 @@ from runtime.artifact import Limits
 from runtime.inputs import MAX_IMAGE_BYTES, attach_images
 from runtime.progress import Deadline
 from runtime.schema import GenerationRequest, RequestError
+from tests.helpers.generation import tiny_request
 
 LIMITS = Limits(max_width=1024, max_height=1024, max_steps=50, max_images=4)
 BOMB_SIZE = 256 * 2**20  # unpacked: 12x MAX_IMAGE_BYTES
@@ -139,17 +140,13 @@ def slow_body(handler: http.server.BaseHTTPRequestHandler) -> None:
 
 
 def request(image_url: str, width: int = 48, height: int = 32) -> GenerationRequest:
-    return GenerationRequest(
+    return tiny_request(
         task="img2img",
         prompt="x",
-        negative_prompt=None,
         width=width,
         height=height,
         steps=4,
         guidance_scale=7.5,
-        scheduler="K_EULER",
-        seed=1,
-        num_images=1,
         strength=0.5,
         image_url=image_url,
     )

@@ -61,7 +61,8 @@ def compile_demo(store: Path, capsys: pytest.CaptureFixture[str]) -> tuple[int, 
 def test_damaged_weights_are_refused_by_the_runtime_and_rebuilt_by_the_compiler(
     damage, demo_artifact: Path, demo_image: np.ndarray, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ):
-    from runtime.artifact import read_manifest, verify_files
+    from runtime.artifact import read_manifest
+    from runtime.integrity import verify_files
     from runtime.service import Service, Settings
 
     store = tmp_path / "home"
@@ -96,7 +97,8 @@ def test_a_cache_hit_on_a_damaged_artifact_never_prints_its_path(
 ):
     """Damage the compiler can see from a stat alone (a config file grown by a byte) and damage it
     must hash to see (a flipped byte): either way the printed artifact verifies."""
-    from runtime.artifact import read_manifest, verify_files
+    from runtime.artifact import read_manifest
+    from runtime.integrity import verify_files
 
     store = tmp_path / "home"
     artifact = private_store(demo_artifact, store)
@@ -111,7 +113,8 @@ def test_a_cache_hit_on_a_damaged_artifact_never_prints_its_path(
 
 
 def test_the_memo_vouches_only_for_files_unchanged_since_they_hashed_right(demo_artifact: Path, tmp_path: Path):
-    from runtime.artifact import check_artifact, memo_path, read_manifest, stat_files, unverified
+    from runtime.artifact import read_manifest
+    from runtime.integrity import check_artifact, memo_path, stat_files, unverified
 
     artifact = tmp_path / "artifacts" / "v1" / demo_artifact.name
     shutil.copytree(demo_artifact, artifact)
@@ -133,7 +136,8 @@ def test_full_verification_catches_what_the_memo_cannot_see(demo_artifact: Path,
     """Bytes that change below the filesystem (bit rot) leave the stat as it was: simulated here
     by recording the damaged file's stat in the memo. The memo then vouches for it; UIW_VERIFY=full
     and `store verify` hash regardless."""
-    from runtime.artifact import check_artifact, read_manifest, remember_verified, stat_files, verify_files
+    from runtime.artifact import read_manifest
+    from runtime.integrity import check_artifact, remember_verified, stat_files, verify_files
 
     artifact = tmp_path / "artifacts" / "v1" / demo_artifact.name
     shutil.copytree(demo_artifact, artifact)
@@ -149,8 +153,9 @@ def test_full_verification_catches_what_the_memo_cannot_see(demo_artifact: Path,
 
 
 def test_the_verifier_names_the_damage_even_when_the_load_failed_on_it(demo_artifact: Path, tmp_path: Path):
-    from runtime.artifact import IntegrityError, read_manifest
+    from runtime.artifact import read_manifest
     from runtime.fastload import Verifier
+    from runtime.integrity import IntegrityError
 
     artifact = tmp_path / "artifact"
     shutil.copytree(demo_artifact, artifact)
@@ -165,11 +170,10 @@ def test_the_verifier_names_the_damage_even_when_the_load_failed_on_it(demo_arti
 
 
 def test_uiw_verify_rejects_an_unknown_mode(monkeypatch: pytest.MonkeyPatch):
-    from runtime.artifact import ArtifactError
-    from runtime.loader import verify_mode
+    from runtime.settings import SettingError, verify_mode
 
     monkeypatch.setenv("UIW_VERIFY", "paranoid")
-    with pytest.raises(ArtifactError, match="UIW_VERIFY: 'paranoid' is not one of memo, full, off"):
+    with pytest.raises(SettingError, match="UIW_VERIFY: 'paranoid' is not one of memo, full, off"):
         verify_mode()
     monkeypatch.setenv("UIW_VERIFY", "full")
     assert verify_mode() == "full"

@@ -14,8 +14,10 @@ from typing import Any
 import pytest
 import torch
 
-from runtime.artifact import ArtifactError, FileEntry, Manifest, read_manifest
-from runtime.pool import Pool, PoolError, default_budget, estimate_bytes, measured_bytes, parse_budget
+from runtime.artifact import FileEntry, Manifest, read_manifest
+from runtime.pool import Pool, PoolError, default_budget, estimate_bytes, measured_bytes
+from runtime.settings import SettingError
+from runtime.settings import memory_budget as parse_budget
 
 UNIT = 64  # a fake artifact: one UNIT x UNIT fp32 Linear, 16 KiB, and a weight file of that size
 UNIT_BYTES = 4 * UNIT * UNIT
@@ -33,11 +35,11 @@ def test_budget_units(text: str, expected: int):
 def test_bad_budget_is_a_clear_error_at_start(text: str, monkeypatch: pytest.MonkeyPatch):
     from runtime.service import Settings
 
-    with pytest.raises(ArtifactError, match=r"UIW_MEMORY_BUDGET.*hint:"):
+    with pytest.raises(SettingError, match=r"UIW_MEMORY_BUDGET.*hint:"):
         parse_budget(text)
     if text.strip():
         monkeypatch.setenv("UIW_MEMORY_BUDGET", text)
-        with pytest.raises(ArtifactError, match="UIW_MEMORY_BUDGET"):
+        with pytest.raises(SettingError, match="UIW_MEMORY_BUDGET"):
             Settings.from_env()
 
 

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from runtime.batching import SettingError
+from runtime.settings import SettingError
 from runtime.threads import Cores, cgroup_quota, choose, usable_cores
 from tests.conftest import LEAKY, PY, REPO
 

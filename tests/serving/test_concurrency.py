@@ -231,7 +231,8 @@ def test_batched_concurrent_requests_match_sequential_within_tolerance(two_loras
 
 
 def test_the_batcher_groups_by_key_within_the_window_and_shares_errors():
-    from runtime.batching import Batcher, BatchSettings
+    from runtime.batching import Batcher
+    from runtime.settings import BatchSettings
 
     calls: list[list[str]] = []
 

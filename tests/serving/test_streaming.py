@@ -167,8 +167,8 @@ def test_bad_progress_interval_is_a_setting_error(monkeypatch):
     """UIW_PROGRESS_INTERVAL used to fall back silently on a bad value."""
     import pytest
 
-    from runtime.batching import SettingError
-    from runtime.handler import progress_interval, start_config
+    from runtime.handler import start_config
+    from runtime.settings import SettingError, progress_interval
 
     for bad in ("often", "-1", "inf", "nan"):
         monkeypatch.setenv("UIW_PROGRESS_INTERVAL", bad)

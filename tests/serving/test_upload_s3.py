@@ -8,7 +8,6 @@ from __future__ import annotations
 import base64
 import os
 import re
-import subprocess
 import time
 import urllib.request
 from pathlib import Path
@@ -16,7 +15,8 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import PY, REPO, REQ
+from tests.conftest import REPO, REQ
+from tests.helpers.devserver import dev_server, post
 
 KEYS = {"BUCKET_ACCESS_KEY_ID": "testing", "BUCKET_SECRET_ACCESS_KEY": "testing-secret"}
 BUCKET_VARS = ("BUCKET_ENDPOINT_URL", "BUCKET_ACCESS_KEY_ID", "BUCKET_SECRET_ACCESS_KEY", "BUCKET_NAME")
@@ -147,53 +147,15 @@ def test_a_failed_upload_is_an_error_reply(svc, bucket_env, monkeypatch):
     assert "not an http(s) URL" in run(svc, REQ, "job-fail")["error"]
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def test_through_the_sdk_dev_server(home, demo_artifact, svc, s3, s3_endpoint):
+def test_through_the_sdk_dev_server(home, demo_artifact, svc, s3, s3_endpoint, tmp_path):
     """The worker as RunPod runs it (--rp_serve_api), over real HTTP: the job's id names the folder."""
-    import json
-
     name = "uiw-devserver"
     s3.create_bucket(Bucket=name)
-    port = _free_port()
-    env = {k: v for k, v in os.environ.items() if k not in BUCKET_VARS}
-    env |= {"UIW_HOME": str(home), "UIW_ARTIFACTS": str(demo_artifact), "BUCKET_ENDPOINT_URL": s3_endpoint}
+    env = {"UIW_HOME": str(home), "UIW_ARTIFACTS": str(demo_artifact), "BUCKET_ENDPOINT_URL": s3_endpoint}
     env |= KEYS | {"BUCKET_NAME": name}
-    proc = subprocess.Popen(
-        [PY, "-m", "runtime", "--rp_serve_api", "--rp_api_host", "127.0.0.1", "--rp_api_port", str(port)],
-        cwd=REPO,
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    try:
-        url = f"http://127.0.0.1:{port}"
-        deadline = time.monotonic() + 180
-        while True:
-            try:
-                urllib.request.urlopen(f"{url}/docs", timeout=2)
-                break
-            except OSError:
-                assert proc.poll() is None, "the dev server exited"
-                assert time.monotonic() < deadline, "the dev server did not come up"
-                time.sleep(0.25)
-        body = json.dumps({"input": REQ}).encode()
-        req = urllib.request.Request(f"{url}/runsync", data=body, headers={"Content-Type": "application/json"})
-        with urllib.request.urlopen(req, timeout=300) as resp:
-            out = json.loads(resp.read())
+    with dev_server(env, tmp_path, drop=BUCKET_VARS) as server:
+        out = post(f"{server.url}/runsync", {"input": REQ})
         assert out["status"] == "COMPLETED", out
         image_url = out["output"]["image_url"]
         assert key_of(image_url, name).startswith(f"{out['id']}/")
         assert fetch(image_url)[0] == without_bucket(svc, REQ)[0]
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
