@@ -1,4 +1,4 @@
-"""Failures (issue 6): an out-of-memory retries once in low-memory mode and says so; a device
+"""Failures while serving: an out-of-memory retries once in low-memory mode and says so; a device
 error asks for a new worker (refresh_worker); a time limit stops the denoise loop and the worker
 stays healthy; structured JSON log lines with per-phase timings; counts and percentiles in
 describe's stats; settings validated. Faults are injected into the real UNet's forward (a hook

@@ -1,4 +1,4 @@
-"""Concurrency without shared mutable state (issue 6).
+"""Concurrency without shared mutable state.
 
 - The split of a generation into denoise (to latents) and decode (outside any LoRA gate) draws
   exactly what the pipeline's own call draws, for each family's tail we mirror.
@@ -64,23 +64,13 @@ def test_denoise_then_decode_draws_what_the_pipeline_draws(name: str):
     from compiler.tiny_models import BUILTINS
     from runtime.artifact import SCHEDULERS
     from runtime.generate import call_arguments, decode_kind, generate
-    from runtime.schema import GenerationRequest
+    from tests.helpers.generation import tiny_request
 
     pipe = BUILTINS[name].build()
     pipe.set_progress_bar_config(disable=True)
     scheduler = "FLOW_MATCH_EULER" if name == "tiny-flux" else "K_EULER"
-    request = GenerationRequest(
-        task="txt2img",
-        prompt="a red fox in the snow",
-        negative_prompt=None if name == "tiny-flux" else "blurry",
-        width=64,
-        height=64,
-        steps=2,
-        guidance_scale=5.0,
-        scheduler=scheduler,
-        seed=3,
-        num_images=2,
-    )
+    negative = None if name == "tiny-flux" else "blurry"
+    request = tiny_request(negative_prompt=negative, scheduler=scheduler, seed=3, num_images=2)
     assert decode_kind(pipe) is not None  # the decode under test is ours, not the pipeline's
     ours = generate(pipe, request)
     # Plain diffusers: the same components, the pipeline's own decode (output_type="pil").
@@ -270,23 +260,13 @@ def test_a_batched_denoise_draws_what_each_solo_call_draws(name: str, negative: 
     from compiler.tiny_models import BUILTINS
     from runtime.generate import batch_key, decode, denoise, generate
     from runtime.schema import GenerationRequest
+    from tests.helpers.generation import tiny_request
 
     pipe = BUILTINS[name].build()
     pipe.set_progress_bar_config(disable=True)
 
     def request(prompt: str, seed: int, negative_prompt: str | None) -> GenerationRequest:
-        return GenerationRequest(
-            task="txt2img",
-            prompt=prompt,
-            negative_prompt=negative_prompt,
-            width=64,
-            height=64,
-            steps=2,
-            guidance_scale=5.0,
-            scheduler="K_EULER",
-            seed=seed,
-            num_images=1,
-        )
+        return tiny_request(prompt=prompt, negative_prompt=negative_prompt, seed=seed)
 
     requests = [request("a red fox in the snow", 1, negative), request("a blue bird on a wire", 2, negative)]
     assert batch_key(requests[0]) == batch_key(requests[1]) is not None
@@ -308,7 +288,7 @@ def test_sdxl_image_tasks_hold_the_upcast_lock_while_their_fp16_vae_encodes(task
 
     from compiler.tiny_models import BUILTINS
     from runtime.generate import _upcast_lock, denoise
-    from runtime.schema import GenerationRequest
+    from tests.helpers.generation import tiny_request
 
     base_pipe = BUILTINS["tiny-sdxl"].build()
     cls = StableDiffusionXLImg2ImgPipeline if task == "img2img" else StableDiffusionXLInpaintPipeline
@@ -318,17 +298,8 @@ def test_sdxl_image_tasks_hold_the_upcast_lock_while_their_fp16_vae_encodes(task
     assert pipe.vae.config.force_upcast
     held: list[bool] = []
     handle = pipe.vae.encoder.register_forward_pre_hook(lambda m, a: held.append(_upcast_lock(pipe.vae).locked()))
-    request = GenerationRequest(
-        task=task,  # type: ignore[arg-type]
-        prompt="a red fox in the snow",
-        negative_prompt=None,
-        width=64,
-        height=64,
-        steps=2,
-        guidance_scale=5.0,
-        scheduler="K_EULER",
-        seed=1,
-        num_images=1,
+    request = tiny_request(
+        task=task,
         strength=0.75,
         image=Image.new("RGB", (64, 64), (200, 30, 30)),
         mask=Image.new("L", (64, 64), 255) if task == "inpaint" else None,

@@ -1,4 +1,4 @@
-"""Progress (issue 6): the streaming worker (UIW_STREAM=1) over the SDK's local dev server -
+"""Progress while a job runs: the streaming worker (UIW_STREAM=1) over the SDK's local dev server -
 POST /run then /stream/ID and /status/ID: per-step events in order with the right step counts,
 the normal reply last (the same image as the in-process handler); /runsync answers with the list;
 previews on request. The default handler's progress goes through runpod's progress_update."""
@@ -101,22 +101,11 @@ def test_previews_of_packed_flux_latents():
     from compiler.tiny_models import BUILTINS
     from runtime.generate import generate
     from runtime.progress import Progress, StepWatch
-    from runtime.schema import GenerationRequest
+    from tests.helpers.generation import tiny_request
 
     pipe = BUILTINS["tiny-flux"].build()
     pipe.set_progress_bar_config(disable=True)
-    request = GenerationRequest(
-        task="txt2img",
-        prompt="a red fox",
-        negative_prompt=None,
-        width=64,
-        height=64,
-        steps=3,
-        guidance_scale=3.5,
-        scheduler="FLOW_MATCH_EULER",
-        seed=1,
-        num_images=1,
-    )
+    request = tiny_request(prompt="a red fox", steps=3, guidance_scale=3.5, scheduler="FLOW_MATCH_EULER")
     events: list[Progress] = []
     images = generate(pipe, request, StepWatch(events.append, None, preview=True, size=(64, 64)))
     assert len(images) == 1 and [e.step for e in events] == [1, 2, 3] and {e.steps for e in events} == {3}
