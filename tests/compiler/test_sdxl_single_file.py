@@ -150,10 +150,10 @@ def test_sgm_checkpoint_compiles_to_the_builtin_and_serves_the_same_pixels(tmp_p
     """`checkpoint: ./tiny-sdxl.safetensors` on the tiny SDXL base (the CLI: lock, detect, build,
     package) gives the model the base alone gives: the same weight files, the same image for a
     worker-sdxl request through the handler, and plain diffusers' image on the builtin."""
-    import torch
     from diffusers import EulerDiscreteScheduler
 
     from compiler.tiny_models import BUILTINS
+    from tests.helpers.generation import reference_image
 
     (tmp_path / "recipes").mkdir()
     (tmp_path / "recipes" / "tiny-sdxl.safetensors").write_bytes(sgm_file[0].read_bytes())
@@ -194,15 +194,7 @@ def test_sgm_checkpoint_compiles_to_the_builtin_and_serves_the_same_pixels(tmp_p
     ref = BUILTINS["tiny-sdxl"].build()
     ref.scheduler = EulerDiscreteScheduler.from_config(ref.scheduler.config)
     ref.set_progress_bar_config(disable=True)
-    expected = ref(
-        job["prompt"],
-        negative_prompt=job["negative_prompt"],
-        width=64,
-        height=64,
-        num_inference_steps=4,
-        guidance_scale=7.5,
-        generator=torch.Generator("cpu").manual_seed(42),
-    ).images[0]
+    expected = reference_image(ref, job["prompt"], job["negative_prompt"], seed=42)
     assert np.array_equal(images[0], np.array(expected))
 
 

@@ -16,6 +16,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 from tests.conftest import LEAKY, PY, REPO
 
 
@@ -49,6 +51,25 @@ class DevServer:
 
     def requests_done(self) -> list[dict[str, Any]]:
         return [r for r in self.log_lines() if r.get("logger") == "runtime.request"]
+
+
+def refused_start(env: dict[str, str], setting: str) -> subprocess.CompletedProcess[str]:
+    """Start the worker as RunPod does with exactly `env`, expecting it to refuse `setting` at start:
+    exit code 2 and a hint, within a minute (a worker that starts serving instead fails the test)."""
+    try:
+        proc = subprocess.run(
+            [PY, "-m", "runtime", "--rp_serve_api", "--rp_api_port", "1"],
+            cwd=REPO,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"{setting}: the worker started instead of stopping")
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "hint:" in proc.stderr, proc.stderr[-2000:]
+    return proc
 
 
 @contextmanager

@@ -25,3 +25,19 @@ TINY_DEFAULTS: dict[str, Any] = {
 def tiny_request(**overrides: Any) -> GenerationRequest:
     """A GenerationRequest with TINY_DEFAULTS, overridden field by field (an unknown field is a TypeError)."""
     return GenerationRequest(**{**TINY_DEFAULTS, **overrides})
+
+
+def reference_image(pipe: Any, prompt: str, negative_prompt: str | None, seed: int, steps: int = 4) -> Any:
+    """What plain diffusers draws with `pipe` for the demo's serving settings (64x64, guidance 7.5):
+    its own call, with a CPU generator seeded as the worker seeds its requests."""
+    import torch
+
+    return pipe(
+        prompt,
+        negative_prompt=negative_prompt,
+        width=64,
+        height=64,
+        num_inference_steps=steps,
+        guidance_scale=7.5,
+        generator=torch.Generator("cpu").manual_seed(seed),
+    ).images[0]

@@ -29,10 +29,10 @@ def test_parity_with_plain_diffusers(call, tmp_path: Path, scheduler: str | None
     """The artifact's image equals, pixel for pixel, plain diffusers on the builtin saved as a
     diffusers folder, called directly (not through our generate code)."""
     import diffusers
-    import torch
     from diffusers import DiffusionPipeline
 
     from compiler.tiny_models import BUILTINS
+    from tests.helpers.generation import reference_image
 
     folder = tmp_path / "plain"
     BUILTINS["tiny-sd15"].build().save_pretrained(folder)
@@ -40,15 +40,7 @@ def test_parity_with_plain_diffusers(call, tmp_path: Path, scheduler: str | None
     cls = {None: "EulerDiscreteScheduler", "DDIM": "DDIMScheduler", "DPMSolverMultistep": "DPMSolverMultistepScheduler"}
     ref.scheduler = getattr(diffusers, cls[scheduler]).from_config(ref.scheduler.config)
     ref.set_progress_bar_config(disable=True)
-    expected = ref(
-        "a red fox in the snow",
-        negative_prompt="blurry, low quality",
-        width=64,
-        height=64,
-        num_inference_steps=4,
-        guidance_scale=7.5,
-        generator=torch.Generator("cpu").manual_seed(7),
-    ).images[0]
+    expected = reference_image(ref, "a red fox in the snow", "blurry, low quality", seed=7)
     req = dict(REQ) | ({"scheduler": scheduler} if scheduler else {})
     got = decode_image(call(req)["images"][0])
     assert np.array_equal(got, np.array(expected))
@@ -243,26 +235,15 @@ def test_unclassified_generation_failure_is_not_a_load_failure(call, service_env
 def test_a_bad_setting_stops_the_worker_at_start(demo_artifact: Path, home: Path, tmp_path: Path, name, value):
     """Every UIW_* setting is parsed at start: a bad one exits with code 2 and a hint before any
     model is loaded (it used to start and answer every job with the error)."""
-    import subprocess
     import time
 
-    from tests.conftest import LEAKY, PY, REPO
+    from tests.conftest import LEAKY
+    from tests.helpers.devserver import refused_start
 
     env = {k: v for k, v in os.environ.items() if k not in LEAKY and not k.startswith("UIW_")}
     env.update({"UIW_HOME": str(home), "UIW_ARTIFACTS": str(demo_artifact), name: value})
     t0 = time.monotonic()
-    try:
-        proc = subprocess.run(
-            [PY, "-m", "runtime", "--rp_serve_api", "--rp_api_port", "1"],
-            cwd=REPO,
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=60,
-        )
-    except subprocess.TimeoutExpired:
-        pytest.fail(f"{name}={value!r}: the worker started instead of stopping")
-    assert proc.returncode == 2, proc.stderr[-2000:]
+    proc = refused_start(env, f"{name}={value!r}")
     assert name in proc.stderr and "hint:" in proc.stderr, proc.stderr[-2000:]
     assert "pool: loaded" not in proc.stderr  # it failed before loading
     assert time.monotonic() - t0 < 60

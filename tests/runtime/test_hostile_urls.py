@@ -224,13 +224,18 @@ def test_a_truncated_gzip_body_is_refused(private_ok):
 # --- slow servers -----------------------------------------------------------------------------
 
 
+def timed_errors_of(image_url: str, deadline: Deadline | None = None) -> tuple[list[str], float]:
+    """The errors of fetching `image_url` and the seconds it took to refuse it."""
+    start = time.monotonic()
+    errors = errors_of(image_url, deadline)
+    return errors, time.monotonic() - start
+
+
 def test_headers_dribbled_a_byte_at_a_time_stop_at_the_fetch_deadline(private_ok, monkeypatch):
     # The per-read timeout (10 s) never fires on a byte every 0.2 s: only the deadline can stop it.
     monkeypatch.setattr("runtime.inputs.FETCH_DEADLINE_S", 1.5)
     with Server({"/slow": slow_headers}) as server:
-        start = time.monotonic()
-        errors = errors_of(f"{server.url}/slow")
-        took = time.monotonic() - start
+        errors, took = timed_errors_of(f"{server.url}/slow")
     assert errors == [
         f"image_url: fetching {server.url}/slow was stopped at the 1.5 s limit of a fetch. "
         "hint: serve the image from a faster host, or send it as base64"
@@ -241,9 +246,7 @@ def test_headers_dribbled_a_byte_at_a_time_stop_at_the_fetch_deadline(private_ok
 def test_a_body_dribbled_a_byte_at_a_time_stops_at_the_fetch_deadline(private_ok, monkeypatch):
     monkeypatch.setattr("runtime.inputs.FETCH_DEADLINE_S", 1.5)
     with Server({"/slow": slow_body}) as server:
-        start = time.monotonic()
-        errors = errors_of(f"{server.url}/slow")
-        took = time.monotonic() - start
+        errors, took = timed_errors_of(f"{server.url}/slow")
     assert len(errors) == 1 and errors[0].startswith(f"image_url: fetching {server.url}/slow"), errors
     assert took < 2.5, took
 
@@ -251,9 +254,7 @@ def test_a_body_dribbled_a_byte_at_a_time_stops_at_the_fetch_deadline(private_ok
 def test_the_request_deadline_bounds_a_fetch_that_is_within_its_own(private_ok):
     # The fetch limit stays 30 s: the request's 1 s deadline is the one that stops it.
     with Server({"/slow": slow_headers}) as server:
-        start = time.monotonic()
-        errors = errors_of(f"{server.url}/slow", Deadline.after(1.0, "the request's timeout"))
-        took = time.monotonic() - start
+        errors, took = timed_errors_of(f"{server.url}/slow", Deadline.after(1.0, "the request's timeout"))
     assert errors == [
         f"image_url: fetching {server.url}/slow was stopped at the request's time limit of 1 s (the request's "
         "timeout). hint: serve the image from a faster host, or send it as base64"

@@ -14,6 +14,7 @@ import pytest
 from runtime.settings import SettingError
 from runtime.threads import Cores, cgroup_quota, choose, usable_cores
 from tests.conftest import LEAKY, PY, REPO
+from tests.helpers.devserver import refused_start
 
 AFFINITY = len(os.sched_getaffinity(0))
 
@@ -129,16 +130,5 @@ def test_a_started_worker_logs_its_thread_choice_and_runs_torch_with_it(
 
 @pytest.mark.parametrize("value", ["0", "many"])
 def test_a_bad_uiw_threads_stops_the_worker_at_start(value: str):
-    try:
-        proc = subprocess.run(
-            [PY, "-m", "runtime", "--rp_serve_api", "--rp_api_port", "1"],
-            cwd=REPO,
-            env=_env({"UIW_THREADS": value}),
-            capture_output=True,
-            text=True,
-            timeout=60,
-        )
-    except subprocess.TimeoutExpired:
-        pytest.fail(f"UIW_THREADS={value!r}: the worker started instead of stopping")
-    assert proc.returncode == 2, proc.stderr[-2000:]
+    proc = refused_start(_env({"UIW_THREADS": value}), f"UIW_THREADS={value!r}")
     assert f"UIW_THREADS={value!r}" in proc.stderr and "hint:" in proc.stderr, proc.stderr[-2000:]
