@@ -224,10 +224,6 @@ class ExecSettings:
         )
 
 
-def _env_exec() -> ExecSettings:
-    return ExecSettings.from_env()
-
-
 @dataclass(frozen=True)
 class Settings:
     """The service's settings: what it serves and how. ``execution`` left out comes from the
@@ -238,7 +234,7 @@ class Settings:
     memory_budget: int | None = None  # UIW_MEMORY_BUDGET, bytes; None: from the device (runtime.pool)
     preload: str = "1"  # UIW_PRELOAD: see runtime.service.PRELOAD_CHOICES
     routing_seed: int | None = None  # UIW_ROUTING_SEED
-    execution: ExecSettings = field(default_factory=_env_exec)
+    execution: ExecSettings = field(default_factory=ExecSettings.from_env)
 
     @classmethod
     def from_env(cls, env: Env = os.environ) -> Settings:
