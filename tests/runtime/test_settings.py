@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import ast
 import dataclasses
+import os
 from pathlib import Path
 
 import pytest
@@ -187,10 +188,10 @@ def test_settings_checked_only_at_load_or_logging_now_stop_the_worker_at_start(
     """UIW_VERIFY used to fail each load (the worker started and answered every job with the
     error); a bad UIW_LOG_LEVEL stopped it with logging's own message, naming neither the variable
     nor a fix. Both now stop the worker at start, naming the variable, with a hint."""
-    from tests.conftest import run_compiler
+    from tests.conftest import LEAKY
+    from tests.helpers.devserver import refused_start
 
-    env = {"UIW_ARTIFACTS": str(demo_artifact), "UIW_PRELOAD": "0", name: value}
-    # run_compiler runs any module of the repo with this environment less the leaky variables.
-    proc = run_compiler("--rp_serve_api", "--rp_api_port", "1", home=home, env=env, timeout=60, module="runtime")
-    assert proc.returncode == 2, proc.stderr[-2000:]
-    assert name in proc.stderr and "hint:" in proc.stderr and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    env = {k: v for k, v in os.environ.items() if k not in LEAKY and not k.startswith("UIW_")}
+    env.update({"UIW_HOME": str(home), "UIW_ARTIFACTS": str(demo_artifact), "UIW_PRELOAD": "0", name: value})
+    proc = refused_start(env, f"{name}={value!r}")
+    assert name in proc.stderr and "Traceback" not in proc.stderr, proc.stderr[-2000:]
