@@ -42,6 +42,7 @@ LAYERS: tuple[tuple[str, frozenset[str]], ...] = (
                 "compiler.family_configs",
                 "compiler.tiny_models",
                 "compiler.finite",
+                "compiler.headers",
             }
         ),
     ),
@@ -183,12 +184,16 @@ def test_runtime_sources_never_import_the_compiler_or_hydra():
         assert not _imports(path) & set(FORBIDDEN_IN_RUNTIME), path
 
 
-def test_compiler_imports_only_runtime_artifact_from_the_runtime():
+# The artifact contract both sides share: its model and layout, and the integrity checks of its files.
+CONTRACT = ("runtime.artifact", "runtime.integrity")
+
+
+def test_compiler_imports_only_the_artifact_contract_from_the_runtime():
     for path in (REPO / "compiler").rglob("*.py"):
         tree = ast.parse(path.read_text())
         for node in ast.walk(tree):
             if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("runtime"):
-                assert node.module == "runtime.artifact", f"{path}: imports {node.module}"
+                assert node.module in CONTRACT, f"{path}: imports {node.module}"
 
 
 def test_only_compose_touches_hydra_and_pure_stages_import_no_torch():
