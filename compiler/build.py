@@ -40,16 +40,8 @@ from compiler.store.converted_bases import (
     provenance_value,
 )
 from compiler.validate import check_adapter, check_checkpoint
-from runtime.artifact import (
-    PIPELINE_DIR,
-    READY,
-    ArtifactError,
-    check_artifact,
-    read_manifest,
-    read_name,
-    remember_verified,
-    stat_files,
-)
+from runtime.artifact import PIPELINE_DIR, READY, ArtifactError, read_manifest, read_name
+from runtime.integrity import check_artifact, remember_verified, stat_files
 
 log = logging.getLogger("compiler")
 

@@ -3,7 +3,7 @@
 ``detect(header)`` is pure: names, shapes and dtypes in, a ``Detection`` out, with the keys and
 shapes that decided (``evidence``). It never guesses a family: when the header cannot tell (an SD
 and an SDXL VAE share a layout) ``family`` is None and ``candidates`` lists what it could be.
-``read_header(path)`` reads the 8-byte length and the JSON header, nothing more.
+``detect_file(path)`` reads the header with compiler.headers.read_header (nothing more) first.
 
 The rules follow the layouts of real files (tests/fixtures/model-keys/, from sd-mecha's model
 configs) and the checks diffusers' and ComfyUI's loaders make: the UNet's cross-attention width
@@ -16,23 +16,17 @@ medium adds a second attention to its x blocks and SD3.5 large is 2432 wide.
 from __future__ import annotations
 
 import json
-import math
-import os
 import re
-import stat
-import struct
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any
 
 from compiler.errors import Problem
 from compiler.families import ADM_FAMILY, CONTEXT_FAMILY  # the registry's probes
-
-Shape = tuple[int, ...]
+from compiler.headers import HeaderError, MalformedTensor, Shape, find_key, key_evidence, probe_dim, read_header
 
 SD_LATENT_FAMILIES = ("sd15", "sd2", "sdxl")  # 4-channel latents: VAEs share one layout
 FLOW_LATENT_FAMILIES = ("sd3", "flux-dev")  # 16-channel latents
-MAX_HEADER = 100 << 20  # a header larger than this is not a model file's
 
 
 @dataclass(frozen=True)
@@ -68,153 +62,11 @@ class Detection:
         return {"path": path, **d}
 
 
-class HeaderError(ValueError):
-    """The file cannot be read as a safetensors model file; the message says what is wrong."""
-
-
-# Bits per element of every safetensors dtype (its format's own table): a header's byte ranges
-# must hold exactly shape x this, as safetensors itself checks when a loader opens the file.
-DTYPE_BITS = {
-    "BOOL": 8,
-    "U8": 8,
-    "I8": 8,
-    "F8_E5M2": 8,
-    "F8_E4M3": 8,
-    "F8_E8M0": 8,
-    "F4": 4,
-    "F6_E2M3": 6,
-    "F6_E3M2": 6,
-    "I16": 16,
-    "U16": 16,
-    "F16": 16,
-    "BF16": 16,
-    "I32": 32,
-    "U32": 32,
-    "F32": 32,
-    "F64": 64,
-    "I64": 64,
-    "U64": 64,
-    "C64": 64,
-}
-
-
-def open_regular(path: Path) -> BinaryIO:
-    """``path`` opened for reading if it is a regular file. A FIFO or a device would block the
-    read (or never end): opened non-blocking, checked with fstat, refused before any read."""
-    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
-    try:
-        mode = os.fstat(fd).st_mode
-        if not stat.S_ISREG(mode):
-            kind = "a directory" if stat.S_ISDIR(mode) else "a FIFO" if stat.S_ISFIFO(mode) else "not a regular file"
-            raise HeaderError(f"{path} is {kind}: only regular files are read")
-        os.set_blocking(fd, True)
-        return os.fdopen(fd, "rb")
-    except BaseException:
-        os.close(fd)
-        raise
-
-
-def read_header(path: Path) -> tuple[dict[str, tuple[Shape, str]], dict[str, str]]:
-    """(key -> (shape, dtype), metadata) from a safetensors file's header, checked as safetensors
-    checks it before loading: every tensor's byte range inside the file and of its shape's size
-    (a truncated download fails here, by name, rather than in a loader's traceback)."""
-    with open_regular(path) as f:
-        size = os.fstat(f.fileno()).st_size
-        head = f.read(8)
-        if len(head) < 8:
-            raise HeaderError("shorter than a safetensors header")
-        (n,) = struct.unpack("<Q", head)
-        if n > MAX_HEADER or n + 8 > size:
-            raise HeaderError("not a safetensors file (header length out of range; a pickle or another format?)")
-        try:
-            raw = json.loads(f.read(n))
-        except ValueError as e:
-            raise HeaderError(f"not a safetensors header ({e})") from None
-    if not isinstance(raw, dict):
-        raise HeaderError("not a safetensors header (not a JSON object)")
-    meta = raw.pop("__metadata__", None) or {}
-    keys = {k: _entry(k, v) for k, v in raw.items()}
-    _check_offsets(raw, keys, size - 8 - n)
-    return {k: (shape, dtype) for k, (shape, dtype, _) in keys.items()}, {str(k): str(v) for k, v in dict(meta).items()}
-
-
-def _entry(key: str, v: Any) -> tuple[Shape, str, tuple[int, int]]:
-    """One header entry, checked for the fields and types safetensors requires."""
-    if isinstance(v, dict):
-        dtype, shape, offsets = v.get("dtype"), v.get("shape"), v.get("data_offsets")
-        if (
-            isinstance(dtype, str)
-            and isinstance(shape, list)
-            and all(isinstance(d, int) and d >= 0 for d in shape)
-            and isinstance(offsets, list)
-            and len(offsets) == 2
-            and all(isinstance(o, int) and o >= 0 for o in offsets)
-        ):
-            if dtype not in DTYPE_BITS:
-                raise HeaderError(f"tensor {key}: unknown dtype {dtype!r}")
-            return tuple(shape), dtype, (offsets[0], offsets[1])
-    raise HeaderError(f"tensor {key}: not a safetensors entry (dtype, shape, data_offsets): {str(v)[:120]}")
-
-
-def _check_offsets(raw: dict[str, Any], keys: dict[str, tuple[Shape, str, tuple[int, int]]], data: int) -> None:
-    """Byte ranges back to back from 0 to the end of the file, each of its tensor's size."""
-    at = 0
-    for k, (shape, dtype, (begin, end)) in sorted(keys.items(), key=lambda kv: kv[1][2]):
-        if end > data:
-            raise HeaderError(
-                f"tensor {k} ends at byte {end} of the data, past the end of the file ({data} data bytes): "
-                "the file is truncated (an interrupted download or copy?)"
-            )
-        if begin != at or end < begin:
-            raise HeaderError(
-                f"tensor {k}: its bytes [{begin}, {end}) overlap or leave a gap (expected to start at {at})"
-            )
-        bits = DTYPE_BITS[dtype] * math.prod(shape)
-        if bits != (end - begin) * 8:
-            raise HeaderError(
-                f"tensor {k}: {dtype} {list(shape)} takes {bits // 8} bytes, its range holds {end - begin}"
-            )
-        at = end
-    if at != data:
-        raise HeaderError(
-            f"the tensors end at byte {at} of the data but the file holds {data}: not a whole safetensors file"
-        )
-
-
-def _find(keys: dict[str, tuple[Shape, str]], pattern: str) -> tuple[str, Shape] | None:
-    rx = re.compile(pattern)
-    for k in sorted(keys):
-        if rx.search(k):
-            return k, keys[k][0]
-    return None
-
-
-def _ev(hit: tuple[str, Shape]) -> str:
-    return f"{hit[0]} {list(hit[1])}"
-
-
-class _Malformed(Exception):
-    """A tensor that decides detection has fewer dimensions than its layer's weight has."""
-
-    def __init__(self, key: str, shape: Shape, axis: int):
-        super().__init__(key)
-        self.key, self.shape, self.axis = key, shape, axis
-
-
-def _dim(hit: tuple[str, Shape], axis: int) -> int:
-    """One dimension of a probed tensor; a shape too short for it is a damaged or hand-made file
-    (say a 1-D "convolution" weight), which detection reports rather than indexing past it."""
-    key, shape = hit
-    if (axis if axis >= 0 else -axis - 1) >= len(shape):
-        raise _Malformed(key, shape, axis)
-    return shape[axis]
-
-
 def _context_family(keys: dict[str, tuple[Shape, str]], pattern: str) -> tuple[str | None, list[str]]:
-    hit = _find(keys, pattern)
+    hit = find_key(keys, pattern)
     if hit is None or len(hit[1]) < 2:
         return None, []
-    return CONTEXT_FAMILY.get(hit[1][1]), [_ev(hit)]
+    return CONTEXT_FAMILY.get(hit[1][1]), [key_evidence(hit)]
 
 
 def _prediction(keys: dict[str, tuple[Shape, str]], meta: dict[str, str], family: str | None) -> str | None:
@@ -233,10 +85,20 @@ def detect(keys: dict[str, tuple[Shape, str]], meta: dict[str, str] | None = Non
     names = set(keys)
     if not names:
         return Detection("unknown", None, None, evidence=("no tensors",))
-    for rule in (_lora, _embedding, _controlnet, _single_file, _diffusers_denoiser, _vae, _text_encoder):
+    for rule in (
+        _lora,
+        _embedding,
+        _controlnet,
+        _bfl_flux,
+        _mmdit,
+        _ldm_unet,
+        _diffusers_denoiser,
+        _vae,
+        _text_encoder,
+    ):
         try:
             found = rule(keys, names, meta)
-        except _Malformed as e:
+        except MalformedTensor as e:
             need = (e.axis if e.axis >= 0 else -e.axis - 1) + 1
             return Detection(
                 "invalid",
@@ -276,7 +138,7 @@ def _lora(keys: dict[str, tuple[Shape, str]], names: set[str], meta: dict[str, s
     elif _any(names, "joint_blocks", "context_block"):
         family = "sd3"
         evidence.append("SD3 joint block names")
-    elif _find(keys, _MMDIT) is not None:
+    elif find_key(keys, _MMDIT) is not None:
         family, ev = _mmdit_lora_family(keys, names)
         evidence += ev
         cands = ("flux-dev", "sd3")
@@ -306,11 +168,15 @@ def _mmdit_lora_family(keys: dict[str, tuple[Shape, str]], names: set[str]) -> t
         return "flux-dev", ["FLUX-only modules (x_embedder, guidance_embedder or proj_mlp)"]
     if _any(names, "pos_embed", ".attn2.", "_attn2_"):
         return "sd3", ["SD3-only modules (pos_embed or a second attention in joint blocks)"]
-    hit = _find(keys, r"transformer_blocks[._]\d+[._]attn[._](to_[qkv]|add_[qkv]_proj)" + _LORA_DOWN.pattern)
+    hit = find_key(keys, r"transformer_blocks[._]\d+[._]attn[._](to_[qkv]|add_[qkv]_proj)" + _LORA_DOWN.pattern)
     if hit is not None and len(hit[1]) >= 2 and hit[1][1] in _MMDIT_WIDTHS:
         width = hit[1][1]
-        return _MMDIT_WIDTHS[width], [f"{_ev(hit)}: {width}-wide joint attention"]
-    ev = [f"MMDiT joint blocks of a width neither FLUX.1 nor SD3 has ({_ev(hit)})" if hit else "MMDiT joint blocks"]
+        return _MMDIT_WIDTHS[width], [f"{key_evidence(hit)}: {width}-wide joint attention"]
+    ev = [
+        f"MMDiT joint blocks of a width neither FLUX.1 nor SD3 has ({key_evidence(hit)})"
+        if hit
+        else "MMDiT joint blocks"
+    ]
     return None, ev
 
 
@@ -324,7 +190,7 @@ def _embedding(keys: dict[str, tuple[Shape, str]], names: set[str], meta: dict[s
         )
     for k in ("emb_params", "string_to_param.*", "string_to_param"):
         if k in names:
-            dim = _dim((k, keys[k][0]), -1)
+            dim = probe_dim((k, keys[k][0]), -1)
             fam = {768: "sd15", 1024: "sd2"}.get(dim)
             return Detection(
                 "embedding",
@@ -388,78 +254,81 @@ def _text_encoders(names: set[str]) -> tuple[str | None, str]:
     return None, ""
 
 
-def _single_file(keys: dict[str, tuple[Shape, str]], names: set[str], meta: dict[str, str]) -> Detection | None:
-    """Original-layout files: LDM/SGM UNets (with or without VAE and text encoders), SD3 MMDiT,
-    FLUX in BFL naming."""
-    prefix = "model.diffusion_model."
-    has_vae = _any(names, "first_stage_model.", "vae.decoder.")
-    has_te = _any(names, "cond_stage_model.", "conditioner.embedders.", "text_encoders.")
-    whole = has_vae or has_te
-    fam: str | None
-    ev: list[str]
-    # FLUX (BFL naming), bare or under the ComfyUI prefix.
-    if _any(names, "double_blocks.0.img_attn.qkv.weight"):
-        img_in = _find(keys, r"(^|\.)img_in\.weight$")
-        channels = _dim(img_in, 1) if img_in else 64
-        variant, fam = "normal", "flux-dev"
-        if channels == 384:
-            variant, fam = "inpaint", "flux-fill"
-        elif channels == 128:
-            variant, fam = "control", None
-        guidance = _find(keys, r"(^|\.)guidance_in\.in_layer\.weight$")
-        if fam == "flux-dev" and guidance is None:
-            fam = "flux-schnell"
-        flux_ev = (
-            "double_blocks (BFL naming)",
-            _ev(img_in) if img_in else "img_in missing",
-            _ev(guidance) if guidance else "no guidance_in (distilled without guidance: schnell)",
-        )
-        return Detection(
-            "checkpoint" if whole else "transformer",
-            fam,
-            "bfl",
-            variant,
-            "flow",
-            candidates=("flux-depth", "flux-canny") if fam is None else (),
-            evidence=flux_ev,
-        )
-    # SD3 / SD3.5 (MMDiT) single files.
-    if _any(names, prefix + "joint_blocks.0."):
-        blocks = {int(m.group(1)) for k in names if (m := re.match(re.escape(prefix) + r"joint_blocks\.(\d+)\.", k))}
-        emb = _find(keys, re.escape(prefix) + r"x_embedder\.proj\.weight$")
-        width = _dim(emb, 0) if emb else 0
-        fam = "sd35-large" if width == 2432 else "sd35-medium" if _any(names, ".x_block.attn2.") else "sd3"
-        sd3_ev = (
-            f"{len(blocks)} joint_blocks",
-            _ev(emb) if emb else "no x_embedder",
-            "x_block.attn2 (MMDiT-X)" if fam == "sd35-medium" else "no x_block.attn2",
-        )
-        return Detection(
-            "checkpoint" if whole else "transformer",
-            fam,
-            "comfyui" if whole else "ldm",
-            "normal",
-            "flow",
-            evidence=sd3_ev,
-        )
-    # LDM/SGM UNets; an EMA-only file stores them as model_ema.<name without dots>.
-    ema_only = not _any(names, prefix) and _any(names, "model_ema.diffusion_model")
-    if not _any(names, prefix + "input_blocks.") and not ema_only:
+def _whole(names: set[str]) -> bool:
+    """An original-layout file with a VAE or text encoders beside its denoiser: a whole pipeline."""
+    return _any(
+        names, "first_stage_model.", "vae.decoder.", "cond_stage_model.", "conditioner.embedders.", "text_encoders."
+    )
+
+
+def _bfl_flux(keys: dict[str, tuple[Shape, str]], names: set[str], meta: dict[str, str]) -> Detection | None:
+    """FLUX in BFL naming, bare or under the ComfyUI prefix: img_in's width tells fill (384) and
+    control (128) models, guidance_in dev from schnell."""
+    if not _any(names, "double_blocks.0.img_attn.qkv.weight"):
         return None
-    if ema_only:
-        fam, ev = _context_family(keys, r"model_ema\.diffusion_model.*attn2to_kweight$")
-        conv = _find(keys, r"model_ema\.diffusion_modelinput_blocks00weight$")
-        adm = _find(keys, r"model_ema\.diffusion_modellabel_emb00weight$")
-    else:
-        fam, ev = _context_family(
-            keys, re.escape(prefix) + r"(input|output)_blocks\.\d+\.1\.transformer_blocks\.0\.attn2\.to_k\.weight$"
-        )
-        conv = _find(keys, re.escape(prefix) + r"input_blocks\.0\.0\.weight$")
-        adm = _find(keys, re.escape(prefix) + r"label_emb\.0\.0\.weight$")
-    evidence = list(ev)
+    img_in = find_key(keys, r"(^|\.)img_in\.weight$")
+    channels = probe_dim(img_in, 1) if img_in else 64
+    fam: str | None
+    variant, fam = "normal", "flux-dev"
+    if channels == 384:
+        variant, fam = "inpaint", "flux-fill"
+    elif channels == 128:
+        variant, fam = "control", None
+    guidance = find_key(keys, r"(^|\.)guidance_in\.in_layer\.weight$")
+    if fam == "flux-dev" and guidance is None:
+        fam = "flux-schnell"
+    return Detection(
+        "checkpoint" if _whole(names) else "transformer",
+        fam,
+        "bfl",
+        variant,
+        "flow",
+        candidates=("flux-depth", "flux-canny") if fam is None else (),
+        evidence=(
+            "double_blocks (BFL naming)",
+            key_evidence(img_in) if img_in else "img_in missing",
+            key_evidence(guidance) if guidance else "no guidance_in (distilled without guidance: schnell)",
+        ),
+    )
+
+
+_LDM = "model.diffusion_model."
+
+
+def _mmdit(keys: dict[str, tuple[Shape, str]], names: set[str], meta: dict[str, str]) -> Detection | None:
+    """SD3 / SD3.5 (MMDiT) single files: SD3.5 large is 2432 wide, medium adds x_block.attn2."""
+    if not _any(names, _LDM + "joint_blocks.0."):
+        return None
+    blocks = {int(m.group(1)) for k in names if (m := re.match(re.escape(_LDM) + r"joint_blocks\.(\d+)\.", k))}
+    emb = find_key(keys, re.escape(_LDM) + r"x_embedder\.proj\.weight$")
+    width = probe_dim(emb, 0) if emb else 0
+    fam = "sd35-large" if width == 2432 else "sd35-medium" if _any(names, ".x_block.attn2.") else "sd3"
+    whole = _whole(names)
+    return Detection(
+        "checkpoint" if whole else "transformer",
+        fam,
+        "comfyui" if whole else "ldm",
+        "normal",
+        "flow",
+        evidence=(
+            f"{len(blocks)} joint_blocks",
+            key_evidence(emb) if emb else "no x_embedder",
+            "x_block.attn2 (MMDiT-X)" if fam == "sd35-medium" else "no x_block.attn2",
+        ),
+    )
+
+
+def _ldm_unet(keys: dict[str, tuple[Shape, str]], names: set[str], meta: dict[str, str]) -> Detection | None:
+    """LDM/SGM UNets, with or without VAE and text encoders; an EMA-only file stores them as
+    model_ema.<name without dots>. The cross-attention width, the ADM input and the text
+    encoders' layout must agree on the family (else: unknown, with both candidates)."""
+    ema_only = not _any(names, _LDM) and _any(names, "model_ema.diffusion_model")
+    if not _any(names, _LDM + "input_blocks.") and not ema_only:
+        return None
+    fam, evidence, conv, adm = _ldm_probes(keys, ema_only)
     if adm is not None:
-        evidence.append(_ev(adm))
-        by_adm = ADM_FAMILY.get(_dim(adm, 1))
+        evidence.append(key_evidence(adm))
+        by_adm = ADM_FAMILY.get(probe_dim(adm, 1))
         if by_adm is not None and fam not in (None, by_adm):
             return Detection("unknown", None, None, candidates=(fam, by_adm), evidence=tuple(evidence))
         fam = by_adm or fam
@@ -470,16 +339,34 @@ def _single_file(keys: dict[str, tuple[Shape, str]], names: set[str], meta: dict
             fam = te_fam
         elif fam != te_fam:
             return Detection("unknown", None, None, candidates=(fam, te_fam), evidence=tuple(evidence))
-    in_ch = _dim(conv, 1) if conv else 4
+    in_ch = probe_dim(conv, 1) if conv else 4
     if conv:
-        evidence.append(_ev(conv))
+        evidence.append(key_evidence(conv))
     variant = {4: "normal", 9: "inpaint", 5: "depth", 8: "instruct-pix2pix"}.get(in_ch, f"{in_ch}-channel")
     if ema_only:
         variant = "ema" if variant == "normal" else variant
     fmt = "sgm" if _any(names, _SGM) or fam in ("sdxl", "sdxl-refiner") else "ldm"
-    kind = "checkpoint" if whole else "unet"
+    kind = "checkpoint" if _whole(names) else "unet"
     cands = () if fam else tuple(CONTEXT_FAMILY.values())
     return Detection(kind, fam, fmt, variant, _prediction(keys, meta, fam), cands, tuple(evidence))
+
+
+def _ldm_probes(
+    keys: dict[str, tuple[Shape, str]], ema_only: bool
+) -> tuple[str | None, list[str], tuple[str, Shape] | None, tuple[str, Shape] | None]:
+    """(family by cross-attention width, its evidence, the first conv, the ADM input) of an LDM UNet."""
+    if ema_only:
+        fam, ev = _context_family(keys, r"model_ema\.diffusion_model.*attn2to_kweight$")
+        conv = find_key(keys, r"model_ema\.diffusion_modelinput_blocks00weight$")
+        adm = find_key(keys, r"model_ema\.diffusion_modellabel_emb00weight$")
+        return fam, ev, conv, adm
+    prefix = re.escape(_LDM)
+    fam, ev = _context_family(
+        keys, prefix + r"(input|output)_blocks\.\d+\.1\.transformer_blocks\.0\.attn2\.to_k\.weight$"
+    )
+    conv = find_key(keys, prefix + r"input_blocks\.0\.0\.weight$")
+    adm = find_key(keys, prefix + r"label_emb\.0\.0\.weight$")
+    return fam, ev, conv, adm
 
 
 def _diffusers_denoiser(keys: dict[str, tuple[Shape, str]], names: set[str], meta: dict[str, str]) -> Detection | None:
@@ -487,9 +374,9 @@ def _diffusers_denoiser(keys: dict[str, tuple[Shape, str]], names: set[str], met
         fam, ev = _context_family(keys, r"attn2\.to_k\.weight$")
         adm = keys.get("add_embedding.linear_1.weight")
         if adm is not None:
-            fam = ADM_FAMILY.get(_dim(("add_embedding.linear_1.weight", adm[0]), 1), fam)
+            fam = ADM_FAMILY.get(probe_dim(("add_embedding.linear_1.weight", adm[0]), 1), fam)
             ev.append(f"add_embedding.linear_1.weight {list(adm[0])}")
-        in_ch = _dim(("conv_in.weight", keys["conv_in.weight"][0]), 1)
+        in_ch = probe_dim(("conv_in.weight", keys["conv_in.weight"][0]), 1)
         variant = {4: "normal", 9: "inpaint", 5: "depth"}.get(in_ch, f"{in_ch}-channel")
         return Detection(
             "unet",
@@ -519,27 +406,29 @@ def _diffusers_denoiser(keys: dict[str, tuple[Shape, str]], names: set[str], met
 
 
 def _vae(keys: dict[str, tuple[Shape, str]], names: set[str], meta: dict[str, str]) -> Detection | None:
-    hit = _find(keys, r"(^|\.)decoder\.conv_in\.weight$")
+    hit = find_key(keys, r"(^|\.)decoder\.conv_in\.weight$")
     if hit is None or not _any(names, "encoder.down.", "decoder.up.", "encoder.down_blocks.", "decoder.up_blocks."):
         return None
-    latent = _dim(hit, 1)
+    latent = probe_dim(hit, 1)
     cands = SD_LATENT_FAMILIES if latent == 4 else FLOW_LATENT_FAMILIES if latent == 16 else ()
     return Detection(
         "vae",
         None,
         "diffusers" if _any(names, "decoder.up_blocks.") else "ldm",
         candidates=cands,
-        evidence=(_ev(hit), f"{latent}-channel latents: the layout alone cannot tell the family"),
+        evidence=(key_evidence(hit), f"{latent}-channel latents: the layout alone cannot tell the family"),
     )
 
 
 def _text_encoder(keys: dict[str, tuple[Shape, str]], names: set[str], meta: dict[str, str]) -> Detection | None:
-    tok = _find(keys, r"(^|\.)embeddings\.token_embedding\.weight$")
+    tok = find_key(keys, r"(^|\.)embeddings\.token_embedding\.weight$")
     if tok is not None and _any(names, "encoder.layers.0."):
-        width = _dim(tok, 1)
+        width = probe_dim(tok, 1)
         cands = {768: ("sd15", "sdxl", "sd3", "flux-dev"), 1024: ("sd2",), 1280: ("sdxl", "sd3")}.get(width, ())
         fam = cands[0] if len(cands) == 1 else None
-        return Detection("text-encoder", fam, "diffusers", candidates=() if fam else cands, evidence=(_ev(tok),))
+        return Detection(
+            "text-encoder", fam, "diffusers", candidates=() if fam else cands, evidence=(key_evidence(tok),)
+        )
     if _any(names, "encoder.block.0.layer.0.SelfAttention.q.weight"):
         return Detection(
             "text-encoder", None, "diffusers", candidates=("sd3", "flux-dev"), evidence=("T5 encoder blocks",)

@@ -284,7 +284,8 @@ def meta_components(folder: Path) -> dict[str, Any]:
 def check_fit(loras: list[tuple[PlannedLora, Fetched]], shapes: dict[str, tuple[int, ...]], family: str) -> None:
     """Every LoRA's factors against the base's layer shapes, from the files' headers: a LoRA of
     another model fails here, naming the module, before the base is built."""
-    from compiler.detect import detect, read_header
+    from compiler.detect import detect
+    from compiler.headers import read_header
     from compiler.validate import check_lora_shapes
 
     for lora, fetched in loras:

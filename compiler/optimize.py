@@ -39,7 +39,7 @@ def quantize_denoiser(plan: BuildPlan, out: Path) -> None:
     QuantoConfig: int8 or fp8 weights, per-channel scales), as safetensors with the quantization
     config in its config.json. diffusers then loads it pre-quantized: the layers are built as
     quanto layers and the stored int8/fp8 tensors land in them unchanged."""
-    if plan.quantize == "none":
+    if plan.runtime.quantize == "none":
         return
     import diffusers
     import torch
@@ -53,14 +53,14 @@ def quantize_denoiser(plan: BuildPlan, out: Path) -> None:
         folder,
         subfolder=name,
         dtype=getattr(torch, TORCH_DTYPES[plan.precision]),
-        quantization_config=diffusers.QuantoConfig(weights_dtype=QUANTO_WEIGHTS[plan.quantize]),
+        quantization_config=diffusers.QuantoConfig(weights_dtype=QUANTO_WEIGHTS[plan.runtime.quantize]),
         local_files_only=True,
     )
     staged = folder / f".{name}-quantized"
     model.save_pretrained(staged, safe_serialization=True)
     shutil.rmtree(folder / name)
     staged.rename(folder / name)
-    log.info("quantized the %s to %s in %.1f s", name, plan.quantize, time.perf_counter() - t0)
+    log.info("quantized the %s to %s in %.1f s", name, plan.runtime.quantize, time.perf_counter() - t0)
 
 
 def capture_target() -> str | None:
@@ -76,7 +76,7 @@ def target_environment(plan: BuildPlan) -> dict[str, str]:
     """A compiling recipe's artifact holds a compile cache for the machine kind that built it, so
     that kind enters its cache key: the same recipe built on another GPU (or first on a CPU,
     without a cache) is another artifact. Torch is imported only for compiling recipes."""
-    if plan.compile.scope == "off":
+    if plan.runtime.compile.scope == "off":
         return {}
     return {"compile_target": capture_target() or "none"}
 
@@ -85,7 +85,7 @@ def capture_compile_cache(plan: BuildPlan, out: Path, timeout: float = 3600) -> 
     """Warm the declared shapes in a fresh process and store torch.compiler's cache artifacts
     under ``out/compile/<key>/`` (key: GPU kind + torch/triton versions). Only on a GPU (or with
     UIW_COMPILE_CACHE_CPU=1): a cache is only good for the machine kind that made it."""
-    if plan.compile.scope == "off":
+    if plan.runtime.compile.scope == "off":
         return None
     if capture_target() is None:
         log.info(
@@ -103,7 +103,7 @@ def capture_compile_cache(plan: BuildPlan, out: Path, timeout: float = 3600) -> 
         "--pipeline-class",
         plan.pipeline_class,
         "--options",
-        plan.runtime_options().model_dump_json(),
+        plan.runtime.model_dump_json(),
         "--guidance",
         str(plan.defaults.guidance_scale),
     ]

@@ -67,7 +67,7 @@ def package(
             )
             for lora in plan.loras
         ),
-        runtime=plan.runtime_options(),
+        runtime=plan.runtime,
         environment=environment,
         provenance=dict(provenance),
         inputs=tuple(

@@ -8,16 +8,16 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from typing import Any
 
 from compiler import COMPILER_REVISION
 from compiler.detect import Detection
-from compiler.errors import Problem, UserError
-from compiler.families import FAMILIES, main_task
+from compiler.errors import UserError
+from compiler.families import FAMILIES, Family, main_task
 from compiler.recipe import Recipe
 from compiler.sources.base import Pinned, Resolved
-from compiler.validate import check_performance
+from compiler.validate import check_plan
 from runtime.artifact import CompileOptions, Defaults, Limits, RuntimeOptions
 
 
@@ -53,7 +53,10 @@ class BuildPlan:
     checkpoint: str | None  # a single-file checkpoint's source and pin: weights from it, configs from base
     checkpoint_inputs: tuple[tuple[str, str], ...]
     checkpoint_kind: str | None  # "checkpoint" (whole pipeline) or "unet" (joins the base's other weights)
-    precision: str
+    # The performance options, as the manifest records them (runtime.dtype is the precision),
+    # normalised: compile off carries no mode/shapes, so equal meanings hash equal. quantize
+    # changes the stored weights; the rest the runtime applies at load.
+    runtime: RuntimeOptions
     # The family's dtype policy: SDXL's VAE overflows to black images in fp16, so under fp16 its
     # config must say force_upcast (diffusers then decodes in fp32), whatever the config repo says.
     vae_force_upcast: bool
@@ -67,26 +70,10 @@ class BuildPlan:
     vae: PlannedFile | None = None
     embeddings: tuple[PlannedFile, ...] = ()
     controlnets: tuple[PlannedFile, ...] = ()
-    # Performance options (normalised: compile off carries no mode/shapes, so equal meanings hash
-    # equal). quantize changes the stored weights; the rest the runtime applies at load.
-    offload: str = "none"
-    compile: CompileOptions = field(default_factory=CompileOptions)
-    channels_last: bool = False
-    fused_qkv: bool = False
-    attention: str | None = None
-    quantize: str = "none"
 
-    def runtime_options(self) -> RuntimeOptions:
-        """The manifest's record of what the runtime applies after load."""
-        return RuntimeOptions(
-            dtype=self.precision,
-            offload=self.offload,
-            compile=self.compile,
-            channels_last=self.channels_last,
-            fused_qkv=self.fused_qkv,
-            attention=self.attention,
-            quantize=self.quantize,
-        )
+    @property
+    def precision(self) -> str:
+        return self.runtime.dtype
 
     @property
     def adapter_inputs(self) -> tuple[tuple[str, str], ...]:
@@ -104,8 +91,11 @@ class BuildPlan:
         d["controlnets"] = [asdict(c) for c in self.controlnets]
         d["base_inputs"] = [list(i) for i in self.base_inputs]
         d["checkpoint_inputs"] = [list(i) for i in self.checkpoint_inputs]
-        d["compile"] = self.compile.model_dump(mode="json")
-        return d
+        # The options are hashed as the flat fields they were before they became one type (and
+        # precision under its own name), so that existing artifacts keep their cache keys.
+        runtime = d.pop("runtime").model_dump(mode="json")
+        d["precision"] = runtime.pop("dtype")
+        return d | runtime
 
 
 def make_plan(
@@ -119,84 +109,13 @@ def make_plan(
     embeddings: tuple[Pinned, ...] = (),
     controlnets: tuple[Pinned, ...] = (),
 ) -> BuildPlan:
+    """The plan of one build, after validate.check_plan found nothing wrong (else UserError)."""
     family = FAMILIES[base.family]
-    d, lim = recipe.defaults, recipe.limits
-    w, h = base.native_size
-    defaults = Defaults(
-        width=d.width or w,
-        height=d.height or h,
-        steps=d.steps or family.default_steps,
-        guidance_scale=d.guidance_scale if d.guidance_scale is not None else family.default_guidance,
-        negative_prompt=d.negative_prompt,
-    )
-    limits = Limits(
-        max_width=lim.max_width or family.max_size[0],
-        max_height=lim.max_height or family.max_size[1],
-        max_steps=lim.max_steps or family.max_steps,
-        max_images=lim.max_images or family.max_images,
-    )
-    where = str(recipe.path)
-    problems = [
-        Problem(
-            f"{where}: defaults.{field}",
-            f"{value} exceeds limits.{limit} = {bound}",
-            f"lower defaults.{field} or raise limits.{limit}",
-        )
-        for field, value, limit, bound in (
-            ("width", defaults.width, "max_width", limits.max_width),
-            ("height", defaults.height, "max_height", limits.max_height),
-            ("steps", defaults.steps, "max_steps", limits.max_steps),
-        )
-        if value > bound
-    ]
+    defaults, limits = _serving(recipe, family, base.native_size)
     scheduler = recipe.scheduler or family.default_scheduler
-    if scheduler not in family.schedulers:
-        problems.append(
-            Problem(
-                f"{where}: scheduler",
-                f"{scheduler} does not fit {family.label} ({family.prediction} prediction)",
-                f"one of {', '.join(family.schedulers)}",
-            )
-        )
-    if main_task(family) != "txt2img":
-        problems.append(
-            Problem(
-                f"{where}: {'checkpoint' if detected else 'base'}",
-                f"{family.label} only does {main_task(family)} (it only refines or fills an image given to it)",
-                "this compiler serves text-to-image so far; use a model of the family's normal variant",
-            )
-        )
-    elif detected is not None and detected.variant not in ("normal", "ema"):
-        problems.append(
-            Problem(
-                f"{where}: checkpoint",
-                f"this is a {detected.variant} {family.label} model; it cannot serve text-to-image",
-                "inpaint and other conditioned models need their task's requests (image, mask), which "
-                "this compiler does not serve yet; use the family's normal checkpoint",
-            )
-        )
-    if recipe.controlnets and "controlnet" not in family.pipelines:
-        problems.append(
-            Problem(f"{where}: controlnets", f"{family.label} has no ControlNet pipeline here", "remove `controlnets:`")
-        )
-    if recipe.prediction is not None and family.prediction == "flow":
-        problems.append(
-            Problem(f"{where}: prediction", f"{family.label} is a flow-matching model", "remove `prediction:`")
-        )
-    problems.extend(check_performance(recipe, (limits.max_width, limits.max_height)))
-    if problems:
+    if problems := check_plan(recipe, family, detected, defaults, limits, scheduler):
         raise UserError(problems)
-    wanted = recipe.compile
-    compile_options = (
-        CompileOptions(
-            scope=wanted.scope,
-            mode=wanted.mode,
-            dynamic=wanted.dynamic,
-            shapes=wanted.shapes or ((defaults.width, defaults.height),),
-        )
-        if wanted.scope != "off"
-        else CompileOptions()
-    )
+    runtime = _runtime(recipe.runtime, defaults)
     # A file that says it predicts v (a v_pred key, modelspec metadata) is believed over the base's
     # scheduler config; the recipe's `prediction:` over both. Detection's "eps" can be the family's
     # default rather than the file's word, so it never overrides a base's own v_prediction.
@@ -211,24 +130,13 @@ def make_plan(
         checkpoint=checkpoint.pin if checkpoint else None,
         checkpoint_inputs=checkpoint.inputs if checkpoint else (),
         checkpoint_kind=detected.kind if detected else None,
-        precision=recipe.precision,
-        vae_force_upcast=recipe.precision == "fp16" and family.vae_upcast_under_fp16,
+        runtime=runtime,
+        vae_force_upcast=runtime.dtype == "fp16" and family.vae_upcast_under_fp16,
         prediction=prediction,
         scheduler=scheduler,
         defaults=defaults,
         limits=limits,
-        steps=(
-            *_load_steps(detected.kind if detected else None),
-            *((f"prediction-{prediction}",) if prediction else ()),
-            *(("replace-vae",) if vae else ()),
-            *(f"embed-{e.token or i}" for i, e in enumerate(recipe.embeddings)),
-            *(f"fuse-lora-{lora.name}" for lora in recipe.loras if lora.fuse),
-            *(f"controlnet-{c.name}" for c in recipe.controlnets),
-            f"cast-{recipe.precision}",
-            "save",
-            *((f"quantize-{recipe.quantize}",) if recipe.quantize != "none" else ()),
-            *((f"compile-cache-{wanted.scope}",) if wanted.scope != "off" else ()),
-        ),
+        steps=_steps(recipe, runtime, detected.kind if detected else None, prediction, vae is not None),
         tasks={t: c for t, c in family.pipelines.items() if t != "controlnet" or recipe.controlnets},
         loras=tuple(
             PlannedLora(name=lora.name, pin=pinned.pin, inputs=pinned.inputs, scale=lora.scale, fuse=lora.fuse)
@@ -243,12 +151,52 @@ def make_plan(
             PlannedFile(pin=p.pin, inputs=p.inputs, name=c.name, scale=c.scale)
             for c, p in zip(recipe.controlnets, controlnets, strict=True)
         ),
-        offload=recipe.offload,
-        compile=compile_options,
-        channels_last=recipe.channels_last,
-        fused_qkv=recipe.fused_qkv,
-        attention=recipe.attention,
-        quantize=recipe.quantize,
+    )
+
+
+def _serving(recipe: Recipe, family: Family, native_size: tuple[int, int]) -> tuple[Defaults, Limits]:
+    """The recipe's request defaults and limits, the family's (and the base's size) where it sets none."""
+    d, lim = recipe.defaults, recipe.limits
+    w, h = native_size
+    defaults = Defaults(
+        width=d.width or w,
+        height=d.height or h,
+        steps=d.steps or family.default_steps,
+        guidance_scale=d.guidance_scale if d.guidance_scale is not None else family.default_guidance,
+        negative_prompt=d.negative_prompt,
+    )
+    limits = Limits(
+        max_width=lim.max_width or family.max_size[0],
+        max_height=lim.max_height or family.max_size[1],
+        max_steps=lim.max_steps or family.max_steps,
+        max_images=lim.max_images or family.max_images,
+    )
+    return defaults, limits
+
+
+def _runtime(wanted: RuntimeOptions, defaults: Defaults) -> RuntimeOptions:
+    """Compile off carries no mode or shapes; compile on with no shapes warms the default size."""
+    if wanted.compile.scope == "off":
+        return wanted.model_copy(update={"compile": CompileOptions()})
+    shapes = wanted.compile.shapes or ((defaults.width, defaults.height),)
+    return wanted.model_copy(update={"compile": wanted.compile.model_copy(update={"shapes": shapes})})
+
+
+def _steps(
+    recipe: Recipe, runtime: RuntimeOptions, checkpoint_kind: str | None, prediction: str | None, vae: bool
+) -> tuple[str, ...]:
+    """What materialize does, in order."""
+    return (
+        *_load_steps(checkpoint_kind),
+        *((f"prediction-{prediction}",) if prediction else ()),
+        *(("replace-vae",) if vae else ()),
+        *(f"embed-{e.token or i}" for i, e in enumerate(recipe.embeddings)),
+        *(f"fuse-lora-{lora.name}" for lora in recipe.loras if lora.fuse),
+        *(f"controlnet-{c.name}" for c in recipe.controlnets),
+        f"cast-{runtime.dtype}",
+        "save",
+        *((f"quantize-{runtime.quantize}",) if runtime.quantize != "none" else ()),
+        *((f"compile-cache-{runtime.compile.scope}",) if runtime.compile.scope != "off" else ()),
     )
 
 

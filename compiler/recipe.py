@@ -9,7 +9,7 @@ from __future__ import annotations
 import difflib
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
@@ -17,9 +17,7 @@ from compiler import uri
 from compiler.errors import Problem, UserError
 from compiler.families import FAMILIES
 from compiler.tiny_models import BUILTINS
-from runtime.artifact import ATTENTION_BACKENDS, SCHEDULERS, CompileScope, Offload, Quantize
-
-Precision = Literal["fp32", "fp16", "bf16"]
+from runtime.artifact import ATTENTION_BACKENDS, SCHEDULERS, CompileOptions, Precision, RuntimeOptions
 
 
 class _Strict(BaseModel):
@@ -43,30 +41,6 @@ class RecipeLimits(_Strict):
     max_height: int | None = Field(None, ge=64, multiple_of=8)
     max_steps: int | None = Field(None, ge=1)
     max_images: int | None = Field(None, ge=1)
-
-
-class RecipeCompile(_Strict):
-    """torch.compile of the denoiser at load, its caches warmed for ``shapes`` at build time."""
-
-    scope: CompileScope = "off"
-    mode: Literal["default", "max-autotune"] = "default"
-    dynamic: bool = False
-    # (width, height) pairs the build warms (on a GPU); default: the recipe's default size.
-    shapes: tuple[tuple[int, int], ...] = ()
-
-    @field_validator("shapes", mode="before")
-    @classmethod
-    def _pairs(cls, v: Any) -> Any:
-        # YAML gives lists; strict mode wants tuples. A pair is two multiples of 8, at least 64.
-        if not isinstance(v, list | tuple):
-            return v
-        out = []
-        for pair in v:
-            ok = isinstance(pair, list | tuple) and len(pair) == 2
-            if not ok or not all(type(x) is int and x >= 64 and x % 8 == 0 for x in pair):
-                raise ValueError(f"each shape is [width, height], multiples of 8 and at least 64; found {pair!r}")
-            out.append(tuple(pair))
-        return tuple(out)
 
 
 class RecipeLora(_Strict):
@@ -112,32 +86,6 @@ class _Fields(_Strict):
     controlnets: list[RecipeControlNet] = Field(default_factory=list)
     # Known, so that a recipe naming them gets the reason instead of "unknown key" (see parse_recipe).
     hypernetworks: list[Any] = Field(default_factory=list)
-    # Performance (README: Precision, offload and compile). quantize is baked into the weights;
-    # the others are applied by the runtime at load, as the manifest's runtime options say.
-    offload: Offload = "none"
-    compile: RecipeCompile = Field(default_factory=RecipeCompile)
-    channels_last: bool = False
-    fused_qkv: bool = False
-    attention: str | None = None
-    quantize: Quantize = "none"
-
-    @field_validator("compile", mode="before")
-    @classmethod
-    def _compile_shorthand(cls, v: Any) -> Any:
-        # YAML reads a bare `off` as false; `compile: regional` (and `compile=regional` on the
-        # command line) is short for `compile: {scope: regional}`.
-        if v is False:
-            return {"scope": "off"}
-        if isinstance(v, str):
-            return {"scope": v}
-        return v
-
-    @field_validator("attention")
-    @classmethod
-    def _known_backend(cls, v: str | None) -> str | None:
-        if v is not None and v not in ATTENTION_BACKENDS:
-            raise ValueError(f"unknown attention backend {v!r}")
-        return v
 
     @field_validator("family")
     @classmethod
@@ -154,6 +102,12 @@ class _Fields(_Strict):
         return v
 
 
+# Performance (README: Precision, offload and compile): top-level recipe keys read into the
+# artifact contract's own RuntimeOptions (its dtype is the recipe's `precision`). quantize is baked
+# into the weights; the others are applied by the runtime at load, as the manifest says.
+PERFORMANCE_KEYS = tuple(k for k in RuntimeOptions.model_fields if k != "dtype")
+
+
 class Recipe(BaseModel):
     model_config = ConfigDict(frozen=True, arbitrary_types_allowed=True)
 
@@ -164,7 +118,6 @@ class Recipe(BaseModel):
     family: str | None = None  # overrides detection (an ambiguous or mislabelled file)
     prediction: str | None = None  # overrides the family's and the file's prediction type
     allow_pickle: bool = False
-    precision: Precision
     scheduler: str | None
     defaults: RecipeDefaults
     limits: RecipeLimits
@@ -172,12 +125,11 @@ class Recipe(BaseModel):
     vae: uri.Source | None = None
     embeddings: tuple[Embedding, ...] = ()
     controlnets: tuple[ControlNet, ...] = ()
-    offload: str = "none"
-    compile: RecipeCompile = RecipeCompile()
-    channels_last: bool = False
-    fused_qkv: bool = False
-    attention: str | None = None
-    quantize: str = "none"
+    runtime: RuntimeOptions  # the performance options; runtime.dtype is the precision
+
+    @property
+    def precision(self) -> Precision:
+        return self.runtime.dtype
 
     def sources(self) -> dict[str, uri.Source]:
         """Every source the recipe names, by field path (what the lock pins)."""
@@ -254,12 +206,13 @@ _SECTIONS: dict[str, type[BaseModel]] = {
     "": _Fields,
     "defaults": RecipeDefaults,
     "limits": RecipeLimits,
-    "compile": RecipeCompile,
+    "compile": CompileOptions,
     "loras": RecipeLora,
     "embeddings": RecipeEmbedding,
     "controlnets": RecipeControlNet,
 }
 
+_M = TypeVar("_M", bound=BaseModel)
 Where = Callable[[str], str]  # a field path -> "<recipe file or command line>: <field path>"
 
 
@@ -269,7 +222,8 @@ def _problem(where: Where, err: Any) -> Problem:
     if kind == "extra_forbidden":
         section = ".".join(str(p) for p in err["loc"][:-1] if not isinstance(p, int))
         model = _SECTIONS.get(section)
-        known = ", ".join(model.model_fields) if model else "none"
+        keys = [*model.model_fields, *(PERFORMANCE_KEYS if model is _Fields else ())] if model else ["none"]
+        known = ", ".join(keys)
         return Problem(where(loc), "unknown key", f"valid keys here: {known}; check the spelling")
     if kind == "missing":
         return Problem(where(loc), "required field is missing", _HINTS.get(loc, "add it to the recipe"))
@@ -310,39 +264,80 @@ def parse_recipe(
         return f"{'command line' if by_cli else path}: {loc}"
 
     problems: list[Problem] = []
-    try:
-        checked = _Fields.model_validate(fields)
-    except ValidationError as e:
-        problems.extend(_problem(where, err) for err in e.errors())
-        checked = None
-    parsed: dict[str, uri.Source] = {}
-    for field in ("base", "checkpoint", "vae"):
-        if isinstance(fields.get(field), str):
-            try:
-                parsed[field] = uri.parse(fields[field], base_dir=path.parent, civitai_hosts=civitai_hosts)
-            except uri.SourceError as e:
-                problems.append(Problem(where(field), str(e), _HINTS[field]))
-                continue
-            if (unknown := _builtin_problem(parsed[field], where(field))) is not None:
-                problems.append(unknown)
+    checked = _validated(_Fields, {k: v for k, v in fields.items() if k not in PERFORMANCE_KEYS}, where, problems)
+    runtime = _validated(RuntimeOptions, _performance(fields), where, problems)
+    parsed = _pipeline_sources(fields, where, path, civitai_hosts, problems)
     loras = _loras(checked, where, path, civitai_hosts, problems)
     embeddings = _embeddings(checked, where, path, civitai_hosts, problems)
     controlnets = _controlnets(checked, where, path, civitai_hosts, problems)
-    vae = parsed.get("vae")
-    if vae is not None and uri.is_single_file(vae) is False:
-        problems.append(Problem(where("vae"), f"{vae} names a whole pipeline", _HINTS["vae"]))
-    checkpoint = parsed.get("checkpoint")
-    if checkpoint is not None and uri.is_single_file(checkpoint) is False:
-        problems.append(Problem(where("checkpoint"), f"{checkpoint} names a whole pipeline", _HINTS["checkpoint"]))
-    base = parsed.get("base")
+    problems.extend(_whole_recipe_problems(fields, checked, where))
+    if problems or checked is None or runtime is None:
+        raise UserError(problems)
+    return Recipe(
+        name=name,
+        path=path,
+        base=parsed.get("base"),
+        checkpoint=parsed.get("checkpoint"),
+        family=checked.family,
+        prediction=checked.prediction,
+        allow_pickle=checked.allow_pickle,
+        scheduler=checked.scheduler,
+        defaults=checked.defaults,
+        limits=checked.limits,
+        loras=loras,
+        vae=parsed.get("vae"),
+        embeddings=embeddings,
+        controlnets=controlnets,
+        runtime=runtime.model_copy(update={"dtype": checked.precision}),
+    )
+
+
+def _validated(model: type[_M], data: dict[str, Any], where: Where, problems: list[Problem]) -> _M | None:
+    """``data`` read strictly as ``model`` (YAML's "64" is not 64); None and its problems otherwise."""
+    try:
+        return model.model_validate(data, strict=True)
+    except ValidationError as e:
+        problems.extend(_problem(where, err) for err in e.errors())
+        return None
+
+
+def _performance(fields: dict[str, Any]) -> dict[str, Any]:
+    """The performance keys as RuntimeOptions reads them. Its dtype is set from `precision` once
+    that is checked (with the other fields, which report a bad one): fp32 stands in until then."""
+    return {"dtype": "fp32", **{k: fields[k] for k in PERFORMANCE_KEYS if k in fields}}
+
+
+def _pipeline_sources(
+    fields: dict[str, Any], where: Where, path: Path, civitai_hosts: tuple[str, ...], problems: list[Problem]
+) -> dict[str, uri.Source]:
+    """base, checkpoint and vae parsed; a checkpoint or VAE must name one file."""
+    parsed: dict[str, uri.Source] = {}
+    for field in ("base", "checkpoint", "vae"):
+        if not isinstance(fields.get(field), str):
+            continue
+        try:
+            src = uri.parse(fields[field], base_dir=path.parent, civitai_hosts=civitai_hosts)
+        except uri.SourceError as e:
+            problems.append(Problem(where(field), str(e), _HINTS[field]))
+            continue
+        if (unknown := _builtin_problem(src, where(field))) is not None:
+            problems.append(unknown)
+        if field != "base" and uri.is_single_file(src) is False:
+            problems.append(Problem(where(field), f"{src} names a whole pipeline", _HINTS[field]))
+        parsed[field] = src
+    return parsed
+
+
+def _whole_recipe_problems(fields: dict[str, Any], checked: _Fields | None, where: Where) -> list[Problem]:
+    out = []
     if fields.get("base") is None and fields.get("checkpoint") is None:  # `base: null` is no base
-        problems.append(
+        out.append(
             Problem(
                 where("base"), "a recipe needs `base:` or `checkpoint:`", f"{_HINTS['base']}; {_HINTS['checkpoint']}"
             )
         )
     if checked is not None and checked.hypernetworks:
-        problems.append(
+        out.append(
             Problem(
                 where("hypernetworks"),
                 "A1111 hypernetworks are not supported: diffusers has no loader for them, and the files "
@@ -350,31 +345,7 @@ def parse_recipe(
                 "use a LoRA of the same style (most hypernetwork styles have LoRA ports on CivitAI)",
             )
         )
-    if problems or checked is None:
-        raise UserError(problems)
-    return Recipe(
-        name=name,
-        path=path,
-        base=base,
-        checkpoint=checkpoint,
-        family=checked.family,
-        prediction=checked.prediction,
-        allow_pickle=checked.allow_pickle,
-        precision=checked.precision,
-        scheduler=checked.scheduler,
-        defaults=checked.defaults,
-        limits=checked.limits,
-        loras=loras,
-        vae=vae,
-        embeddings=embeddings,
-        controlnets=controlnets,
-        offload=checked.offload,
-        compile=checked.compile,
-        channels_last=checked.channels_last,
-        fused_qkv=checked.fused_qkv,
-        attention=checked.attention,
-        quantize=checked.quantize,
-    )
+    return out
 
 
 def _controlnets(

@@ -1,11 +1,12 @@
-"""Pure cross-checks between what a recipe asks for and what its files are. No I/O."""
+"""Pure cross-checks between what a recipe asks for, its base's family and what its files are. No I/O."""
 
 from __future__ import annotations
 
 from compiler.detect import INVALID_HINT, Detection
 from compiler.errors import Problem, UserError
-from compiler.families import CONTEXT_FAMILY, family_of_civitai_base_model, lineage
+from compiler.families import CONTEXT_FAMILY, Family, family_of_civitai_base_model, lineage, main_task
 from compiler.recipe import Recipe
+from runtime.artifact import Defaults, Limits, RuntimeOptions
 
 
 def check_readable(found: Detection, where: str) -> None:
@@ -183,51 +184,87 @@ def _a(kind: str) -> str:
     return ("an " if kind[0] in "aeiou" else "a ") + kind
 
 
+def check_plan(
+    recipe: Recipe, family: Family, detected: Detection | None, defaults: Defaults, limits: Limits, scheduler: str
+) -> list[Problem]:
+    """The recipe against its base's family, once the family's defaults are filled in: defaults
+    within limits, a scheduler of the family, a text-to-image model, ControlNets and prediction
+    where the family has them, and the performance options. Returns every problem found."""
+    where = str(recipe.path)
+    out = [
+        Problem(
+            f"{where}: defaults.{field}",
+            f"{value} exceeds limits.{limit} = {bound}",
+            f"lower defaults.{field} or raise limits.{limit}",
+        )
+        for field, value, limit, bound in (
+            ("width", defaults.width, "max_width", limits.max_width),
+            ("height", defaults.height, "max_height", limits.max_height),
+            ("steps", defaults.steps, "max_steps", limits.max_steps),
+        )
+        if value > bound
+    ]
+    if scheduler not in family.schedulers:
+        out.append(
+            Problem(
+                f"{where}: scheduler",
+                f"{scheduler} does not fit {family.label} ({family.prediction} prediction)",
+                f"one of {', '.join(family.schedulers)}",
+            )
+        )
+    out.extend(_task_problems(where, family, detected))
+    if recipe.controlnets and "controlnet" not in family.pipelines:
+        out.append(
+            Problem(f"{where}: controlnets", f"{family.label} has no ControlNet pipeline here", "remove `controlnets:`")
+        )
+    if recipe.prediction is not None and family.prediction == "flow":
+        out.append(Problem(f"{where}: prediction", f"{family.label} is a flow-matching model", "remove `prediction:`"))
+    out.extend(check_performance(recipe, (limits.max_width, limits.max_height)))
+    return out
+
+
+def _task_problems(where: str, family: Family, detected: Detection | None) -> list[Problem]:
+    """This compiler serves text-to-image: a family or a checkpoint variant that cannot is refused."""
+    if main_task(family) != "txt2img":
+        return [
+            Problem(
+                f"{where}: {'checkpoint' if detected else 'base'}",
+                f"{family.label} only does {main_task(family)} (it only refines or fills an image given to it)",
+                "this compiler serves text-to-image so far; use a model of the family's normal variant",
+            )
+        ]
+    if detected is not None and detected.variant not in ("normal", "ema"):
+        return [
+            Problem(
+                f"{where}: checkpoint",
+                f"this is a {detected.variant} {family.label} model; it cannot serve text-to-image",
+                "inpaint and other conditioned models need their task's requests (image, mask), which "
+                "this compiler does not serve yet; use the family's normal checkpoint",
+            )
+        ]
+    return []
+
+
 def check_performance(recipe: Recipe, limits: tuple[int, int]) -> list[Problem]:
     """dtype x offload x compile x quantize x fused QKV x switchable LoRAs: the combinations that
     cannot work, each with the reason and a fix. ``limits``: the artifact's (max_width,
     max_height). Returns every problem found (the plan reports them with its own)."""
     where = str(recipe.path)
-    out: list[Problem] = []
+    options = recipe.runtime
     switchable = [lora.name for lora in recipe.loras if not lora.fuse]
-    moving = recipe.offload in ("sequential", "group")
-    if recipe.compile.scope != "off" and moving:
+    out: list[Problem] = []
+    if options.compile.scope != "off" and options.offload in _MOVING:
         out.append(
             Problem(
                 f"{where}: compile",
-                f"compile {recipe.compile.scope} with offload {recipe.offload}: the offload hooks move weights "
+                f"compile {options.compile.scope} with offload {options.offload}: the offload hooks move weights "
                 "inside every forward, which torch.compile turns into graph breaks and recompiles",
                 "use `offload: model` (whole components move, the compiled denoiser stays intact) or `offload: none`",
             )
         )
-    if recipe.quantize != "none":
-        if moving:
-            out.append(
-                Problem(
-                    f"{where}: quantize",
-                    f"quantize {recipe.quantize} with offload {recipe.offload}: optimum-quanto's weights cannot be "
-                    "offloaded leaf by leaf (diffusers refuses quanto with a CPU/disk device map)",
-                    "use `offload: model` or `offload: none` with a quantized denoiser",
-                )
-            )
-        if recipe.fused_qkv:
-            out.append(
-                Problem(
-                    f"{where}: fused_qkv",
-                    "fused_qkv with quantize: the fuse concatenates float weights, the quantized layers hold int8/fp8 "
-                    "ones with per-layer scales",
-                    "choose one: `quantize:` (smaller weights) or `fused_qkv: true` (fewer, larger matmuls)",
-                )
-            )
-        if switchable:
-            out.append(
-                Problem(
-                    f"{where}: quantize",
-                    f"switchable LoRAs ({', '.join(switchable)}) need float layers; quantized ones have none",
-                    "fuse them (`fuse: true`: baked in before quantizing) or drop `quantize:`",
-                )
-            )
-    if recipe.fused_qkv and switchable:
+    if options.quantize != "none":
+        out.extend(_quantize_problems(where, options, switchable))
+    if options.fused_qkv and switchable:
         out.append(
             Problem(
                 f"{where}: fused_qkv",
@@ -236,7 +273,7 @@ def check_performance(recipe: Recipe, limits: tuple[int, int]) -> list[Problem]:
                 "fuse the LoRAs (`fuse: true`) or drop `fused_qkv:`",
             )
         )
-    for i, (w, h) in enumerate(recipe.compile.shapes if recipe.compile.scope != "off" else ()):
+    for i, (w, h) in enumerate(options.compile.shapes if options.compile.scope != "off" else ()):
         if w > limits[0] or h > limits[1]:
             out.append(
                 Problem(
@@ -245,4 +282,39 @@ def check_performance(recipe: Recipe, limits: tuple[int, int]) -> list[Problem]:
                     "warm sizes that requests may ask for, or raise limits.max_width/max_height",
                 )
             )
+    return out
+
+
+_MOVING = ("sequential", "group")  # offload kinds that move weights inside every forward
+
+
+def _quantize_problems(where: str, options: RuntimeOptions, switchable: list[str]) -> list[Problem]:
+    """What a quantized denoiser cannot be combined with."""
+    out = []
+    if options.offload in _MOVING:
+        out.append(
+            Problem(
+                f"{where}: quantize",
+                f"quantize {options.quantize} with offload {options.offload}: optimum-quanto's weights cannot be "
+                "offloaded leaf by leaf (diffusers refuses quanto with a CPU/disk device map)",
+                "use `offload: model` or `offload: none` with a quantized denoiser",
+            )
+        )
+    if options.fused_qkv:
+        out.append(
+            Problem(
+                f"{where}: fused_qkv",
+                "fused_qkv with quantize: the fuse concatenates float weights, the quantized layers hold int8/fp8 "
+                "ones with per-layer scales",
+                "choose one: `quantize:` (smaller weights) or `fused_qkv: true` (fewer, larger matmuls)",
+            )
+        )
+    if switchable:
+        out.append(
+            Problem(
+                f"{where}: quantize",
+                f"switchable LoRAs ({', '.join(switchable)}) need float layers; quantized ones have none",
+                "fuse them (`fuse: true`: baked in before quantizing) or drop `quantize:`",
+            )
+        )
     return out

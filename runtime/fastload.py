@@ -16,8 +16,8 @@ there has not read them, and the first request pays the page faults. Two things 
   weights, so the same pixels).
 
 And one thing checks them meanwhile: ``Verifier``, a thread that hashes the artifact's files the
-memo does not vouch for (runtime.artifact.unverified) while the models are built, so that a
-damaged file fails the load (runtime.artifact.IntegrityError) instead of being served. Its cost
+memo does not vouch for (runtime.integrity.unverified) while the models are built, so that a
+damaged file fails the load (runtime.integrity.IntegrityError) instead of being served. Its cost
 on a load: bench/verify_cost.py.
 """
 
@@ -33,7 +33,8 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
-from runtime.artifact import FileEntry, Manifest, hash_mismatch, integrity_error
+from runtime.artifact import FileEntry, Manifest
+from runtime.integrity import hash_mismatch, integrity_error
 
 log = logging.getLogger(__name__)
 

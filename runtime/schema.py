@@ -5,17 +5,14 @@ collected; unknown keys get worker-sdxl's wording. What a request may say depend
 (its limits, tasks, switchable LoRAs, ControlNets), so each artifact gets its own pydantic request
 model (``request_model``, built from a ``RequestSpec`` taken from the manifest). That one model
 validates requests and is the base of the JSON Schema that ``describe`` publishes
-(``request_json_schema``); the rules between fields, which a pydantic field cannot carry, are
-written twice, once as Python (for the error messages) and once as JSON Schema (``_rules``), and
+(runtime.request_schema); the rules between fields, which a pydantic field cannot carry, are
+written twice, once as Python here (for the error messages) and once as JSON Schema there, and
 tests/runtime/test_describe_schema.py checks with the independent ``jsonschema`` validator, on generated
 inputs, that both accept and reject exactly the same requests.
 """
 
 from __future__ import annotations
 
-import copy
-import json
-import math
 import reprlib
 import secrets
 from dataclasses import dataclass
@@ -195,24 +192,18 @@ def _one_of(names: tuple[str, ...]) -> Any:
 @lru_cache(maxsize=64)
 def request_model(spec: RequestSpec) -> type[BaseModel]:
     """The pydantic model of one artifact's requests (strict types; floats accept ints)."""
+    fields = {**_generation_fields(spec), **_adapter_fields(spec), **_output_fields()}
+    config = ConfigDict(extra="forbid", strict=True, frozen=True, title=f"Request to {spec.title}")
+    return create_model("Request", __config__=config, **fields)
+
+
+def _generation_fields(spec: RequestSpec) -> dict[str, Any]:
+    """worker-sdxl's fields, bounded by the artifact's limits. ``default`` in the schema is what
+    the server fills in, not the model's None placeholder."""
     lim, d = spec.limits, spec.defaults
     tokens = ", ".join(spec.embedding_tokens)
     words = f" Textual-inversion tokens this artifact knows, used as words: {tokens}." if tokens else ""
-    lora = create_model(
-        "LoraChoice",
-        __base__=_Strict,
-        name=(_one_of(spec.loras), Field(description="a switchable LoRA of this artifact")),
-        scale=(float | None, Field(None, ge=-4, le=4, description="default: the recipe's scale")),
-    )
-    controlnet = create_model(
-        "ControlNetChoice",
-        __base__=_Strict,
-        name=(_one_of(spec.controlnets), Field(description="a ControlNet of this artifact")),
-        image=(str, Field(min_length=1, description="control image: URL, data: URI or base64, like image_url")),
-        scale=(float | None, Field(None, ge=0, le=4, description="conditioning scale; default: the recipe's")),
-    )
-    # `default` in the schema is what the server fills in, not the model's None placeholder.
-    fields: dict[str, Any] = {
+    return {
         "prompt": (str, Field(min_length=1, max_length=MAX_PROMPT_CHARS, description="what to draw." + words)),
         "negative_prompt": (
             str | None,
@@ -250,8 +241,32 @@ def request_model(spec: RequestSpec) -> type[BaseModel]:
         "mask_url": (str | None, Field(None, description="inpaint mask (white: repaint); needs image_url")),
         "num_images": (int | None, Field(None, ge=1, le=lim.max_images, json_schema_extra={"default": 1})),
         "high_noise_frac": (float | None, Field(None, ge=0, le=1, description="ignored: no refiner")),
+    }
+
+
+def _adapter_fields(spec: RequestSpec) -> dict[str, Any]:
+    """Switchable LoRAs and ControlNets, chosen by the artifact's own names."""
+    lora = create_model(
+        "LoraChoice",
+        __base__=_Strict,
+        name=(_one_of(spec.loras), Field(description="a switchable LoRA of this artifact")),
+        scale=(float | None, Field(None, ge=-4, le=4, description="default: the recipe's scale")),
+    )
+    controlnet = create_model(
+        "ControlNetChoice",
+        __base__=_Strict,
+        name=(_one_of(spec.controlnets), Field(description="a ControlNet of this artifact")),
+        image=(str, Field(min_length=1, description="control image: URL, data: URI or base64, like image_url")),
+        scale=(float | None, Field(None, ge=0, le=4, description="conditioning scale; default: the recipe's")),
+    )
+    return {
         "loras": (list[lora], Field(default_factory=list, max_length=MAX_ADAPTERS)),
         "controlnets": (list[controlnet], Field(default_factory=list, max_length=MAX_ADAPTERS)),
+    }
+
+
+def _output_fields() -> dict[str, Any]:
+    return {
         "image_format": (
             ImageFormat | None,
             Field(None, description="encoding of the reply's images", json_schema_extra={"default": "png"}),
@@ -261,8 +276,6 @@ def request_model(spec: RequestSpec) -> type[BaseModel]:
             Field(None, ge=1, le=100, description=f"jpeg/webp quality (default {DEFAULT_QUALITY}); png: ignored"),
         ),
     }
-    config = ConfigDict(extra="forbid", strict=True, frozen=True, title=f"Request to {spec.title}")
-    return create_model("Request", __config__=config, **fields)
 
 
 def _message(err: Any, spec: RequestSpec) -> str:
@@ -305,10 +318,20 @@ def _kind(spec: RequestSpec) -> str:
 def validate(raw: Any, manifest: Manifest) -> tuple[GenerationRequest, list[str]]:
     """job["input"] -> (request, warnings). Raises RequestError listing every problem.
 
-    Every rule here has its JSON Schema twin in ``_rules``: change both together."""
+    Three phases: structure (aliases, known keys, each field's type and range), the task the
+    inputs ask for (checked against the artifact's), then defaults filled in. Every rule here has
+    its JSON Schema twin in runtime.request_schema: change both together."""
     if not isinstance(raw, dict):
         raise RequestError([f"input: expected a JSON object, got {type(raw).__name__}"])
     spec = RequestSpec.of(manifest)
+    values, sent = _structure(raw, spec)
+    task = _task(values, spec)
+    return _filled(values, sent, task, spec, manifest)
+
+
+def _structure(raw: dict[Any, Any], spec: RequestSpec) -> tuple[dict[str, Any], set[str]]:
+    """The request's fields under their canonical names, each checked by the artifact's request
+    model, and the names the client sent. Raises RequestError with every problem."""
     model = request_model(spec)
     errors: list[str] = []
     data = dict(raw)
@@ -330,8 +353,13 @@ def validate(raw: Any, manifest: Manifest) -> tuple[GenerationRequest, list[str]
         checked = None
     if errors or checked is None:
         raise RequestError(errors)
-    values = checked.model_dump()
+    return checked.model_dump(), set(data)
 
+
+def _task(values: dict[str, Any], spec: RequestSpec) -> Task:
+    """The task the inputs ask for (mask -> inpaint, image -> img2img, controlnets -> controlnet),
+    if the artifact supports it; adapters named once. Raises RequestError with every problem."""
+    errors: list[str] = []
     # An empty string counts as absent, as in worker-sdxl (`if image_url:`).
     image_url, mask_url = values["image_url"] or None, values["mask_url"] or None
     task: Task = "inpaint" if mask_url else "img2img" if image_url else "txt2img"
@@ -356,50 +384,34 @@ def validate(raw: Any, manifest: Manifest) -> tuple[GenerationRequest, list[str]
             errors.append(f"{field}: the {task} task is not supported by this artifact; it supports: {supported}")
     if errors:
         raise RequestError(errors)
+    return task
 
+
+def _filled(
+    values: dict[str, Any], sent: set[str], task: Task, spec: RequestSpec, manifest: Manifest
+) -> tuple[GenerationRequest, list[str]]:
+    """The request with the artifact's defaults filled in, and warnings for what it ignores."""
     d = spec.defaults
     steps = values["num_inference_steps"] or d.steps
     warnings = [f"{f}: ignored, this artifact has no refiner" for f in REFINER_FIELDS if values[f] is not None]
-    strength = None
-    if task not in DEFAULT_STRENGTH:
-        if values["strength"] is not None:
-            warnings.append("strength: ignored, it applies to img2img (image_url) and refiners")
-    else:
-        strength = values["strength"] if values["strength"] is not None else DEFAULT_STRENGTH[task]
-        # The pipelines run int(steps * strength) of the steps: none at all fails inside diffusers.
-        if steps * strength < 1:
-            raise RequestError(
-                [
-                    f"strength: {strength} with num_inference_steps {steps} leaves no denoising step "
-                    f"(steps x strength must be at least 1); raise strength or num_inference_steps"
-                ]
-            )
-    image_format: ImageFormat = values["image_format"] or "png"
-    quality = values["quality"]
-    if image_format == "png":
-        if quality is not None:
-            warnings.append("quality: ignored, png is lossless (ask for image_format jpeg or webp)")
-        quality = None
-    elif quality is None:
-        quality = DEFAULT_QUALITY
-
-    seed = values["seed"] if values["seed"] is not None else secrets.randbelow(2**32)
+    strength = _strength(values["strength"], task, steps, warnings)
+    image_format, quality = _encoding(values["image_format"], values["quality"], warnings)
     loras = {lora.name: lora.scale for lora in manifest.loras}
     controlnets = {c.name: c.scale for c in manifest.controlnets}
     request = GenerationRequest(
         task=task,
         prompt=values["prompt"],
-        negative_prompt=values["negative_prompt"] if "negative_prompt" in data else d.negative_prompt,
+        negative_prompt=values["negative_prompt"] if "negative_prompt" in sent else d.negative_prompt,
         width=values["width"] or d.width,
         height=values["height"] or d.height,
         steps=steps,
         guidance_scale=values["guidance_scale"] if values["guidance_scale"] is not None else d.guidance_scale,
         scheduler=values["scheduler"] or spec.scheduler,
-        seed=seed,
+        seed=values["seed"] if values["seed"] is not None else secrets.randbelow(2**32),
         num_images=values["num_images"] or 1,
         strength=strength,
-        image_url=image_url,
-        mask_url=mask_url,
+        image_url=values["image_url"] or None,
+        mask_url=values["mask_url"] or None,
         size_from_image=task in ("img2img", "inpaint") and values["width"] is None and values["height"] is None,
         loras=tuple((c["name"], c["scale"] if c["scale"] is not None else loras[c["name"]]) for c in values["loras"]),
         controlnets=tuple(
@@ -412,130 +424,31 @@ def validate(raw: Any, manifest: Manifest) -> tuple[GenerationRequest, list[str]
     return request, warnings
 
 
-# --- the JSON Schema ----------------------------------------------------------------------------
-
-JSON_SCHEMA_DIALECT = "https://json-schema.org/draft/2020-12/schema"
-
-
-def request_json_schema(manifest: Manifest) -> dict[str, Any]:
-    """The JSON Schema (draft 2020-12) of one artifact's requests: the request model's own schema
-    (fields, ranges, enums of scheduler, LoRA and ControlNet names), the aliases, and every rule
-    between fields that ``validate`` applies. A fresh dict on every call (callers may change it)."""
-    return json.loads(_schema_text(RequestSpec.of(manifest)))
-
-
-@lru_cache(maxsize=64)
-def _schema_text(spec: RequestSpec) -> str:
-    schema = request_model(spec).model_json_schema()
-    props = schema["properties"]
-    # What the server fills in when a field is absent (pydantic would say null).
-    for alias, name in ALIASES.items():
-        props[alias] = copy.deepcopy(props[name]) | {"title": alias, "description": f"alias of {name}"}
-    for kind, names in (("loras", spec.loras), ("controlnets", spec.controlnets)):
-        # Each name at most once in the list: with names from a closed enum, "unique by name" is
-        # expressible in plain JSON Schema (one maxContains per name).
-        if names:
-            props[kind]["allOf"] = [
-                {
-                    "contains": {"required": ["name"], "properties": {"name": {"const": n}}},
-                    "minContains": 0,
-                    "maxContains": 1,
-                }
-                for n in names
+def _strength(given: float | None, task: Task, steps: int, warnings: list[str]) -> float | None:
+    """The denoising strength of an img2img/inpaint request (its task's default when absent)."""
+    if task not in DEFAULT_STRENGTH:
+        if given is not None:
+            warnings.append("strength: ignored, it applies to img2img (image_url) and refiners")
+        return None
+    strength = given if given is not None else DEFAULT_STRENGTH[task]
+    # The pipelines run int(steps * strength) of the steps: none at all fails inside diffusers.
+    if steps * strength < 1:
+        raise RequestError(
+            [
+                f"strength: {strength} with num_inference_steps {steps} leaves no denoising step "
+                f"(steps x strength must be at least 1); raise strength or num_inference_steps"
             ]
-    schema = {
-        "$schema": JSON_SCHEMA_DIALECT,
-        **schema,
-        "description": (
-            f"worker-sdxl compatible request to {spec.title}; tasks: {', '.join(spec.tasks)}. "
-            "The x- keywords are annotations (no validation)."
-        ),
-        # An alias and its canonical name are one field: giving both is refused.
-        "dependentSchemas": {alias: {"not": {"required": [name]}} for alias, name in ALIASES.items()},
-        "allOf": _rules(spec),
-        "x-tasks": list(spec.tasks),
-        "x-embedding-tokens": list(spec.embedding_tokens),
-        "x-fused-loras": dict(spec.fused_loras),
-    }
-    return json.dumps(schema, sort_keys=False)
+        )
+    return strength
 
 
-def _given(field: str) -> dict[str, Any]:
-    """A string field given and not empty under its name or any alias (worker-sdxl: `if image_url:`)."""
-    names = [field, *(a for a, n in ALIASES.items() if n == field)]
-    return {"anyOf": [{"required": [k], "properties": {k: {"type": "string", "minLength": 1}}} for k in names]}
-
-
-def min_strength(steps: int) -> float:
-    """The least float x with ``steps * x >= 1`` in float arithmetic, as validate (and diffusers'
-    int(steps * strength)) computes it: 1/steps, or the float next to it where the product rounds
-    the other way (49 * (1/49) < 1)."""
-    x = 1.0 / steps
-    while steps * x < 1:
-        x = math.nextafter(x, 2.0)
-    while steps * (y := math.nextafter(x, 0.0)) >= 1:
-        x = y
-    return x
-
-
-def min_steps(strength: float) -> int:
-    """The least step count s >= 1 with ``s * strength >= 1`` (strength > 0)."""
-    s = max(1, math.ceil(1 / strength) - 1)
-    while s * strength < 1:
-        s += 1
-    return s
-
-
-def _rules(spec: RequestSpec) -> list[dict[str, Any]]:
-    """validate()'s rules between fields, as JSON Schema, in its order."""
-    image, mask = _given("image_url"), _given("mask_url")
-    control = {"required": ["controlnets"], "properties": {"controlnets": {"type": "array", "minItems": 1}}}
-    rules: list[dict[str, Any]] = [
-        {"$comment": "controlnets only with text-to-image", "if": control, "then": {"not": image}},
-        {"$comment": "mask_url needs image_url", "if": mask, "then": image},
-    ]
-    # The task follows from the inputs: mask -> inpaint, image -> img2img, controlnets -> controlnet.
-    refused: dict[str, dict[str, Any]] = {
-        "txt2img": {"$comment": "no text-to-image: an input image is required", "anyOf": [image, mask, control]},
-        "img2img": {"$comment": "no img2img", "not": {"allOf": [image, {"not": mask}]}},
-        "inpaint": {"$comment": "no inpainting", "not": {"allOf": [image, mask]}},
-        "controlnet": {"$comment": "no ControlNets", "not": control},
-    }
-    rules += [rule for task, rule in refused.items() if task not in spec.tasks]
-    rules += [_denoise_rule(spec, image, mask)]
-    return rules
-
-
-def _denoise_rule(spec: RequestSpec, image: dict[str, Any], mask: dict[str, Any]) -> dict[str, Any]:
-    """img2img/inpaint run int(steps x strength) steps, so steps x strength >= 1. No arithmetic in
-    JSON Schema, but steps is a bounded integer: one minimum strength per step count (exact, from
-    min_strength), and for an absent strength the task's default gives a minimum step count."""
-    d = spec.defaults.steps
-
-    def steps_are(s: int) -> dict[str, Any]:
-        if s == d:  # absent and null mean the default
-            return {"properties": {"num_inference_steps": {"enum": [None, s]}}}
-        return {"required": ["num_inference_steps"], "properties": {"num_inference_steps": {"const": s}}}
-
-    strength_names = ["strength", *(a for a, n in ALIASES.items() if n == "strength")]
-    clauses: list[dict[str, Any]] = [
-        {
-            "if": steps_are(s),
-            "then": {"properties": {k: {"minimum": min_strength(s)} for k in strength_names}},
-        }
-        for s in sorted({*range(1, spec.limits.max_steps + 1), d})
-    ]
-    no_strength = {"properties": {k: {"type": "null"} for k in strength_names}}  # absent or null
-    for task, default in DEFAULT_STRENGTH.items():
-        least = min_steps(default)
-        if least <= 1:
-            continue
-        steps_rule: dict[str, Any] = {"properties": {"num_inference_steps": {"minimum": least}}}
-        if d < least:  # the default step count is too few: the request must name enough
-            steps_rule = {
-                "required": ["num_inference_steps"],
-                "properties": {"num_inference_steps": {"type": "integer", "minimum": least}},
-            }
-        is_task = mask if task == "inpaint" else {"not": mask}
-        clauses.append({"if": {"allOf": [no_strength, is_task]}, "then": steps_rule})
-    return {"$comment": "img2img/inpaint: num_inference_steps x strength >= 1", "if": image, "then": {"allOf": clauses}}
+def _encoding(
+    image_format: ImageFormat | None, quality: int | None, warnings: list[str]
+) -> tuple[ImageFormat, int | None]:
+    """The reply's image format and quality (None for lossless PNG)."""
+    image_format = image_format or "png"
+    if image_format == "png":
+        if quality is not None:
+            warnings.append("quality: ignored, png is lossless (ask for image_format jpeg or webp)")
+        return image_format, None
+    return image_format, DEFAULT_QUALITY if quality is None else quality

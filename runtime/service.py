@@ -46,7 +46,8 @@ from runtime.loader import Loaded
 from runtime.metrics import METRICS
 from runtime.outputs import UploadError, deliver, destination
 from runtime.pool import Pool, default_budget
-from runtime.schema import RequestError, quote, request_json_schema, validate
+from runtime.request_schema import request_json_schema
+from runtime.schema import RequestError, quote, validate
 from runtime.settings import Bucket, ExecSettings, Settings
 from runtime.trace import Trace
 
@@ -351,7 +352,7 @@ def worker_input_schema(
     manifest: Manifest, names: list[str], default_routes_here: bool, settings: ExecSettings
 ) -> dict[str, Any]:
     """The JSON Schema of a whole job input served by this artifact: its request schema
-    (runtime.schema.request_json_schema, what ``validate`` follows) plus the fields the worker
+    (runtime.request_schema.request_json_schema, what ``validate`` follows) plus the fields the worker
     takes out before validating: ``model`` or its alias ``recipe`` (MODEL_FIELDS; the served
     names that route here; required unless the default model routes here, never both) and the
     serving options (runtime.execute.OPTION_FIELDS: ``timeout``, ``preview``)."""

@@ -39,12 +39,12 @@ from runtime.artifact import (
     NameFile,
     NameRecord,
     artifact_path,
-    memo_path,
     names_path,
     read_name,
     write_json_atomic,
     write_text_atomic,
 )
+from runtime.integrity import memo_path
 
 log = logging.getLogger(__name__)
 

@@ -25,7 +25,8 @@ from compiler.store.converted_bases import ConvertedBaseStore
 from compiler.store.inventory import Inventory, manifest_or_none
 from compiler.store.layout import DAMAGED_SUBDIR, PARTIAL_SUBDIR, SCRATCH_SUBDIR, build_lock_name, file_lock, held
 from compiler.store.staging import key_of_folder
-from runtime.artifact import ARTIFACTS_SUBDIR, READY, VERIFIED_DIR
+from runtime.artifact import ARTIFACTS_SUBDIR, READY
+from runtime.integrity import VERIFIED_DIR
 
 log = logging.getLogger("compiler.store")
 PARTIAL_MAX_AGE_S = 24 * 3600  # younger partial downloads may belong to a running compile

@@ -1,5 +1,5 @@
 """What a store holds, read in one pass: finished artifacts, names, blobs and converted bases; and
-the checks ``verify`` runs over them (artifacts through ``runtime.artifact.verify_files``, the one
+the checks ``verify`` runs over them (artifacts through ``runtime.integrity.verify_files``, the one
 artifact check)."""
 
 from __future__ import annotations
@@ -19,8 +19,8 @@ from runtime.artifact import (
     NameFile,
     read_manifest,
     sha256_file,
-    verify_files,
 )
+from runtime.integrity import verify_files
 
 log = logging.getLogger("compiler.store")
 

@@ -25,7 +25,8 @@ def write_recipe(folder: Path, name: str, text: str) -> Path:
 
 
 def test_compile_writes_a_complete_artifact(demo_artifact: Path, home: Path):
-    from runtime.artifact import content_digest, read_manifest, sha256_file, verify_files
+    from runtime.artifact import content_digest, read_manifest, sha256_file
+    from runtime.integrity import verify_files
 
     assert demo_artifact.is_absolute() and demo_artifact.parent == home / "artifacts" / "v1"
     m = read_manifest(demo_artifact)

@@ -38,20 +38,32 @@ def _problems(fields: dict[str, Any]) -> list[str]:
 
 def test_options_parse_with_defaults_and_shorthands() -> None:
     plain = _recipe({})
-    assert (plain.offload, plain.compile.scope, plain.channels_last, plain.fused_qkv, plain.attention) == (
+    assert (
+        plain.runtime.offload,
+        plain.runtime.compile.scope,
+        plain.runtime.channels_last,
+        plain.runtime.fused_qkv,
+        plain.runtime.attention,
+    ) == (
         "none",
         "off",
         False,
         False,
         None,
     )
-    assert plain.quantize == "none"
-    assert _recipe({"compile": False}).compile.scope == "off", "YAML's bare `off` is false"
-    assert _recipe({"compile": "regional"}).compile.scope == "regional"
+    assert plain.runtime.quantize == "none"
+    assert _recipe({"compile": False}).runtime.compile.scope == "off", "YAML's bare `off` is false"
+    assert _recipe({"compile": "regional"}).runtime.compile.scope == "regional"
     full = _recipe({"compile": {"scope": "full", "mode": "max-autotune", "dynamic": True, "shapes": [[1024, 768]]}})
-    assert full.compile.shapes == ((1024, 768),) and full.compile.mode == "max-autotune" and full.compile.dynamic
+    assert full.runtime.compile.shapes == ((1024, 768),) and full.runtime.compile.mode == "max-autotune"
+    assert full.runtime.compile.dynamic
     r = _recipe({"offload": "group", "channels_last": True, "attention": "native", "quantize": "fp8"})
-    assert (r.offload, r.channels_last, r.attention, r.quantize) == ("group", True, "native", "fp8")
+    assert (r.runtime.offload, r.runtime.channels_last, r.runtime.attention, r.runtime.quantize) == (
+        "group",
+        True,
+        "native",
+        "fp8",
+    )
 
 
 def test_bad_values_are_all_reported_with_hints() -> None:
@@ -80,9 +92,9 @@ def test_the_command_line_shorthand_compiles_a_sweep_value(tmp_path: Path) -> No
     (tmp_path / "r.yaml").write_text("base: builtin:tiny-sd15\ncompile: off\n")
     for value, scope in (("regional", "regional"), ("off", "off"), ("full", "full")):
         c = compose(["recipe=r", f"recipes_dir={tmp_path}", f"compile={value}"])
-        assert parse_recipe(c.name, c.path, c.fields).compile.scope == scope
+        assert parse_recipe(c.name, c.path, c.fields).runtime.compile.scope == scope
     c = compose(["recipe=r", f"recipes_dir={tmp_path}"])
-    assert parse_recipe(c.name, c.path, c.fields).compile.scope == "off", "bare YAML off"
+    assert parse_recipe(c.name, c.path, c.fields).runtime.compile.scope == "off", "bare YAML off"
 
 
 @pytest.mark.parametrize(
@@ -143,13 +155,13 @@ def test_every_option_enters_the_plan_and_the_cache_key(tmp_path: Path, monkeypa
     for v in variants:
         p = prepare([*base, *v])
         keys[" ".join(v)] = p.key
-        assert p.plan.runtime_options().dtype == p.plan.precision
+        assert p.plan.runtime.dtype == p.plan.precision
     assert len(set(keys.values())) == len(variants), keys
     # compile off means off: its mode and shapes do not split the cache
     off = prepare([*base, "compile.scope=off", "compile.mode=max-autotune", "compile.shapes=[[128,128]]"])
     assert off.key == keys[""]
     # an empty shapes list is the default size, written out
-    assert prepare([*base, "compile=full"]).plan.compile.shapes == ((64, 64),)
+    assert prepare([*base, "compile=full"]).plan.runtime.compile.shapes == ((64, 64),)
     q = prepare([*base, "quantize=int8", "compile=regional"]).plan
     assert q.steps[-3:] == ("save", "quantize-int8", "compile-cache-regional")
     assert json.dumps(q.canonical())  # plain JSON: hashed canonically
@@ -256,7 +268,7 @@ def test_compile_is_recorded_and_applied_at_load_without_running(
 
     monkeypatch.setenv("UIW_HOME", str(tmp_path / "home"))
     (tmp_path / "c.yaml").write_text(TINY + "compile: {scope: regional, mode: max-autotune}\n")
-    options = prepare(["recipe=c", f"recipes_dir={tmp_path}"]).plan.runtime_options()
+    options = prepare(["recipe=c", f"recipes_dir={tmp_path}"]).plan.runtime
     assert options.compile == CompileOptions(scope="regional", mode="max-autotune", shapes=((64, 64),))
 
     regional = load(demo_artifact, device="cpu").pipeline

@@ -1,4 +1,4 @@
-"""describe's JSON Schema (runtime.schema.request_json_schema) accepts and rejects exactly what the
+"""describe's JSON Schema (runtime.request_schema.request_json_schema) accepts and rejects exactly what the
 handler's own validation (runtime.schema.validate) does, on generated requests, judged by the
 independent `jsonschema` package (Draft202012Validator).
 
@@ -21,7 +21,8 @@ from hypothesis import strategies as st
 from jsonschema import Draft202012Validator
 
 from runtime.artifact import SCHEDULERS, Manifest
-from runtime.schema import RequestError, min_steps, min_strength, request_json_schema, validate
+from runtime.request_schema import min_steps, min_strength, request_json_schema
+from runtime.schema import RequestError, validate
 
 
 def manifest(

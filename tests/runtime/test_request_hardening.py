@@ -79,7 +79,8 @@ def _manifest(family: str, base_scheduler: str | None, default: str):
 )
 def test_requests_may_only_name_schedulers_of_the_models_kind(family, base, default, expected):
     from runtime.artifact import SCHEDULERS
-    from runtime.schema import RequestError, request_json_schema, validate
+    from runtime.request_schema import request_json_schema
+    from runtime.schema import RequestError, validate
 
     m = _manifest(family, base, default)
     flow = {"FLOW_MATCH_EULER"}
