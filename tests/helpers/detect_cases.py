@@ -205,7 +205,7 @@ CASES: tuple[Case, ...] = (
         "SD 1.5 inpainting checkpoint",
         lambda: _replace(keys_of("sd1-ldm"), SD_CONV, (320, 9, 3, 3)),
         ("checkpoint", "sd15", "ldm", "inpaint", "eps"),
-        "locks the inpainting config repo; refused for txt2img with a clear error (an inpaint-only checkpoint needs its own task wiring; inpaint requests work on any model)",
+        "locks the inpainting config repo; refused for txt2img with a clear error (its task wiring is not built yet)",
     ),
     Case(
         "sd15-unet",
@@ -330,7 +330,7 @@ CASES: tuple[Case, ...] = (
         "FLUX.1 Fill",
         lambda: _flux_img_in(384),
         ("checkpoint", "flux-fill", "bfl", "inpaint", "flow"),
-        "locks the Fill config repo; refused for txt2img (an inpaint-only checkpoint needs its own task wiring; inpaint requests work on any model)",
+        "locks the Fill config repo; refused for txt2img (its own task wiring is not built yet)",
     ),
     Case(
         "flux-transformer",

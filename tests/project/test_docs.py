@@ -64,7 +64,11 @@ def test_the_link_check_can_fail(tmp_path: Path) -> None:
     doc = REPO / "docs" / "_probe_for_link_test.md"
     try:
         doc.write_text("[a](missing.md) [b](../../outside.md) [c](design.md#no-such-heading) [d](design.md#layers)\n")
-        assert [p.split(":")[0] for p in broken_links(doc)] == ["missing.md", "../../outside.md", "design.md#no-such-heading"]
+        assert [p.split(":")[0] for p in broken_links(doc)] == [
+            "missing.md",
+            "../../outside.md",
+            "design.md#no-such-heading",
+        ]
     finally:
         doc.unlink()
 
@@ -83,7 +87,11 @@ def test_the_module_map_names_every_module() -> None:
 
 def test_no_issue_numbers_in_docs_code_or_tests() -> None:
     """'issue 5' means nothing to a reader of the repository: say what it means instead."""
-    tracked = subprocess.run(["git", "grep", "-n", "-i", "-E", r"\bissues? #?[0-9]+", "--", ".", ":!tests/fixtures"],
-                             cwd=REPO, capture_output=True, text=True)
+    tracked = subprocess.run(
+        ["git", "grep", "-n", "-i", "-E", r"\bissues? #?[0-9]+", "--", ".", ":!tests/fixtures"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+    )
     hits = [line for line in tracked.stdout.splitlines() if not line.startswith("tests/project/test_docs.py")]
     assert hits == []
