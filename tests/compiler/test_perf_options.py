@@ -130,7 +130,7 @@ def test_bad_combinations_fail_on_the_command_line_before_anything_is_built(tmp_
 
 
 def test_every_option_enters_the_plan_and_the_cache_key(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from compiler.cli import prepare
+    from compiler.build import prepare
 
     monkeypatch.setenv("UIW_HOME", str(tmp_path / "home"))
     (tmp_path / "r.yaml").write_text(TINY)
@@ -261,7 +261,7 @@ def test_compile_is_recorded_and_applied_at_load_without_running(
 ) -> None:
     """Compiling runs for minutes here (tests/bench/test_compile_cache.py, slow): this checks the plan's
     record and that the loader wraps the right modules, lazily (nothing traced until a call)."""
-    from compiler.cli import prepare
+    from compiler.build import prepare
     from runtime.artifact import CompileOptions
     from runtime.loader import load
     from runtime.optimize import apply
