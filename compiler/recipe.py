@@ -7,7 +7,7 @@ not 64), and every problem is collected and reported at once with its field path
 from __future__ import annotations
 
 import difflib
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, Literal, TypeVar
 
@@ -348,21 +348,42 @@ def _whole_recipe_problems(fields: dict[str, Any], checked: _Fields | None, wher
     return out
 
 
+_Named = TypeVar("_Named", RecipeLora, RecipeControlNet)
+
+
+def _named_sources(
+    items: Sequence[_Named],
+    kind: str,
+    what: str,
+    where: Where,
+    path: Path,
+    civitai_hosts: tuple[str, ...],
+    problems: list[Problem],
+) -> Iterator[tuple[_Named, uri.Source, str, bool]]:
+    """LoRAs and ControlNets alike: each item's parsed source and its name, unique within its kind (requests
+    select them by name); from_lock when only the lock's file name can name it."""
+    taken: set[str] = set()
+    for i, item in enumerate(items):
+        at = f"{kind}s.{i}"
+        src = _adapter_source(item.source, where(f"{at}.source"), path, civitai_hosts, problems)
+        if src is None:
+            continue
+        stem = file_stem(str(src))
+        name = item.name or stem or f"{kind}{i}"
+        _unique(name, taken, where(f"{at}.name"), what, problems)
+        yield item, src, name, not item.name and not stem
+
+
 def _controlnets(
     checked: _Fields | None, where: Where, path: Path, civitai_hosts: tuple[str, ...], problems: list[Problem]
 ) -> tuple[ControlNet, ...]:
-    out: list[ControlNet] = []
-    taken: set[str] = set()
-    for i, cn in enumerate(checked.controlnets if checked else ()):
-        at = f"controlnets.{i}"
-        src = _adapter_source(cn.source, where(f"{at}.source"), path, civitai_hosts, problems)
-        if src is not None:
-            name = cn.name or file_stem(str(src)) or f"controlnet{i}"
-            _unique(name, taken, where(f"{at}.name"), "ControlNets", problems)
-            out.append(
-                ControlNet(source=src, name=name, scale=cn.scale, from_lock=not cn.name and not file_stem(str(src)))
-            )
-    return tuple(out)
+    items = checked.controlnets if checked else []
+    return tuple(
+        ControlNet(source=src, name=name, scale=cn.scale, from_lock=from_lock)
+        for cn, src, name, from_lock in _named_sources(
+            items, "controlnet", "ControlNets", where, path, civitai_hosts, problems
+        )
+    )
 
 
 def _embeddings(
@@ -408,17 +429,11 @@ def _unique(name: str, taken: set[str], at: str, what: str, problems: list[Probl
 def _loras(
     checked: _Fields | None, where: Where, path: Path, civitai_hosts: tuple[str, ...], problems: list[Problem]
 ) -> tuple[Lora, ...]:
-    out: list[Lora] = []
-    taken: set[str] = set()
-    for i, lora in enumerate(checked.loras if checked else ()):
-        at = f"loras.{i}"
-        src = _adapter_source(lora.source, where(f"{at}.source"), path, civitai_hosts, problems)
-        if src is not None:
-            name = lora.name or file_stem(str(src)) or f"lora{i}"
-            _unique(name, taken, where(f"{at}.name"), "LoRAs", problems)
-            from_lock = not lora.name and not file_stem(str(src))
-            out.append(Lora(source=src, name=name, scale=lora.scale, fuse=lora.fuse, from_lock=from_lock))
-    return tuple(out)
+    items = checked.loras if checked else []
+    return tuple(
+        Lora(source=src, name=name, scale=lora.scale, fuse=lora.fuse, from_lock=from_lock)
+        for lora, src, name, from_lock in _named_sources(items, "lora", "LoRAs", where, path, civitai_hosts, problems)
+    )
 
 
 def file_stem(name: str) -> str | None:

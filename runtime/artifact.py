@@ -18,7 +18,7 @@ import json
 import os
 import tempfile
 from pathlib import Path
-from typing import Literal
+from typing import Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
@@ -338,15 +338,8 @@ def alias_path(home: Path, name: str) -> Path:
 
 
 def read_alias(home: Path, name: str) -> AliasFile | None:
-    p = alias_path(home, name)
-    try:
-        return AliasFile.model_validate_json(p.read_bytes())
-    except FileNotFoundError:
-        return None
-    except (OSError, ValidationError) as e:
-        raise ArtifactError(
-            f"{p}: unreadable alias file ({e}). hint: rewrite it with `python -m compiler.store alias set {name} ...`."
-        ) from e
+    hint = f"rewrite it with `python -m compiler.store alias set {name} ...`"
+    return _read_record(alias_path(home, name), AliasFile, "alias", hint)
 
 
 def names_path(home: Path, name: str) -> Path:
@@ -358,13 +351,20 @@ def artifact_path(home: Path, cache_key: str) -> Path:
 
 
 def read_name(home: Path, name: str) -> NameFile | None:
-    p = names_path(home, name)
+    return _read_record(names_path(home, name), NameFile, "name", "recompile the recipe to rewrite it")
+
+
+_Record = TypeVar("_Record", NameFile, AliasFile)
+
+
+def _read_record(path: Path, model: type[_Record], what: str, hint: str) -> _Record | None:
+    """A small JSON record of the store (a name or an alias): None when there is none yet."""
     try:
-        return NameFile.model_validate_json(p.read_bytes())
+        return model.model_validate_json(path.read_bytes())
     except FileNotFoundError:
         return None
     except (OSError, ValidationError) as e:
-        raise ArtifactError(f"{p}: unreadable name file ({e}). hint: recompile the recipe to rewrite it.") from e
+        raise ArtifactError(f"{path}: unreadable {what} file ({e}). hint: {hint}.") from e
 
 
 def write_json_atomic(path: Path, data: object, durable: bool = True) -> None:
