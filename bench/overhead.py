@@ -33,6 +33,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from runtime.artifact import DEFAULT_HOME
+
 REQ = {"prompt": "a red fox in the snow", "seed": 7, "num_inference_steps": 1, "width": 64, "height": 64}
 
 
@@ -236,7 +238,7 @@ def main() -> int:
     parser.add_argument("--encode-reps", type=int, default=15)
     parser.add_argument("--artifact", type=Path, help="an artifact directory (default: compile recipes/demo.yaml)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (1: steadier on shared cores)")
-    parser.add_argument("--home", type=Path, default=Path(os.environ.get("UIW_HOME", "~/.cache/uiw")).expanduser())
+    parser.add_argument("--home", type=Path, default=Path(os.environ.get("UIW_HOME", DEFAULT_HOME)).expanduser())
     args = parser.parse_args()
     artifact = args.artifact or demo_artifact(args.home)
     import torch

@@ -1,6 +1,6 @@
 """Batched vs one-at-a-time denoise+decode on this machine: is one pipeline call for N compatible
 requests faster than N calls? Prints JSON (medians over repeats). Used to choose UIW_MAX_BATCH's
-default (README "Progress, concurrency and failures", bench/RESULTS.md "Serving concurrency").
+default (docs/operations.md "Progress, concurrency and failures", bench/RESULTS.md "Serving concurrency").
 
     .venv/bin/python -m bench.serving_batch [--size 64] [--steps 4] [--batch 4] [--repeats 3]
 """

@@ -102,7 +102,7 @@ class _Fields(_Strict):
         return v
 
 
-# Performance (README: Precision, offload and compile): top-level recipe keys read into the
+# Performance (docs/performance.md): top-level recipe keys read into the
 # artifact contract's own RuntimeOptions (its dtype is the recipe's `precision`). quantize is baked
 # into the weights; the others are applied by the runtime at load, as the manifest says.
 PERFORMANCE_KEYS = tuple(k for k in RuntimeOptions.model_fields if k != "dtype")

@@ -32,6 +32,7 @@ from urllib.parse import urlsplit
 
 from pydantic import ByteSize, TypeAdapter, ValidationError
 
+from runtime.artifact import DEFAULT_HOME
 from runtime.integrity import VERIFY_MODES, VerifyMode
 
 if TYPE_CHECKING:
@@ -42,7 +43,7 @@ TRUE = ("1", "true", "yes")
 
 MAX_BATCH_LIMIT = 16
 MAX_WINDOW_MS = 10_000
-DEFAULT_MAX_BATCH = 4  # measured: see README "Progress, concurrency and failures"
+DEFAULT_MAX_BATCH = 4  # measured: see docs/operations.md, "Batching"
 DEFAULT_WINDOW_MS = 20
 DEFAULT_REQUEST_TIMEOUT_S = 600.0
 MAX_REQUEST_TIMEOUT_S = 24 * 3600.0
@@ -241,7 +242,7 @@ class Settings:
         budget = _raw(env, "UIW_MEMORY_BUDGET")
         return cls(
             artifacts=tuple(e.strip() for e in env.get("UIW_ARTIFACTS", "").split(",") if e.strip()),
-            home=Path(env.get("UIW_HOME", "~/.cache/uiw")).expanduser(),
+            home=Path(env.get("UIW_HOME", DEFAULT_HOME)).expanduser(),
             memory_budget=memory_budget(budget) if budget else None,
             preload=_raw(env, "UIW_PRELOAD") or "1",
             routing_seed=routing_seed(env),

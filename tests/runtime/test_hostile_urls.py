@@ -3,7 +3,7 @@
 Compressed bodies that unpack far past the byte limit ("zip bombs", in each Content-Encoding a
 server might send), servers that dribble their headers or body, a name that resolves to a public
 address for the check and to loopback for the connection (DNS rebinding), and the image formats
-the README accepts, decoded as Pillow itself decodes them.
+docs/serving.md accepts, decoded as Pillow itself decodes them.
 """
 
 from __future__ import annotations

@@ -45,7 +45,7 @@ def test_streaming_worker_sends_steps_in_order_then_the_reply(home: Path, demo_a
         reply = _check_events(status["output"], 4)  # the demo's default steps
         assert np.array_equal(decode_image(reply["images"][0]), want), "the same image as the plain handler"
 
-        # /runsync too answers with the list (documented in the README).
+        # /runsync too answers with the list (documented in docs/operations.md).
         out = post(f"{server.url}/runsync", {"input": {**REQ, "num_inference_steps": 2, "preview": True}})
         assert out["status"] == "COMPLETED" and isinstance(out["output"], list), out
         _check_events(out["output"], 2)
