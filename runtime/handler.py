@@ -31,7 +31,7 @@ from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 from runtime.artifact import ArtifactError
-from runtime.execute import RunContext
+from runtime.execute import RunContext, describe_exception
 from runtime.progress import Progress
 from runtime.service import get_service
 from runtime.settings import SettingError, WorkerSettings, progress_interval
@@ -96,7 +96,7 @@ async def _run(job: Any, listener: Callable[[Progress], None] | None, stream: bo
         return reply
     except Exception as e:  # a bug of ours; the worker must still answer, and stays (no device failed)
         log.exception("request failed")
-        return {"error": f"internal error: {type(e).__name__}: {str(e)[:500]}"}
+        return {"error": f"internal error: {describe_exception(e)}"}
 
 
 class _Throttled:

@@ -175,9 +175,9 @@ def log_format(env: Env = os.environ, default: str = "json") -> str:
 
 def log_level(env: Env = os.environ) -> str:
     """``UIW_LOG_LEVEL``: a level name of the logging module (default INFO)."""
-    value = env.get("UIW_LOG_LEVEL", "INFO")
-    names = logging.getLevelNamesMapping()
-    if value not in names:
+    value = _raw(env, "UIW_LOG_LEVEL") or "INFO"
+    # getLevelName maps a known name to its number (getLevelNamesMapping is Python 3.11+ only).
+    if not isinstance(logging.getLevelName(value), int):
         raise SettingError(
             f"UIW_LOG_LEVEL={value!r}: expected a level name. hint: one of DEBUG, INFO, WARNING, ERROR (upper case)"
         )

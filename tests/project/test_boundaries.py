@@ -5,11 +5,10 @@ from __future__ import annotations
 
 import ast
 import json
-import os
 import subprocess
 from pathlib import Path
 
-from tests.conftest import PY, REPO
+from tests.conftest import PY, REPO, child_env
 
 FORBIDDEN_IN_RUNTIME = ("compiler", "hydra", "omegaconf")
 PURE = ("compiler/recipe.py", "compiler/uri.py", "compiler/plan.py", "compiler/families.py", "compiler/errors.py")
@@ -212,7 +211,7 @@ def test_a_served_request_loads_no_compiler_or_hydra_module(home: Path, demo_art
         "bad = sorted(m for m in sys.modules if m.split('.')[0] in ('compiler', 'hydra', 'omegaconf'))\n"
         "print(json.dumps({'ok': 'images' in r, 'bad': bad}))\n"
     )
-    env = {**os.environ, "UIW_HOME": str(home), "UIW_ARTIFACTS": str(demo_artifact)}
+    env = child_env(home, {"UIW_ARTIFACTS": str(demo_artifact)})
     proc = subprocess.run([PY, "-c", code], cwd=REPO, env=env, capture_output=True, text=True, timeout=180)
     assert proc.returncode == 0, proc.stderr
     assert json.loads(proc.stdout.strip().splitlines()[-1]) == {"ok": True, "bad": []}

@@ -240,7 +240,7 @@ def test_headers_dribbled_a_byte_at_a_time_stop_at_the_fetch_deadline(private_ok
         f"image_url: fetching {server.url}/slow was stopped at the 1.5 s limit of a fetch. "
         "hint: serve the image from a faster host, or send it as base64"
     ]
-    assert 1.4 < took < 2.5, took
+    assert 1.4 < took < 4.5, took
 
 
 def test_a_body_dribbled_a_byte_at_a_time_stops_at_the_fetch_deadline(private_ok, monkeypatch):
@@ -248,7 +248,7 @@ def test_a_body_dribbled_a_byte_at_a_time_stops_at_the_fetch_deadline(private_ok
     with Server({"/slow": slow_body}) as server:
         errors, took = timed_errors_of(f"{server.url}/slow")
     assert len(errors) == 1 and errors[0].startswith(f"image_url: fetching {server.url}/slow"), errors
-    assert took < 2.5, took
+    assert took < 4.5, took
 
 
 def test_the_request_deadline_bounds_a_fetch_that_is_within_its_own(private_ok):
@@ -259,7 +259,7 @@ def test_the_request_deadline_bounds_a_fetch_that_is_within_its_own(private_ok):
         f"image_url: fetching {server.url}/slow was stopped at the request's time limit of 1 s (the request's "
         "timeout). hint: serve the image from a faster host, or send it as base64"
     ]
-    assert took < 2.0, took
+    assert took < 4.0, took
 
 
 def test_a_request_timeout_sent_by_the_client_bounds_its_image_fetch(call, private_ok):
@@ -271,7 +271,7 @@ def test_a_request_timeout_sent_by_the_client_bounds_its_image_fetch(call, priva
         took = time.monotonic() - start
     assert set(reply_) == {"error", "errors"}, reply_
     assert "was stopped at the request's time limit of 1 s (the request's timeout)" in reply_["errors"][0]
-    assert took < 2.5, took
+    assert took < 4.5, took
 
 
 # --- DNS rebinding ----------------------------------------------------------------------------
