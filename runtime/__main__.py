@@ -3,6 +3,7 @@
 
 import logging
 import sys
+from dataclasses import replace
 
 from runtime import threads
 
@@ -12,6 +13,7 @@ WAIT_POLICY = threads.prefer_passive_wait()
 
 import runpod  # noqa: E402  (after the wait policy: see above)
 
+from runtime import bootstrap  # noqa: E402
 from runtime.handler import start_config  # noqa: E402
 from runtime.logs import configure  # noqa: E402
 from runtime.service import get_service  # noqa: E402
@@ -53,9 +55,16 @@ logging.getLogger("runtime").info(
 # load. A model that cannot be preloaded is logged and skipped (the others serve; a request for
 # it gets its error). A failure to resolve the artifacts still lets the worker start and answer
 # every job with the error.
-try:
-    get_service(settings.service)
-except Exception as e:
-    logging.getLogger("runtime").error("start-up failed: %s", e)
+# Artifacts baked into the image are served from it before the store (a network volume).
+# A model named by the environment (UIW_MODEL, UIW_RECIPE) is compiled first, by a child process,
+# while jobs wait for it (runtime.bootstrap); the service is made when it is built.
+service_settings = bootstrap.prefer_image(settings.service, settings.image_home)
+if settings.model is not None:
+    bootstrap.start(replace(settings, service=service_settings))
+else:
+    try:
+        get_service(service_settings)
+    except Exception as e:
+        logging.getLogger("runtime").error("start-up failed: %s", e)
 
 runpod.serverless.start(config)

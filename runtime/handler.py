@@ -30,6 +30,7 @@ import time
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
+from runtime import bootstrap
 from runtime.artifact import ArtifactError
 from runtime.execute import RunContext, describe_exception
 from runtime.progress import Progress
@@ -68,7 +69,10 @@ def start_config(settings: WorkerSettings | None = None) -> dict[str, Any]:
     return config
 
 
-async def _service() -> tuple[Any, dict[str, Any] | None]:
+async def _service(report: bootstrap.Report | None) -> tuple[Any, dict[str, Any] | None]:
+    # A model named by the environment is being compiled (runtime.bootstrap): wait for it.
+    if (failed := await asyncio.to_thread(bootstrap.wait, report, progress_interval())) is not None:
+        return None, {"error": failed}
     try:
         return await asyncio.to_thread(get_service), None
     except (ArtifactError, SettingError) as e:
@@ -83,9 +87,11 @@ def _job_id(job: dict[str, Any]) -> str | None:
     return value if isinstance(value, str) else None
 
 
-async def _run(job: Any, listener: Callable[[Progress], None] | None, stream: bool) -> dict[str, Any]:
+async def _run(
+    job: Any, listener: Callable[[Progress], None] | None, stream: bool, report: bootstrap.Report | None = None
+) -> dict[str, Any]:
     received = time.monotonic()
-    service, failed = await _service()
+    service, failed = await _service(report)
     if failed is not None:
         return failed
     if not isinstance(job, dict):
@@ -117,8 +123,13 @@ class _Throttled:
 
         runpod.serverless.progress_update(self.job, progress.event())
 
+    def report(self, event: dict[str, Any]) -> None:  # the build's events, already spaced by bootstrap.wait
+        import runpod.serverless
 
-def _progress_listener(job: Any) -> Callable[[Progress], None] | None:
+        runpod.serverless.progress_update(self.job, event)
+
+
+def _progress_listener(job: Any) -> _Throttled | None:
     if not isinstance(job, dict) or not _job_id(job) or not os.environ.get("RUNPOD_WEBHOOK_POST_OUTPUT"):
         return None
     return _Throttled(job, progress_interval())  # per job; checked at start (WorkerSettings)
@@ -129,7 +140,7 @@ async def handler(job: dict[str, Any]) -> dict[str, Any]:
         listener = _progress_listener(job)
     except SettingError as e:  # only where start_config did not run (the worker checks at start)
         return {"error": str(e)}
-    return await _run(job, listener, stream=False)
+    return await _run(job, listener, stream=False, report=listener.report if listener is not None else None)
 
 
 async def stream_handler(job: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
@@ -140,7 +151,10 @@ async def stream_handler(job: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
     def listener(progress: Progress) -> None:  # called in the worker thread
         loop.call_soon_threadsafe(events.put_nowait, progress.event())
 
-    task = asyncio.ensure_future(_run(job, listener, stream=True))
+    def report(event: dict[str, Any]) -> None:  # the build's events (runtime.bootstrap), from its thread
+        loop.call_soon_threadsafe(events.put_nowait, event)
+
+    task = asyncio.ensure_future(_run(job, listener, stream=True, report=report))
     try:
         while not task.done():
             get = asyncio.ensure_future(events.get())

@@ -20,6 +20,7 @@ from runtime.settings import verify_mode
 
 # Artifacts are complete: nothing at serve time may reach the Hub. Set before diffusers or
 # huggingface_hub are imported (the loader imports them lazily, after this line).
+OFFLINE_BY_US = "HF_HUB_OFFLINE" not in os.environ  # a child compiler (runtime.bootstrap) drops ours
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 log = logging.getLogger(__name__)

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -58,6 +59,12 @@ SECRET_ENV = "BUCKET_SECRET_ACCESS_KEY"
 BUCKET_ENV = "BUCKET_NAME"
 ALLOW_PRIVATE_ENV = "UIW_ALLOW_PRIVATE_URLS"
 ALLOW_PRIVATE_ENV_OLD = "UIW_ALLOW_PRIVATE_IMAGE_URLS"  # the first name, kept working
+URL_EXPIRES_ENV = "UIW_UPLOAD_URL_EXPIRES"
+DEFAULT_URL_EXPIRES_S = 7 * 24 * 3600  # the SDK's presigned URL lifetime (604800 s), also SigV4's maximum
+VOLUME_ENV = "UIW_VOLUME"  # where RunPod mounts an endpoint's network volume
+DEFAULT_VOLUME = "/runpod-volume"
+IMAGE_HOME_ENV = "UIW_IMAGE_HOME"  # the store baked into the image (the Dockerfile sets it)
+PRECISIONS = ("fp32", "fp16", "bf16")
 
 
 class SettingError(ValueError):
@@ -242,7 +249,7 @@ class Settings:
         budget = _raw(env, "UIW_MEMORY_BUDGET")
         return cls(
             artifacts=tuple(e.strip() for e in env.get("UIW_ARTIFACTS", "").split(",") if e.strip()),
-            home=Path(env.get("UIW_HOME", DEFAULT_HOME)).expanduser(),
+            home=store_home(env),
             memory_budget=memory_budget(budget) if budget else None,
             preload=_raw(env, "UIW_PRELOAD") or "1",
             routing_seed=routing_seed(env),
@@ -263,6 +270,8 @@ class WorkerSettings:
     log_format: str  # UIW_LOG_FORMAT
     log_level: str  # UIW_LOG_LEVEL
     verify: VerifyMode  # UIW_VERIFY: checked here; runtime.loader reads it per load (verify_mode)
+    model: ModelSpec | None = None  # UIW_RECIPE / UIW_MODEL...: a model compiled at start (runtime.bootstrap)
+    image_home: Path | None = None  # UIW_IMAGE_HOME when it is not the home: baked artifacts, used first
 
     @classmethod
     def from_env(cls, cores: Cores, env: Env = os.environ) -> WorkerSettings:
@@ -278,6 +287,8 @@ class WorkerSettings:
             log_format=log_format(env),
             log_level=log_level(env),
             verify=verify_mode(env),
+            model=model_spec(env),
+            image_home=image_home(env),
         )
 
 
@@ -337,3 +348,93 @@ def region_of(endpoint_url: str) -> str | None:
     if labels[-2:] == ["digitaloceanspaces", "com"] and len(labels) >= 3:
         return labels[-3]
     return None
+
+
+def volume(env: Env = os.environ) -> Path | None:
+    """The endpoint's network volume (``UIW_VOLUME``, default /runpod-volume) when it is mounted."""
+    path = Path(_raw(env, VOLUME_ENV) or DEFAULT_VOLUME)
+    return path if path.is_dir() else None
+
+
+def store_home(env: Env = os.environ) -> Path:
+    """The store: ``UIW_HOME``; else ``<volume>/uiw`` when a network volume is mounted, shared by
+    every worker of the endpoint; else the image's store (``UIW_IMAGE_HOME``); else DEFAULT_HOME."""
+    if given := _raw(env, "UIW_HOME"):
+        return Path(given).expanduser()
+    if (mounted := volume(env)) is not None:
+        return mounted / "uiw"
+    return Path(_raw(env, IMAGE_HOME_ENV) or DEFAULT_HOME).expanduser()
+
+
+def image_home(env: Env = os.environ) -> Path | None:
+    """The image's own store when it is not the home: its artifacts are served before the home's."""
+    raw = _raw(env, IMAGE_HOME_ENV)
+    if not raw or Path(raw).expanduser() == store_home(env):
+        return None
+    return Path(raw).expanduser()
+
+
+def url_expires(env: Env = os.environ) -> int:
+    """``UIW_UPLOAD_URL_EXPIRES``: seconds an uploaded image's presigned URL stays valid."""
+    hint = f"unset it for {DEFAULT_URL_EXPIRES_S} s (7 days, the most S3's signatures allow)"
+    value = _whole(env, URL_EXPIRES_ENV, 1, DEFAULT_URL_EXPIRES_S, hint)
+    return DEFAULT_URL_EXPIRES_S if value is None else value
+
+
+@dataclass(frozen=True)
+class LoraSpec:
+    source: str
+    scale: float | None  # None: the recipe's default
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """A model named by the environment, compiled at start (runtime.bootstrap, in a child
+    process): ``UIW_RECIPE`` (YAML text, a file or an http(s) URL) or the shorthand ``UIW_MODEL``
+    (+ ``UIW_LORAS``); ``UIW_PRECISION`` applies to either; ``UIW_RECIPE_NAME`` names it."""
+
+    name: str
+    recipe: str | None  # UIW_RECIPE as given
+    model: str | None  # UIW_MODEL: any source form the compiler takes
+    loras: tuple[LoraSpec, ...] = ()
+    precision: str | None = None
+
+
+def _lora(item: str) -> LoraSpec:
+    """``source[:scale]``: the last ``:`` part is a scale only when it is a number (sources hold
+    colons: hf://, civitai://, AIRs)."""
+    head, sep, tail = item.rpartition(":")
+    try:
+        scale = float(tail) if sep and head else None
+    except ValueError:
+        scale = None
+    if scale is not None and not -10 <= scale <= 10:  # also refuses nan and inf
+        raise SettingError(f"UIW_LORAS: {item!r}: the scale {tail} is out of range. hint: a number from -10 to 10")
+    return LoraSpec(head, scale) if scale is not None else LoraSpec(item, None)
+
+
+def model_spec(env: Env = os.environ) -> ModelSpec | None:
+    """The environment's model, or None when it names none. Checks the shape only; the recipe
+    itself is the compiler's to check (its errors become every job's error reply)."""
+    recipe, model = _raw(env, "UIW_RECIPE"), _raw(env, "UIW_MODEL")
+    loras_raw, precision = _raw(env, "UIW_LORAS"), _raw(env, "UIW_PRECISION").lower() or None
+    name = _raw(env, "UIW_RECIPE_NAME") or "model"
+    if recipe and model:
+        raise SettingError(
+            "UIW_RECIPE and UIW_MODEL are both set. hint: UIW_MODEL (+ UIW_LORAS) is a shorthand for a "
+            "one-model recipe; put the model and its LoRAs in UIW_RECIPE instead, or unset it"
+        )
+    if not (recipe or model):
+        if stray := [v for v in ("UIW_LORAS", "UIW_PRECISION", "UIW_RECIPE_NAME") if _raw(env, v)]:
+            raise SettingError(f"{stray[0]} is set but no model is. hint: set UIW_MODEL (or UIW_RECIPE) too")
+        return None
+    if loras_raw and recipe:
+        raise SettingError("UIW_LORAS goes with UIW_MODEL only. hint: list the LoRAs in UIW_RECIPE's `loras:`")
+    if precision is not None and precision not in PRECISIONS:
+        raise SettingError(f"UIW_PRECISION={precision!r}: expected one of {', '.join(PRECISIONS)}. hint: fp16 on a GPU")
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}", name):
+        raise SettingError(
+            f"UIW_RECIPE_NAME={name!r}: not a recipe name. hint: letters, digits, '_', '.', '-' (at most 128)"
+        )
+    loras = tuple(_lora(x.strip()) for x in loras_raw.split(",") if x.strip())
+    return ModelSpec(name, recipe or None, model or None, loras, precision)
