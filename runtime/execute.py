@@ -74,6 +74,7 @@ class RunContext:
     received: float | None = None  # time.monotonic() when the handler got the job
     listener: Listener | None = None  # per-step progress
     stream: bool = False  # a streaming handler: previews follow UIW_PREVIEW / the request
+    s3_config: Any = None  # the job's s3Config (RunPod's per-job bucket), unchecked; runtime.outputs parses it
 
 
 class GenerationFailed(Exception):

@@ -96,7 +96,8 @@ async def _run(
         return failed
     if not isinstance(job, dict):
         return {"error": "job: expected a JSON object with an `input` field"}
-    context = RunContext(request_id=_job_id(job), received=received, listener=listener, stream=stream)
+    s3_config = job.get("s3Config")  # beside "input" in RunPod's job, as its docs define it
+    context = RunContext(_job_id(job), received, listener, stream, s3_config)
     try:
         reply: dict[str, Any] = await asyncio.to_thread(service.run, job.get("input"), context)
         return reply

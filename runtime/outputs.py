@@ -33,12 +33,13 @@ class Delivered:
         return {"images": list(self.values), "image_url": self.values[0], "seed": seed}
 
 
-def destination() -> Bucket | None:
-    """Where this worker's images go: a bucket, or None for data URIs. Read per request (cheap), so
-    a changed environment needs no restart; call it before model work, as a partial configuration
-    raises UploadError (an error reply, not an image silently kept somewhere else)."""
+def destination(s3_config: object = None) -> Bucket | None:
+    """Where this request's images go: the job's ``s3Config`` when it has one, else this worker's
+    bucket, else None for data URIs. Read per request (cheap), so a changed environment needs no
+    restart; call it before model work, as a partial configuration raises UploadError (an error
+    reply, not an image silently kept somewhere else)."""
     try:
-        return settings.bucket()
+        return settings.bucket() if s3_config is None else settings.job_bucket(s3_config)
     except settings.SettingError as e:
         raise UploadError(str(e)) from e
 

@@ -255,7 +255,7 @@ class Service:
             # Validated against the chosen artifact's own manifest: its limits, LoRAs, tasks.
             request, warnings = validate(raw_input, selection.manifest)
             # Where the images go (a bucket or data URIs): a half-configured bucket fails here.
-            bucket = destination()
+            bucket = destination(context.s3_config)
             # Image inputs are fetched and decoded here, bounded, before any model work.
             # ... within the request's deadline (its `timeout` or UIW_REQUEST_TIMEOUT) too.
             deadline = self.executor.deadline(options, context)

@@ -6,9 +6,10 @@ worker (exit code 2) with the variable, what it expects and a hint, before any m
 rest of the runtime receives that value or its parts (``Settings`` for the service, ``ExecSettings``
 for the executor, ``BatchSettings`` for the batcher).
 
-Four readers are called per use instead, on purpose, each parsing here: ``bucket`` (per request,
+Five readers are called per use instead, on purpose, each parsing here: ``bucket`` (per request,
 runtime.outputs: a changed bucket needs no restart, and a half-configured one is that request's
-error reply, as before), ``allow_private_urls`` (per image fetch, a flag that cannot be wrong),
+error reply, as before; a job's ``s3Config`` is parsed by ``job_bucket``), ``url_expires`` (per
+upload), ``allow_private_urls`` (per image fetch, a flag that cannot be wrong),
 ``verify_mode`` (per artifact load, runtime.loader) and ``progress_interval`` (per job,
 runtime.handler). The last two are in ``WorkerSettings`` too, so that a bad value still stops the
 worker at start; reading them per use keeps an in-process service (tests, bench scripts)
@@ -272,6 +273,7 @@ class WorkerSettings:
     verify: VerifyMode  # UIW_VERIFY: checked here; runtime.loader reads it per load (verify_mode)
     model: ModelSpec | None = None  # UIW_RECIPE / UIW_MODEL...: a model compiled at start (runtime.bootstrap)
     image_home: Path | None = None  # UIW_IMAGE_HOME when it is not the home: baked artifacts, used first
+    url_expires_s: int = DEFAULT_URL_EXPIRES_S  # UIW_UPLOAD_URL_EXPIRES: checked here; runtime.upload reads it per use
 
     @classmethod
     def from_env(cls, cores: Cores, env: Env = os.environ) -> WorkerSettings:
@@ -289,6 +291,7 @@ class WorkerSettings:
             verify=verify_mode(env),
             model=model_spec(env),
             image_home=image_home(env),
+            url_expires_s=url_expires(env),
         )
 
 
@@ -335,6 +338,34 @@ def bucket(env: Env = os.environ) -> Bucket | None:
             "https://s3.us-east-1.amazonaws.com or https://<account>.r2.cloudflarestorage.com"
         )
     return Bucket(endpoint.rstrip("/"), key_id, secret, _raw(env, BUCKET_ENV) or None, region_of(endpoint))
+
+
+S3_CONFIG_FIELDS = {"accessId": "the key id", "accessSecret": "the secret key", "bucketName": "the bucket"}
+
+
+def job_bucket(config: object) -> Bucket:
+    """A job's ``s3Config`` (RunPod's per-job bucket: ``accessId``, ``accessSecret``,
+    ``bucketName``, ``endpointUrl``), used instead of the environment's bucket for that job."""
+    if not isinstance(config, dict):
+        raise SettingError("s3Config: expected an object with accessId, accessSecret, bucketName and endpointUrl")
+    name = config.get("bucketName")
+    bucket_text = f" (bucket {name!r})" if isinstance(name, str) and name else ""
+    unknown = sorted(set(config) - {*S3_CONFIG_FIELDS, "endpointUrl"})
+    missing = [k for k in (*S3_CONFIG_FIELDS, "endpointUrl") if not isinstance(config.get(k), str) or not config[k]]
+    if unknown or missing:
+        what = f"missing or not a string: {', '.join(missing)}" if missing else f"unknown fields {', '.join(unknown)}"
+        raise SettingError(
+            f"s3Config{bucket_text}: {what}. hint: RunPod's s3Config has accessId, accessSecret, bucketName and "
+            "endpointUrl (e.g. https://<account>.r2.cloudflarestorage.com), all strings"
+        )
+    endpoint = config["endpointUrl"].strip()
+    parts = urlsplit(endpoint)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise SettingError(
+            f"s3Config{bucket_text}: endpointUrl {endpoint!r} is not an http(s) URL. hint: give the S3 endpoint, "
+            "e.g. https://s3.us-east-1.amazonaws.com"
+        )
+    return Bucket(endpoint.rstrip("/"), config["accessId"], config["accessSecret"], name, region_of(endpoint))
 
 
 def region_of(endpoint_url: str) -> str | None:

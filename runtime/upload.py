@@ -5,8 +5,9 @@ The configuration (parsed by runtime.settings.bucket) is the RunPod SDK uploader
 worker-sdxl uploads here unchanged: ``BUCKET_ENDPOINT_URL``, ``BUCKET_ACCESS_KEY_ID``,
 ``BUCKET_SECRET_ACCESS_KEY``; the bucket is ``BUCKET_NAME``, else the SDK's default, the
 current month as ``MM-YY``; keys are ``<job id>/<8 hex>.<ext>``; the reply carries a presigned
-GET URL valid for 7 days; the region is read from AWS/Backblaze (``.s3.<region>.``) and
-DigitalOcean Spaces endpoint URLs.
+GET URL valid for 7 days (``UIW_UPLOAD_URL_EXPIRES`` seconds); the region is read from
+AWS/Backblaze (``.s3.<region>.``) and DigitalOcean Spaces endpoint URLs. A job's ``s3Config``
+(RunPod's per-job bucket) replaces the environment's bucket for that job (runtime.outputs).
 
 Where the SDK falls back silently (no endpoint or no keys: it writes the image to a local folder
 and returns that path, useless to a remote client), this module refuses: a half-configured bucket
@@ -22,11 +23,10 @@ from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from functools import lru_cache
 from typing import Any
+from urllib.parse import urlsplit
 
 from runtime.encode import Encoded
-from runtime.settings import BUCKET_ENV, ENDPOINT_ENV, Bucket
-
-URL_EXPIRES_S = 7 * 24 * 3600  # the SDK's presigned URL lifetime (604800 s)
+from runtime.settings import BUCKET_ENV, ENDPOINT_ENV, Bucket, url_expires
 
 
 class UploadError(Exception):
@@ -39,11 +39,18 @@ def _client(bucket: Bucket) -> Any:
     import boto3
     from botocore.config import Config
 
+    # Checksums only when an operation requires one: botocore >= 1.36 adds CRC32 checksum headers
+    # to every PutObject by default, which Cloudflare R2, Backblaze B2 and older MinIO refuse.
+    # Path-style addressing (endpoint/bucket/key) everywhere but AWS: MinIO and most self-hosted
+    # endpoints have no per-bucket host names; R2, B2 and Spaces accept both.
     config = Config(
         signature_version="s3v4",
         retries={"max_attempts": 3, "mode": "standard"},
         connect_timeout=10,
         read_timeout=60,
+        request_checksum_calculation="when_required",
+        response_checksum_validation="when_required",
+        s3={"addressing_style": addressing_style(bucket.endpoint_url)},
     )
     return boto3.session.Session().client(
         "s3",
@@ -59,6 +66,7 @@ def upload(bucket: Bucket, job_id: str, images: Sequence[Encoded]) -> list[str]:
     """Put every image under ``<job id>/`` (in parallel) and return their presigned URLs, in order.
     Raises UploadError naming the bucket and key of the first failure."""
     client = _client(bucket)
+    expires = url_expires()
     name = bucket.bucket_name()
     prefix = _safe_prefix(job_id)
 
@@ -67,7 +75,7 @@ def upload(bucket: Bucket, job_id: str, images: Sequence[Encoded]) -> list[str]:
         try:
             client.put_object(Bucket=name, Key=key, Body=image.data, ContentType=image.mime)
             url: str = client.generate_presigned_url(
-                "get_object", Params={"Bucket": name, "Key": key}, ExpiresIn=URL_EXPIRES_S
+                "get_object", Params={"Bucket": name, "Key": key}, ExpiresIn=expires
             )
         except Exception as e:  # botocore's ClientError, connection and credential errors alike
             raise UploadError(
@@ -81,6 +89,12 @@ def upload(bucket: Bucket, job_id: str, images: Sequence[Encoded]) -> list[str]:
         return [put(images[0])]
     with ThreadPoolExecutor(max_workers=min(len(images), 8), thread_name_prefix="upload") as pool:
         return list(pool.map(put, images))
+
+
+def addressing_style(endpoint_url: str) -> str:
+    """``virtual`` (bucket.host) for AWS, ``path`` (host/bucket) for every other endpoint."""
+    host = (urlsplit(endpoint_url).hostname or "").lower()
+    return "virtual" if host == "amazonaws.com" or host.endswith(".amazonaws.com") else "path"
 
 
 def _safe_prefix(job_id: str) -> str:
