@@ -66,6 +66,7 @@ VOLUME_ENV = "UIW_VOLUME"  # where RunPod mounts an endpoint's network volume
 DEFAULT_VOLUME = "/runpod-volume"
 IMAGE_HOME_ENV = "UIW_IMAGE_HOME"  # the store baked into the image (the Dockerfile sets it)
 PRECISIONS = ("fp32", "fp16", "bf16")
+RECIPE_NAME = r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}"  # as the compiler takes them (compiler.compose)
 
 
 class SettingError(ValueError):
@@ -444,26 +445,32 @@ def _lora(item: str) -> LoraSpec:
     return LoraSpec(head, scale) if scale is not None else LoraSpec(item, None)
 
 
+def _file_stem(recipe: str) -> str | None:
+    """A recipe file's (or URL's) name without ``.yaml``, when UIW_RECIPE names one."""
+    if not recipe or "\n" in recipe or recipe.lstrip().startswith("{"):
+        return None
+    stem = recipe.rstrip("/").rsplit("/", 1)[-1].split("?")[0].removesuffix(".yaml").removesuffix(".yml")
+    return stem if re.fullmatch(RECIPE_NAME, stem) else None
+
+
 def model_spec(env: Env = os.environ) -> ModelSpec | None:
     """The environment's model, or None when it names none. Checks the shape only; the recipe
     itself is the compiler's to check (its errors become every job's error reply)."""
     recipe, model = _raw(env, "UIW_RECIPE"), _raw(env, "UIW_MODEL")
     loras_raw, precision = _raw(env, "UIW_LORAS"), _raw(env, "UIW_PRECISION").lower() or None
-    name = _raw(env, "UIW_RECIPE_NAME") or "model"
     if recipe and model:
         raise SettingError(
             "UIW_RECIPE and UIW_MODEL are both set. hint: UIW_MODEL (+ UIW_LORAS) is a shorthand for a "
             "one-model recipe; put the model and its LoRAs in UIW_RECIPE instead, or unset it"
         )
     if not (recipe or model):
-        if stray := [v for v in ("UIW_LORAS", "UIW_PRECISION", "UIW_RECIPE_NAME") if _raw(env, v)]:
-            raise SettingError(f"{stray[0]} is set but no model is. hint: set UIW_MODEL (or UIW_RECIPE) too")
-        return None
+        return None  # UIW_LORAS, UIW_PRECISION alone mean nothing (a template's defaults set them)
+    name = _raw(env, "UIW_RECIPE_NAME") or _file_stem(recipe) or "model"
     if loras_raw and recipe:
         raise SettingError("UIW_LORAS goes with UIW_MODEL only. hint: list the LoRAs in UIW_RECIPE's `loras:`")
     if precision is not None and precision not in PRECISIONS:
         raise SettingError(f"UIW_PRECISION={precision!r}: expected one of {', '.join(PRECISIONS)}. hint: fp16 on a GPU")
-    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}", name):
+    if not re.fullmatch(RECIPE_NAME, name):
         raise SettingError(
             f"UIW_RECIPE_NAME={name!r}: not a recipe name. hint: letters, digits, '_', '.', '-' (at most 128)"
         )
