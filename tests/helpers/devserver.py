@@ -72,6 +72,19 @@ def refused_start(env: dict[str, str], setting: str) -> subprocess.CompletedProc
     return proc
 
 
+def wait_up(url: str, proc: subprocess.Popen[str], log_path: Path, startup_s: float) -> None:
+    """Until the dev server at ``url`` answers (the worker process must stay alive meanwhile)."""
+    deadline = time.monotonic() + startup_s
+    while True:
+        try:
+            urllib.request.urlopen(f"{url}/docs", timeout=2)
+            return
+        except (urllib.error.URLError, ConnectionError):
+            assert proc.poll() is None, log_path.read_text()[-3000:]
+            assert time.monotonic() < deadline, "the dev server did not come up: " + log_path.read_text()[-3000:]
+            time.sleep(0.25)
+
+
 @contextmanager
 def dev_server(
     env: dict[str, str],
@@ -98,15 +111,7 @@ def dev_server(
         )
     server = DevServer(f"http://127.0.0.1:{port}", log_path, proc)
     try:
-        deadline = time.monotonic() + startup_s
-        while True:
-            try:
-                urllib.request.urlopen(f"{server.url}/docs", timeout=2)
-                break
-            except (urllib.error.URLError, ConnectionError):
-                assert proc.poll() is None, log_path.read_text()[-3000:]
-                assert time.monotonic() < deadline, "the dev server did not come up: " + log_path.read_text()[-3000:]
-                time.sleep(0.25)
+        wait_up(server.url, proc, log_path, startup_s)
         yield server
     finally:
         proc.terminate()
