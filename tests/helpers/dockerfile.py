@@ -20,6 +20,7 @@ import re
 import shlex
 import shutil
 import subprocess
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -149,8 +150,10 @@ class Build:
         command = rest.replace("/run/secrets/", f"{self.work / 'secrets'}/")
         env = {**self.base_env, **args, **stage.env}
         cwd = stage.path(".")
+        t0 = time.monotonic()
         proc = subprocess.run(["/bin/sh", "-c", command], cwd=cwd, env=env, capture_output=True, text=True)
-        self.log.append(f"RUN {command[:200]} -> {proc.returncode}")
+        self.log.append(f"RUN {command[:200]} -> {proc.returncode} in {time.monotonic() - t0:.0f} s")
+        (self.work / "steps.log").write_text("\n".join(self.log) + "\n")
         assert proc.returncode == 0, f"RUN {command}\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
 
     def _cmd(self, stage: Stage, rest: str, args: dict[str, str]) -> None:

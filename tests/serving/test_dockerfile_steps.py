@@ -21,6 +21,7 @@ TORCH = "torch==2.13.0"  # the base image's torch, here the CPU wheel of this ma
 
 
 @pytest.mark.slow  # minutes: a fresh venv with every dependency, two compiles, a worker
+@pytest.mark.timeout(1800)
 def test_dockerfile_steps_build_an_image_that_answers_the_hub_tests(tmp_path: Path):
     venv = tmp_path / "venv"
     subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
