@@ -112,7 +112,7 @@ class FakeHub:
 
     @property
     def url(self) -> str:
-        host, port = self.server.server_address[:2]
+        host, port = self.server.socket.getsockname()[:2]  # server_address types its host str | bytes
         return f"http://{host}:{port}"
 
     def start(self) -> FakeHub:
