@@ -19,12 +19,13 @@ from typing import Any
 from compiler import uri
 from compiler.controlnets import build_controlnets
 from compiler.converted_bases import ConvertedBase
+from compiler.ema import ldm_file
 from compiler.embeddings import load_embeddings
 from compiler.families import PREDICTION_TYPES
 from compiler.finite import require_finite_file
 from compiler.lora import apply_loras, base_shapes, check_fit, meta_components
 from compiler.plan import BuildPlan
-from compiler.singlefile import linked, load_component
+from compiler.singlefile import linked, load_component, tie_meta_weights
 from compiler.sources import Fetched
 from compiler.tiny_models import BUILTINS
 from runtime.artifact import PIPELINE_DIR, SCHEDULERS, TORCH_DTYPES, ControlNetInfo, EmbeddingInfo
@@ -100,7 +101,9 @@ def replace_denoiser(pipe: Any, scratch: Path, checkpoint: Fetched) -> None:
     """A UNet-only (or transformer-only) file replaces the base's; the base's other weights stay."""
     (path,) = checkpoint.files.values()
     require_finite_file(path, "checkpoint", "checkpoint")
-    replace_component(pipe, "unet" if hasattr(pipe, "unet") else "transformer", scratch, checkpoint)
+    # An EMA-only UNet is the model (as A1111 and diffusers' extract_ema use it), under LDM names.
+    file = ldm_file(checkpoint, scratch)
+    replace_component(pipe, "unet" if hasattr(pipe, "unet") else "transformer", scratch, file)
 
 
 def replace_component(pipe: Any, name: str, scratch: Path, file: Fetched, where: str | None = None) -> None:
@@ -133,6 +136,7 @@ def load_checkpoint(cls: Any, base: Fetched, scratch: Path, checkpoint: Fetched,
     pipe = cls.from_single_file(
         linked(scratch, checkpoint, "checkpoint"), config=str(folder), local_files_only=True, torch_dtype=dtype
     )
+    tie_meta_weights(pipe)
     # from_single_file builds its scheduler from defaults; the base's own scheduler config is the
     # one the recipe's scheduler and every per-request one derive from.
     sched = json.loads((folder / "scheduler" / "scheduler_config.json").read_text())

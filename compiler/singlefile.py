@@ -42,3 +42,14 @@ def load_component(
             raise
         first = str(e).splitlines()[0][:400]
         raise UserError.one(where, f"this file does not fit {what}: {first}", hint) from None
+
+
+def tie_meta_weights(pipe: Any) -> None:
+    """Re-tie the shared weights a single-file load left on the meta device. diffusers loads T5
+    (SD 3's text_encoder_3) into an empty model; the files store its embedding once, as
+    ``shared.weight``, and with transformers 5 the tied ``encoder.embed_tokens`` stays meta (it
+    fails at the first prompt). transformers' own ``tie_weights`` ties it back."""
+    for component in pipe.components.values():
+        tie = getattr(component, "tie_weights", None)
+        if tie is not None and any(p.is_meta for p in component.parameters()):
+            tie()
