@@ -25,10 +25,11 @@ from compiler.families import PREDICTION_TYPES
 from compiler.finite import require_finite_file
 from compiler.lora import apply_loras, base_shapes, check_fit, meta_components
 from compiler.plan import BuildPlan
-from compiler.singlefile import linked, load_component, tie_meta_weights
+from compiler.singlefile import left_out_of_file, linked, load_component, tie_meta_weights
 from compiler.sources import Fetched
 from compiler.tiny_models import BUILTINS
 from runtime.artifact import PIPELINE_DIR, SCHEDULERS, TORCH_DTYPES, ControlNetInfo, EmbeddingInfo
+from runtime.fastload import absent_components
 
 log = logging.getLogger(__name__)
 
@@ -134,7 +135,11 @@ def load_checkpoint(cls: Any, base: Fetched, scratch: Path, checkpoint: Fetched,
     # dtype: converted straight to the build's precision (an fp16 file otherwise becomes fp32
     # tensors first: twice the peak memory).
     pipe = cls.from_single_file(
-        linked(scratch, checkpoint, "checkpoint"), config=str(folder), local_files_only=True, torch_dtype=dtype
+        linked(scratch, checkpoint, "checkpoint"),
+        config=str(folder),
+        local_files_only=True,
+        torch_dtype=dtype,
+        **left_out_of_file(cls.__name__, path),
     )
     tie_meta_weights(pipe)
     # from_single_file builds its scheduler from defaults; the base's own scheduler config is the
@@ -147,7 +152,7 @@ def load_checkpoint(cls: Any, base: Fetched, scratch: Path, checkpoint: Fetched,
 def _load_converted(cls: Any, folder: Path, dtype: Any) -> Any:
     from diffusers.configuration_utils import FrozenDict
 
-    pipe = cls.from_pretrained(folder, dtype=dtype, use_safetensors=True)
+    pipe = cls.from_pretrained(folder, dtype=dtype, use_safetensors=True, **absent_components(folder))
     # from_pretrained records the folder it read as `_name_or_path` in every config, which
     # save_pretrained writes again: the store's path, not the weights' identity. Dropped, so that
     # every store builds the same bytes (and as the converter, which records none, would).

@@ -32,6 +32,7 @@ from runtime.artifact import (
     RuntimeOptions,
     compile_cache_key,
 )
+from runtime.fastload import absent_components
 
 log = logging.getLogger(__name__)
 
@@ -169,7 +170,10 @@ def warm(staging: Path, pipeline_class: str, options: RuntimeOptions, guidance: 
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     pipe = getattr(diffusers, pipeline_class).from_pretrained(
-        staging / PIPELINE_DIR, dtype=getattr(torch, TORCH_DTYPES[options.dtype]), local_files_only=True
+        staging / PIPELINE_DIR,
+        dtype=getattr(torch, TORCH_DTYPES[options.dtype]),
+        local_files_only=True,
+        **absent_components(staging / PIPELINE_DIR),
     )
     pipe.to(device)
     pipe.set_progress_bar_config(disable=True)

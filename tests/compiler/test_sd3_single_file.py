@@ -78,3 +78,21 @@ def test_comfyui_file_serves_the_diffusers_pixels(family, tmp_path, tiny, sd3_hu
     # The same weights as a plain diffusers folder (no single-file conversion on this side).
     ref = StableDiffusion3Pipeline.from_pretrained(root / family)
     assert_close(served(artifact, tmp_path / "serve", JOB, monkeypatch), reference(ref, JOB))
+
+
+def test_a_file_without_t5_builds_without_it_as_diffusers_runs_it(tmp_path, tiny, sd3_hub, monkeypatch):
+    """SD 3's "incl_clips" files leave T5 out: the artifact has no text_encoder_3 (diffusers'
+    documented `text_encoder_3=None`), and serves what diffusers draws without it."""
+    from diffusers import StableDiffusion3Pipeline
+
+    from tests.helpers.comfyui import pipeline_to_comfyui
+
+    hub, root = sd3_hub
+    write_weights(tmp_path, "clips.safetensors", pipeline_to_comfyui(tiny["sd3"], t5=False))
+    artifact = compiled(tmp_path, hub, "checkpoint: ./weights/clips.safetensors")
+    index = json.loads((artifact / "pipeline" / "model_index.json").read_text())
+    assert index["text_encoder_3"] == [None, None] and index["tokenizer_3"] == [None, None]
+    assert not (artifact / "pipeline" / "text_encoder_3").exists()
+
+    ref = StableDiffusion3Pipeline.from_pretrained(root / "sd3", text_encoder_3=None, tokenizer_3=None)
+    assert_close(served(artifact, tmp_path / "serve", JOB, monkeypatch), reference(ref, JOB))
