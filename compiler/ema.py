@@ -30,7 +30,7 @@ BOOKKEEPING = ("model_ema.decay", "model_ema.num_updates")
 # Every module name in LDM's (and SGM's) UNet, longest first so that a name never stops at a
 # shorter one it starts with (out_layers before out, norm1 before norm).
 _WORDS = sorted(
-    (
+    (  # noqa: SIM905 - one line of LDM's module names reads better than a column of 31
         "diffusion_model input_blocks middle_block output_blocks time_embed label_emb out in_layers "
         "emb_layers out_layers skip_connection op conv norm proj_in proj_out transformer_blocks attn1 "
         "attn2 to_q to_k to_v to_out ff net proj norm1 norm2 norm3 weight bias"

@@ -28,8 +28,14 @@ from compiler.plan import BuildPlan
 from compiler.singlefile import left_out_of_file, linked, load_component, tie_meta_weights
 from compiler.sources import Fetched
 from compiler.tiny_models import BUILTINS
-from runtime.artifact import PIPELINE_DIR, SCHEDULERS, TORCH_DTYPES, ControlNetInfo, EmbeddingInfo
-from runtime.fastload import absent_components
+from runtime.artifact import (
+    PIPELINE_DIR,
+    SCHEDULERS,
+    TORCH_DTYPES,
+    ControlNetInfo,
+    EmbeddingInfo,
+    absent_components,
+)
 
 log = logging.getLogger(__name__)
 

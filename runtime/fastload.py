@@ -166,11 +166,3 @@ class Verifier:
             raise integrity_error(self.artifact_dir, self.manifest, self.problems) from exc
         if self.error is not None and kind is None:
             raise self.error
-
-
-def absent_components(folder: Path) -> dict[str, None]:
-    """The components the pipeline folder's model_index.json records as absent (``[null, null]``:
-    SD 3 built from a file without T5), as ``None`` arguments: diffusers' from_pretrained refuses
-    a folder that lacks a component the pipeline class does not list as optional, unless told."""
-    index = json.loads((folder / "model_index.json").read_text())
-    return {name: None for name, entry in index.items() if entry == [None, None]}

@@ -12,8 +12,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from runtime.artifact import PIPELINE_DIR, TORCH_DTYPES, ArtifactError, Manifest, read_manifest
-from runtime.fastload import Verifier, Warmer, absent_components, preload_components, weight_files
+from runtime.artifact import PIPELINE_DIR, TORCH_DTYPES, ArtifactError, Manifest, absent_components, read_manifest
+from runtime.fastload import Verifier, Warmer, preload_components, weight_files
 from runtime.gate import ModeGate
 from runtime.integrity import VerifyMode, integrity_error, remember_verified, stat_files, unverified
 from runtime.settings import verify_mode

@@ -30,9 +30,9 @@ from runtime.artifact import (
     PIPELINE_DIR,
     TORCH_DTYPES,
     RuntimeOptions,
+    absent_components,
     compile_cache_key,
 )
-from runtime.fastload import absent_components
 
 log = logging.getLogger(__name__)
 

@@ -54,7 +54,8 @@ def sd3_hub(tmp_path_factory: pytest.TempPathFactory, tiny: dict[str, Any]) -> I
     hub.stop()
 
 
-@pytest.mark.parametrize("family", list(VARIANTS))
+# SD 3 Medium runs in the default suite; the 3.5 families (one more compile each) are slow-marked.
+@pytest.mark.parametrize("family", [pytest.param(f, marks=[pytest.mark.slow] if f != "sd3" else []) for f in VARIANTS])
 def test_comfyui_file_serves_the_diffusers_pixels(family, tmp_path, tiny, sd3_hub, monkeypatch):
     from diffusers import StableDiffusion3Pipeline
 
@@ -80,6 +81,7 @@ def test_comfyui_file_serves_the_diffusers_pixels(family, tmp_path, tiny, sd3_hu
     assert_close(served(artifact, tmp_path / "serve", JOB, monkeypatch), reference(ref, JOB))
 
 
+@pytest.mark.slow  # one more compile
 def test_a_file_without_t5_builds_without_it_as_diffusers_runs_it(tmp_path, tiny, sd3_hub, monkeypatch):
     """SD 3's "incl_clips" files leave T5 out: the artifact has no text_encoder_3 (diffusers'
     documented `text_encoder_3=None`), and serves what diffusers draws without it."""

@@ -51,7 +51,11 @@ _BLOCK = {
 }
 # the separate q/k/v projections ComfyUI fuses into one qkv: (attention, to_ or add_) -> its name
 _QKV_PART = re.compile(r"(attn2?)\.(to|add)_([qkv])(?:_proj)?\.(weight|bias)")
-_QKV = {("attn", "to"): "x_block.attn.qkv", ("attn", "add"): "context_block.attn.qkv", ("attn2", "to"): "x_block.attn2.qkv"}
+_QKV = {
+    ("attn", "to"): "x_block.attn.qkv",
+    ("attn", "add"): "context_block.attn.qkv",
+    ("attn2", "to"): "x_block.attn2.qkv",
+}
 
 
 def _swap(value: Any) -> Any:

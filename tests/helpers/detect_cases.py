@@ -234,7 +234,8 @@ CASES: tuple[Case, ...] = (
         "SD 2.x checkpoint",
         _sd2,
         ("checkpoint", "sd2", "ldm", "normal", None),
-        "locks the SD 2.1 config repo (v-prediction); `prediction: eps` for 512 base models; " + NOT_HERE,
+        "yes: v (SD 2.1 config repo) and `prediction: eps`; served image = diffusers from_single_file "
+        "(tests/compiler/test_sd2_single_file.py, tiny SD 2)",
     ),
     Case(
         "sd2-unet",
@@ -292,7 +293,7 @@ CASES: tuple[Case, ...] = (
         "SD3 Medium all-in-one",
         lambda: keys_of("sd3-comfyui"),
         ("checkpoint", "sd3", "comfyui", "normal", "flow"),
-        NOT_HERE,
+        "yes: served image = diffusers folder, with or without T5 (tests/compiler/test_sd3_single_file.py, tiny SD 3)",
     ),
     Case(
         "sd35-medium",
@@ -302,14 +303,14 @@ CASES: tuple[Case, ...] = (
             "model.diffusion_model.joint_blocks.0.x_block.attn2.qkv.weight": ((4608, 1536), "float32"),
         },
         ("checkpoint", "sd35-medium", "comfyui", "normal", "flow"),
-        NOT_HERE,
+        "yes: served image = diffusers folder (tests/compiler/test_sd3_single_file.py, tiny SD 3.5 Medium)",
     ),
     Case(
         "sd35-large",
         "SD 3.5 Large",
         lambda: _replace(keys_of("sd3-comfyui"), "x_embedder.proj.weight", (2432, 16, 2, 2)),
         ("checkpoint", "sd35-large", "comfyui", "normal", "flow"),
-        NOT_HERE,
+        "yes: served image = diffusers folder (tests/compiler/test_sd3_single_file.py, tiny SD 3.5 Large: q/k norms, no dual attention)",
     ),
     Case(
         "flux-dev",
