@@ -310,7 +310,8 @@ CASES: tuple[Case, ...] = (
         "SD 3.5 Large",
         lambda: _replace(keys_of("sd3-comfyui"), "x_embedder.proj.weight", (2432, 16, 2, 2)),
         ("checkpoint", "sd35-large", "comfyui", "normal", "flow"),
-        "yes: served image = diffusers folder (tests/compiler/test_sd3_single_file.py, tiny SD 3.5 Large: q/k norms, no dual attention)",
+        "yes: served image = diffusers folder (tests/compiler/test_sd3_single_file.py, "
+        "tiny SD 3.5 Large: told by its q/k norms)",
     ),
     Case(
         "flux-dev",
