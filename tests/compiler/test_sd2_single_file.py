@@ -45,6 +45,7 @@ def sd2_hub(tmp_path_factory: pytest.TempPathFactory, tiny_sd2: Any) -> Iterator
     hub.stop()
 
 
+@pytest.mark.slow  # two compiles and two serves: ~60 s on a loaded machine
 def test_sd2_checkpoint_serves_diffusers_pixels_as_v_and_as_eps(tmp_path, tiny_sd2, sd2_hub, monkeypatch):
     from diffusers import StableDiffusionPipeline
 

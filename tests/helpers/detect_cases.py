@@ -219,7 +219,8 @@ CASES: tuple[Case, ...] = (
         "SD 1.5 EMA-only UNet",
         lambda: ema_only("sd1-ldm"),
         ("unet", "sd15", "ldm", "ema", "eps"),
-        "detected; build not tested",
+        "yes, with `base:`: the EMA weights are the UNet, as A1111/diffusers' extract_ema "
+        "(tests/compiler/test_ema_only_unet.py)",
     ),
     Case(
         "sd15-vae",
