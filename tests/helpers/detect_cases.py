@@ -272,7 +272,7 @@ CASES: tuple[Case, ...] = (
         "SDXL UNet only (diffusers naming)",
         lambda: keys_of("sdxl-diffusers_unet_only"),
         ("unet", "sdxl", "diffusers", "normal", "eps"),
-        "with `base:`; not tested",
+        "yes, with `base:` (replaces the base's UNet; SGM naming too: tests/compiler/test_sdxl_unet_only.py)",
     ),
     Case(
         "sdxl-vae",
