@@ -10,7 +10,7 @@ configs) and the checks diffusers' and ComfyUI's loaders make: the UNet's cross-
 tells SD 1.x (768) from SD 2.x (1024), SDXL (2048) and the SDXL refiner (1280); SDXL's ADM input
 (label_emb, 2816 vs 2560) confirms base vs refiner; the first conv's input channels tell an
 inpaint model (9) or a depth model (5); FLUX dev has ``guidance_in``, schnell has not; SD3.5
-medium adds a second attention to its x blocks and SD3.5 large is 2432 wide.
+adds q/k norms, medium a second attention to its x blocks, and SD3.5 large is 2432 wide.
 """
 
 from __future__ import annotations
@@ -302,7 +302,11 @@ def _mmdit(keys: dict[str, tuple[Shape, str]], names: set[str], meta: dict[str, 
     blocks = {int(m.group(1)) for k in names if (m := re.match(re.escape(_LDM) + r"joint_blocks\.(\d+)\.", k))}
     emb = find_key(keys, re.escape(_LDM) + r"x_embedder\.proj\.weight$")
     width = probe_dim(emb, 0) if emb else 0
-    fam = "sd35-large" if width == 2432 else "sd35-medium" if _any(names, ".x_block.attn2.") else "sd3"
+    # SD 3 Medium has no q/k norms; SD 3.5 has them, Medium with a second attention, Large without:
+    # structure that holds at any width (tiny test models too), where only Large is 2432 wide.
+    qk_norm = _any(names, ".attn.ln_q.")
+    dual = _any(names, ".x_block.attn2.")
+    fam = "sd35-medium" if dual else "sd35-large" if width == 2432 or qk_norm else "sd3"
     whole = _whole(names)
     return Detection(
         "checkpoint" if whole else "transformer",
@@ -313,7 +317,8 @@ def _mmdit(keys: dict[str, tuple[Shape, str]], names: set[str], meta: dict[str, 
         evidence=(
             f"{len(blocks)} joint_blocks",
             key_evidence(emb) if emb else "no x_embedder",
-            "x_block.attn2 (MMDiT-X)" if fam == "sd35-medium" else "no x_block.attn2",
+            "x_block.attn2 (MMDiT-X)" if dual else "no x_block.attn2",
+            "q/k norms (ln_q, ln_k)" if qk_norm else "no q/k norms",
         ),
     )
 

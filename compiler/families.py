@@ -280,7 +280,7 @@ def family_of_repo(pipeline_class: str | None, configs: dict[str, dict[str, Any]
     the configs decide, by structure before width so that tiny test models are told apart too: SD
     2.x's UNet projects attention linearly and its OpenCLIP text encoder uses gelu (SD 1.x: conv
     projections, quick_gelu); SDXL's refiner has one text encoder; FLUX dev embeds guidance;
-    SD 3.5 Medium has dual-attention layers and SD 3.5 Large is 38 blocks deep."""
+    SD 3.5 has q/k norms, Medium dual-attention layers too, and Large is 38 blocks deep."""
     matches = tuple(f.id for f in FAMILIES.values() if pipeline_class in f.pipelines.values())
     if len(matches) <= 1:
         return RepoFamily(matches[0] if matches else None, matches, (f"_class_name {pipeline_class}",))
@@ -306,7 +306,8 @@ def family_of_repo(pipeline_class: str | None, configs: dict[str, dict[str, Any]
         found = "flux-dev" if transformer.get("guidance_embeds") else "flux-schnell"
         ev.append(f"transformer guidance_embeds {transformer.get('guidance_embeds')}")
     elif "sd3" in matches:
-        layers = transformer.get("num_layers")
-        found = "sd35-large" if layers == 38 else "sd35-medium" if transformer.get("dual_attention_layers") else "sd3"
-        ev.append(f"transformer num_layers {layers}, dual_attention_layers {transformer.get('dual_attention_layers')}")
+        layers, dual, qk_norm = (transformer.get(k) for k in ("num_layers", "dual_attention_layers", "qk_norm"))
+        # SD 3.5 adds q/k norms (SD 3 has none); Medium adds dual attention, Large is 38 deep.
+        found = "sd35-medium" if dual else "sd35-large" if layers == 38 or qk_norm else "sd3"
+        ev.append(f"transformer num_layers {layers}, dual_attention_layers {dual}, qk_norm {qk_norm}")
     return RepoFamily(found, () if found else matches, tuple(ev))

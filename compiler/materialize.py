@@ -19,15 +19,23 @@ from typing import Any
 from compiler import uri
 from compiler.controlnets import build_controlnets
 from compiler.converted_bases import ConvertedBase
+from compiler.ema import ldm_file
 from compiler.embeddings import load_embeddings
 from compiler.families import PREDICTION_TYPES
 from compiler.finite import require_finite_file
 from compiler.lora import apply_loras, base_shapes, check_fit, meta_components
 from compiler.plan import BuildPlan
-from compiler.singlefile import linked, load_component
+from compiler.singlefile import left_out_of_file, linked, load_component, tie_meta_weights
 from compiler.sources import Fetched
 from compiler.tiny_models import BUILTINS
-from runtime.artifact import PIPELINE_DIR, SCHEDULERS, TORCH_DTYPES, ControlNetInfo, EmbeddingInfo
+from runtime.artifact import (
+    PIPELINE_DIR,
+    SCHEDULERS,
+    TORCH_DTYPES,
+    ControlNetInfo,
+    EmbeddingInfo,
+    absent_components,
+)
 
 log = logging.getLogger(__name__)
 
@@ -100,7 +108,9 @@ def replace_denoiser(pipe: Any, scratch: Path, checkpoint: Fetched) -> None:
     """A UNet-only (or transformer-only) file replaces the base's; the base's other weights stay."""
     (path,) = checkpoint.files.values()
     require_finite_file(path, "checkpoint", "checkpoint")
-    replace_component(pipe, "unet" if hasattr(pipe, "unet") else "transformer", scratch, checkpoint)
+    # An EMA-only UNet is the model (as A1111 and diffusers' extract_ema use it), under LDM names.
+    file = ldm_file(checkpoint, scratch)
+    replace_component(pipe, "unet" if hasattr(pipe, "unet") else "transformer", scratch, file)
 
 
 def replace_component(pipe: Any, name: str, scratch: Path, file: Fetched, where: str | None = None) -> None:
@@ -131,8 +141,13 @@ def load_checkpoint(cls: Any, base: Fetched, scratch: Path, checkpoint: Fetched,
     # dtype: converted straight to the build's precision (an fp16 file otherwise becomes fp32
     # tensors first: twice the peak memory).
     pipe = cls.from_single_file(
-        linked(scratch, checkpoint, "checkpoint"), config=str(folder), local_files_only=True, torch_dtype=dtype
+        linked(scratch, checkpoint, "checkpoint"),
+        config=str(folder),
+        local_files_only=True,
+        torch_dtype=dtype,
+        **left_out_of_file(cls.__name__, path),
     )
+    tie_meta_weights(pipe)
     # from_single_file builds its scheduler from defaults; the base's own scheduler config is the
     # one the recipe's scheduler and every per-request one derive from.
     sched = json.loads((folder / "scheduler" / "scheduler_config.json").read_text())
@@ -143,7 +158,7 @@ def load_checkpoint(cls: Any, base: Fetched, scratch: Path, checkpoint: Fetched,
 def _load_converted(cls: Any, folder: Path, dtype: Any) -> Any:
     from diffusers.configuration_utils import FrozenDict
 
-    pipe = cls.from_pretrained(folder, dtype=dtype, use_safetensors=True)
+    pipe = cls.from_pretrained(folder, dtype=dtype, use_safetensors=True, **absent_components(folder))
     # from_pretrained records the folder it read as `_name_or_path` in every config, which
     # save_pretrained writes again: the store's path, not the weights' identity. Dropped, so that
     # every store builds the same bytes (and as the converter, which records none, would).

@@ -42,3 +42,35 @@ def load_component(
             raise
         first = str(e).splitlines()[0][:400]
         raise UserError.one(where, f"this file does not fit {what}: {first}", hint) from None
+
+
+def tie_meta_weights(pipe: Any) -> None:
+    """Re-tie the shared weights a single-file load left on the meta device. diffusers loads T5
+    (SD 3's text_encoder_3) into an empty model; the files store its embedding once, as
+    ``shared.weight``, and with transformers 5 the tied ``encoder.embed_tokens`` stays meta (it
+    fails at the first prompt). transformers' own ``tie_weights`` ties it back."""
+    for component in pipe.components.values():
+        tie = getattr(component, "tie_weights", None)
+        if tie is not None and any(p.is_meta for p in component.parameters()):
+            tie()
+
+
+# Components a pipeline runs without that some single files leave out: SD 3's T5 (the
+# "incl_clips" releases carry CLIP-L and OpenCLIP-G only). diffusers' own answer is to pass them
+# as None (the pipeline then conditions on zeros where T5's tokens would be); the key below
+# marks a file that holds the component. pipeline class -> ((components), marker key)
+OPTIONAL_IN_FILE: dict[str, tuple[tuple[str, ...], str]] = {
+    "StableDiffusion3Pipeline": (("text_encoder_3", "tokenizer_3"), "text_encoders.t5xxl.transformer.shared.weight"),
+}
+
+
+def left_out_of_file(pipeline_class: str, path: Path) -> dict[str, None]:
+    """The optional components the file at ``path`` leaves out, as from_single_file's ``None``
+    arguments (reads the header only)."""
+    from compiler.headers import read_header
+
+    optional = OPTIONAL_IN_FILE.get(pipeline_class)
+    if optional is None:
+        return {}
+    components, marker = optional
+    return {} if marker in read_header(path)[0] else dict.fromkeys(components)

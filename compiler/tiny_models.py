@@ -374,8 +374,22 @@ def _build_tiny_flux() -> Any:
     )
 
 
+def _build_tiny_sd2() -> Any:
+    from compiler.tiny_models_sd import build_tiny_sd2  # its own module: this one stays small
+
+    return build_tiny_sd2()
+
+
+def _build_tiny_sd3() -> Any:
+    from compiler.tiny_models_sd import build_tiny_sd3
+
+    return build_tiny_sd3()
+
+
 BUILTINS: dict[str, Builtin] = {
     "tiny-sd15": Builtin(name="tiny-sd15", revision=1, family="sd15", native_size=(64, 64), build=_build_tiny_sd15),
     "tiny-sdxl": Builtin(name="tiny-sdxl", revision=1, family="sdxl", native_size=(64, 64), build=_build_tiny_sdxl),
     "tiny-flux": Builtin(name="tiny-flux", revision=1, family="flux-dev", native_size=(64, 64), build=_build_tiny_flux),
+    "tiny-sd2": Builtin(name="tiny-sd2", revision=1, family="sd2", native_size=(64, 64), build=_build_tiny_sd2),
+    "tiny-sd3": Builtin(name="tiny-sd3", revision=1, family="sd3", native_size=(64, 64), build=_build_tiny_sd3),
 }

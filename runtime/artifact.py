@@ -410,3 +410,11 @@ def resolve_artifact(entry: str, home: Path) -> Path:
             "UIW_HOME, or give the artifact directory that the compiler printed."
         )
     return artifact_path(home, record.current.cache_key)
+
+
+def absent_components(folder: Path) -> dict[str, None]:
+    """The components the pipeline folder's model_index.json records as absent (``[null, null]``:
+    SD 3 built from a file without T5), as ``None`` arguments: diffusers' from_pretrained refuses
+    a folder that lacks a component the pipeline class does not list as optional, unless told."""
+    index = json.loads((folder / "model_index.json").read_text())
+    return {name: None for name, entry in index.items() if entry == [None, None]}

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from runtime.artifact import PIPELINE_DIR, TORCH_DTYPES, ArtifactError, Manifest, read_manifest
+from runtime.artifact import PIPELINE_DIR, TORCH_DTYPES, ArtifactError, Manifest, absent_components, read_manifest
 from runtime.fastload import Verifier, Warmer, preload_components, weight_files
 from runtime.gate import ModeGate
 from runtime.integrity import VerifyMode, integrity_error, remember_verified, stat_files, unverified
@@ -185,6 +185,7 @@ def load(artifact_dir: Path, device: str | None = None, verify: VerifyMode | Non
     with Verifier(Path(artifact_dir), manifest, pending), Warmer(weight_files(folder), fault=device == "cpu") as warmer:
         # Quantized weights load through diffusers' quantizer hooks: left to the pipeline's own loader.
         given = preload_components(folder, dtype, warmer) if manifest.runtime.quantize == "none" else {}
+        given |= absent_components(folder)
         # An explicit dtype: without one diffusers upcasts half-precision files to fp32 on load.
         pipe = cls.from_pretrained(folder, dtype=dtype, local_files_only=True, **given)
         # from_pretrained leaves everything on the CPU: nothing to move there. With offload

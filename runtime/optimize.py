@@ -30,6 +30,7 @@ from runtime.artifact import (
     PIPELINE_DIR,
     TORCH_DTYPES,
     RuntimeOptions,
+    absent_components,
     compile_cache_key,
 )
 
@@ -169,7 +170,10 @@ def warm(staging: Path, pipeline_class: str, options: RuntimeOptions, guidance: 
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     pipe = getattr(diffusers, pipeline_class).from_pretrained(
-        staging / PIPELINE_DIR, dtype=getattr(torch, TORCH_DTYPES[options.dtype]), local_files_only=True
+        staging / PIPELINE_DIR,
+        dtype=getattr(torch, TORCH_DTYPES[options.dtype]),
+        local_files_only=True,
+        **absent_components(staging / PIPELINE_DIR),
     )
     pipe.to(device)
     pipe.set_progress_bar_config(disable=True)

@@ -219,7 +219,8 @@ CASES: tuple[Case, ...] = (
         "SD 1.5 EMA-only UNet",
         lambda: ema_only("sd1-ldm"),
         ("unet", "sd15", "ldm", "ema", "eps"),
-        "detected; build not tested",
+        "yes, with `base:`: the EMA weights are the UNet, as A1111/diffusers' extract_ema "
+        "(tests/compiler/test_ema_only_unet.py)",
     ),
     Case(
         "sd15-vae",
@@ -234,7 +235,8 @@ CASES: tuple[Case, ...] = (
         "SD 2.x checkpoint",
         _sd2,
         ("checkpoint", "sd2", "ldm", "normal", None),
-        "locks the SD 2.1 config repo (v-prediction); `prediction: eps` for 512 base models; " + NOT_HERE,
+        "yes: v (SD 2.1 config repo) and `prediction: eps`; served image = diffusers from_single_file "
+        "(tests/compiler/test_sd2_single_file.py, tiny SD 2)",
     ),
     Case(
         "sd2-unet",
@@ -270,7 +272,7 @@ CASES: tuple[Case, ...] = (
         "SDXL UNet only (diffusers naming)",
         lambda: keys_of("sdxl-diffusers_unet_only"),
         ("unet", "sdxl", "diffusers", "normal", "eps"),
-        "with `base:`; not tested",
+        "yes, with `base:` (replaces the base's UNet; SGM naming too: tests/compiler/test_sdxl_unet_only.py)",
     ),
     Case(
         "sdxl-vae",
@@ -292,7 +294,7 @@ CASES: tuple[Case, ...] = (
         "SD3 Medium all-in-one",
         lambda: keys_of("sd3-comfyui"),
         ("checkpoint", "sd3", "comfyui", "normal", "flow"),
-        NOT_HERE,
+        "yes: served image = diffusers folder, with or without T5 (tests/compiler/test_sd3_single_file.py, tiny SD 3)",
     ),
     Case(
         "sd35-medium",
@@ -302,14 +304,15 @@ CASES: tuple[Case, ...] = (
             "model.diffusion_model.joint_blocks.0.x_block.attn2.qkv.weight": ((4608, 1536), "float32"),
         },
         ("checkpoint", "sd35-medium", "comfyui", "normal", "flow"),
-        NOT_HERE,
+        "yes: served image = diffusers folder (tests/compiler/test_sd3_single_file.py, tiny SD 3.5 Medium)",
     ),
     Case(
         "sd35-large",
         "SD 3.5 Large",
         lambda: _replace(keys_of("sd3-comfyui"), "x_embedder.proj.weight", (2432, 16, 2, 2)),
         ("checkpoint", "sd35-large", "comfyui", "normal", "flow"),
-        NOT_HERE,
+        "yes: served image = diffusers folder (tests/compiler/test_sd3_single_file.py, "
+        "tiny SD 3.5 Large: told by its q/k norms)",
     ),
     Case(
         "flux-dev",

@@ -40,6 +40,7 @@ LAYERS: tuple[tuple[str, frozenset[str]], ...] = (
                 "compiler.families",
                 "compiler.family_configs",
                 "compiler.tiny_models",
+                "compiler.tiny_models_sd",
                 "compiler.finite",
                 "compiler.headers",
             }
@@ -94,6 +95,7 @@ LAYERS: tuple[tuple[str, frozenset[str]], ...] = (
         frozenset(
             {
                 "compiler.singlefile",
+                "compiler.ema",
                 "compiler.embeddings",
                 "compiler.controlnets",
                 "compiler.lora",
