@@ -22,9 +22,10 @@ from compiler.converted_bases import ConvertedBase
 from compiler.embeddings import load_embeddings
 from compiler.families import PREDICTION_TYPES
 from compiler.finite import require_finite_file
+from compiler.flux_bfl import preloaded
 from compiler.lora import apply_loras, base_shapes, check_fit, meta_components
 from compiler.plan import BuildPlan
-from compiler.singlefile import linked, load_component
+from compiler.singlefile import linked, load_component, tie_and_check
 from compiler.sources import Fetched
 from compiler.tiny_models import BUILTINS
 from runtime.artifact import PIPELINE_DIR, SCHEDULERS, TORCH_DTYPES, ControlNetInfo, EmbeddingInfo
@@ -131,8 +132,13 @@ def load_checkpoint(cls: Any, base: Fetched, scratch: Path, checkpoint: Fetched,
     # dtype: converted straight to the build's precision (an fp16 file otherwise becomes fp32
     # tensors first: twice the peak memory).
     pipe = cls.from_single_file(
-        linked(scratch, checkpoint, "checkpoint"), config=str(folder), local_files_only=True, torch_dtype=dtype
+        linked(scratch, checkpoint, "checkpoint"),
+        config=str(folder),
+        local_files_only=True,
+        torch_dtype=dtype,
+        **preloaded(cls, path, str(folder), dtype),  # a FLUX transformer in BFL naming: compiler.flux_bfl
     )
+    tie_and_check(pipe)
     # from_single_file builds its scheduler from defaults; the base's own scheduler config is the
     # one the recipe's scheduler and every per-request one derive from.
     sched = json.loads((folder / "scheduler" / "scheduler_config.json").read_text())
