@@ -9,10 +9,11 @@ file held and what it became ("source fp8 e4m3fn -> bf16") instead of the cast b
 
 from __future__ import annotations
 
+import math
 from collections import Counter
 from pathlib import Path
 
-from compiler.headers import read_header
+from compiler.headers import DTYPE_BITS, read_header
 from compiler.plan import BuildPlan
 
 # safetensors dtype -> the name a user knows it by (floating dtypes only: ints are not cast)
@@ -27,11 +28,19 @@ FLOAT_NAMES = {
 
 
 def describe(path: Path, plan: BuildPlan) -> str:
-    """ "source fp8 e4m3fn (912 tensors) + fp32 (480) -> bf16", and the quantization on top."""
+    """ "source fp8 e4m3fn (912 tensors) + fp32 (480) -> bf16" (the dtype holding most bytes first),
+    and the quantization on top."""
     keys, _ = read_header(path)
-    counts = Counter(dtype for _, dtype in keys.values() if dtype in FLOAT_NAMES).most_common()
+    tensors: Counter[str] = Counter()
+    size: Counter[str] = Counter()
+    for shape, dtype in keys.values():
+        if dtype in FLOAT_NAMES:
+            tensors[dtype] += 1
+            size[dtype] += DTYPE_BITS[dtype] * math.prod(shape)
+    order = sorted(tensors, key=lambda d: (-size[d], d))
     source = " + ".join(
-        f"{FLOAT_NAMES[d]} ({n} tensors)" if i == 0 else f"{FLOAT_NAMES[d]} ({n})" for i, (d, n) in enumerate(counts)
+        f"{FLOAT_NAMES[d]} ({tensors[d]} tensors)" if i == 0 else f"{FLOAT_NAMES[d]} ({tensors[d]})"
+        for i, d in enumerate(order)
     )
     text = f"source {source or 'no floating tensors'} -> {plan.precision}"
     if plan.runtime.quantize != "none":

@@ -126,12 +126,13 @@ def assert_close(served: np.ndarray, expected: np.ndarray) -> None:
     assert diff <= 1, diff
 
 
-def reloaded(pipe: Any, tmp_path: Path) -> Any:
+def reloaded(pipe: Any, tmp_path: Path, dtype: str = "float32") -> Any:
     """``pipe`` saved and read back with ``from_pretrained``: the same weights as plain diffusers loads them."""
+    import torch
     from diffusers import FluxPipeline
 
     pipe.save_pretrained(tmp_path / "reference")
-    ref = FluxPipeline.from_pretrained(tmp_path / "reference")
+    ref = FluxPipeline.from_pretrained(tmp_path / "reference", torch_dtype=getattr(torch, dtype))
     ref.set_progress_bar_config(disable=True)
     return ref
 
@@ -238,3 +239,130 @@ def _other_transformer(pipe: Any) -> Any:
     torch.manual_seed(4242)
     config = {k: v for k, v in pipe.transformer.config.items() if not k.startswith("_")}
     return FluxTransformer2DModel.from_config(config).eval()
+
+
+def test_transformer_only_file_joins_the_base_and_serves_its_own_pixels(pipes, config_hub, tmp_path, monkeypatch):
+    """BFL's own file layout (the transformer alone, bare names; most CivitAI FLUX fine-tunes) with
+    `base:`: the file's transformer replaces the base's, the base gives the encoders and VAE."""
+    from tests.helpers.bfl import transformer_to_bfl
+
+    tuned = _other_transformer(pipes["dev"])
+    ckpt = write_file(tmp_path, "flux-finetune.safetensors", transformer_to_bfl(tuned.state_dict()))
+    proc = compile_flux(tmp_path, config_hub, f"base: builtin:tiny-flux\ncheckpoint: {ckpt}")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    artifact = Path(proc.stdout.strip())
+    lock = json.loads((tmp_path / "recipes" / "r.lock.json").read_text())
+    detected = next(e for k, e in lock["sources"].items() if k.endswith("flux-finetune.safetensors"))["meta"]
+    assert (detected["detected"]["kind"], detected["detected"]["family"]) == ("transformer", "flux-dev")
+
+    reference = tiny("dev")
+    reference.register_modules(transformer=tuned)
+    expected = diffusers_image(reloaded(reference, tmp_path), 3.5)
+    served = handler_image(tmp_path, artifact, monkeypatch)
+    assert_close(served, expected)
+    assert not np.array_equal(served, diffusers_image(pipes["dev"], 3.5)), "the file's transformer, not the base's"
+
+    # A schnell transformer (no guidance_in) does not fit a dev base: said before anything is built.
+    schnell = write_file(tmp_path, "schnell.safetensors", transformer_to_bfl(pipes["schnell"].transformer.state_dict()))
+    wrong = compile_flux(tmp_path, config_hub, f"base: builtin:tiny-flux\ncheckpoint: {schnell}")
+    assert wrong.returncode == 2 and "flux-schnell but the base is flux-dev" in wrong.stderr, wrong.stderr[-2000:]
+
+
+# --- fp8 files -------------------------------------------------------------------------------------
+
+
+def _fp8(state: dict[str, Any], dtype: Any, prefixes: tuple[str, ...] = ("",)) -> dict[str, Any]:
+    """``state`` with the floating tensors under ``prefixes`` stored in ``dtype``, as fp8 files are."""
+    return {k: v.to(dtype) if k.startswith(prefixes) and v.is_floating_point() else v for k, v in state.items()}
+
+
+def _saved(artifact: Path, component: str) -> dict[str, Any]:
+    from safetensors.torch import load_file
+
+    (path,) = (artifact / "pipeline" / component).glob("*.safetensors")
+    return load_file(path)
+
+
+def test_fp8_all_in_one_file_becomes_bf16_exactly_and_says_so(pipes, config_hub, tmp_path, monkeypatch):
+    """ComfyUI's flux1-dev-fp8 layout (transformer and T5 in fp8 e4m3fn) built in bf16: every
+    weight is the file's fp8 number cast to bf16 (``tensor.to(bf16)``, exact), the manifest says
+    so, and the handler draws what diffusers draws with those bf16 weights."""
+    import torch
+
+    from tests.helpers.bfl import DIFFUSION_PREFIX, T5_PREFIX, pipeline_to_bfl
+
+    e4m3 = torch.float8_e4m3fn
+    state = _fp8(pipeline_to_bfl(pipes["dev"]), e4m3, (DIFFUSION_PREFIX, T5_PREFIX))
+    ckpt = write_file(tmp_path, "flux1-dev-fp8.safetensors", state)
+    proc = compile_flux(tmp_path, config_hub, f"checkpoint: {ckpt}", "bf16")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    artifact = Path(proc.stdout.strip())
+    manifest = json.loads((artifact / "manifest.json").read_text())
+    source, _, target = manifest["conversions"]["checkpoint"].partition(" -> ")
+    assert target == "bf16" and re.sub(r" \(\d+( tensors)?\)", "", source) == "source fp32 + fp8 e4m3fn", source
+
+    # The values survive: fp8 -> bf16 is the file's tensor .to(bf16), for the transformer and T5.
+    for component, module in (("transformer", pipes["dev"].transformer), ("text_encoder_2", pipes["dev"].text_encoder_2)):
+        saved = _saved(artifact, component)
+        want = {k: v.to(e4m3).to(torch.bfloat16) for k, v in module.state_dict().items() if k in saved}
+        assert set(saved) <= set(module.state_dict()) and len(want) == len(saved)
+        assert not [k for k in saved if not torch.equal(saved[k], want[k])], component
+    clip = _saved(artifact, "text_encoder")  # fp32 in the file: bf16 is its own rounding
+    assert all(torch.equal(v, pipes["dev"].text_encoder.state_dict()[k].bfloat16()) for k, v in clip.items())
+
+    reference = tiny("dev")
+    reference.transformer.load_state_dict(_fp8(reference.transformer.state_dict(), e4m3))
+    reference.text_encoder_2.load_state_dict(_fp8(reference.text_encoder_2.state_dict(), e4m3))
+    expected = diffusers_image(reloaded(reference, tmp_path, "bfloat16"), 3.5)
+    assert_close(handler_image(tmp_path, artifact, monkeypatch), expected)
+
+
+def test_fp8_e5m2_transformer_kept_quantized_when_the_recipe_says_so(pipes, config_hub, tmp_path):
+    """An fp8 e5m2 transformer-only file: without `quantize` the weights are the file's .to(bf16);
+    with `quantize: fp8` the artifact stores the transformer quantized (1-byte weights with
+    per-channel scales) and the manifest says both steps."""
+    import torch
+
+    from tests.helpers.bfl import transformer_to_bfl
+
+    e5m2 = torch.float8_e5m2
+    tuned = _other_transformer(pipes["dev"])
+    ckpt = write_file(tmp_path, "flux-e5m2.safetensors", _fp8(transformer_to_bfl(tuned.state_dict()), e5m2))
+    fields = f"base: builtin:tiny-flux\ncheckpoint: {ckpt}"
+    plain = compile_flux(tmp_path, config_hub, fields, "bf16")
+    assert plain.returncode == 0, plain.stderr[-3000:]
+    saved = _saved(Path(plain.stdout.strip()), "transformer")
+    want = {k: v.to(e5m2).to(torch.bfloat16) for k, v in tuned.state_dict().items()}
+    assert set(saved) == set(want) and all(torch.equal(saved[k], want[k]) for k in want)
+    manifest = json.loads((Path(plain.stdout.strip()) / "manifest.json").read_text())
+    assert re.fullmatch(r"source fp8 e5m2 \(\d+ tensors\) -> bf16", manifest["conversions"]["checkpoint"])
+
+    quantized = compile_flux(tmp_path, config_hub, fields + "\nquantize: fp8", "bf16")
+    assert quantized.returncode == 0, quantized.stderr[-3000:]
+    artifact = Path(quantized.stdout.strip())
+    manifest = json.loads((artifact / "manifest.json").read_text())
+    assert manifest["conversions"]["checkpoint"].endswith("-> bf16, then the denoiser quantized to fp8 (optimum-quanto, per-channel scales)")
+    stored = _saved(artifact, "transformer")
+    data = stored["transformer_blocks.0.attn.to_q.weight._data"]
+    scale = stored["transformer_blocks.0.attn.to_q.weight._scale"]
+    assert data.element_size() == 1
+    # quanto rescales each output channel to fp8's range: the file's numbers within fp8's precision.
+    weights = data.to(torch.float32) * scale.to(torch.float32)
+    assert torch.allclose(weights, want["transformer_blocks.0.attn.to_q.weight"].float(), rtol=0.13, atol=1e-3)
+
+
+def test_truncated_fp8_file_is_a_compile_error_and_leaves_nothing(pipes, config_hub, tmp_path):
+    import torch
+
+    from tests.helpers.bfl import transformer_to_bfl
+
+    state = _fp8(transformer_to_bfl(pipes["dev"].transformer.state_dict()), torch.float8_e4m3fn)
+    ckpt = write_file(tmp_path, "cut.safetensors", state)
+    path = tmp_path / "recipes" / "cut.safetensors"
+    path.write_bytes(path.read_bytes()[: path.stat().st_size * 2 // 3])
+    proc = compile_flux(tmp_path, config_hub, f"base: builtin:tiny-flux\ncheckpoint: {ckpt}", "bf16")
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "checkpoint" in proc.stderr and "hint:" in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
+    assert "truncated" in proc.stderr or "holds" in proc.stderr, proc.stderr
+    artifacts = tmp_path / "home" / "artifacts"
+    assert not artifacts.exists() or not [p for p in artifacts.rglob("*") if p.is_file()]
