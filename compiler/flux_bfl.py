@@ -28,7 +28,7 @@ FLUX1_LINEAR1_ROWS = 3 * 3072 + 4 * 3072  # what diffusers' converter splits: q,
 
 
 def bfl_prefix(keys: list[str]) -> str | None:
-    """"" for a bare BFL transformer, ``model.diffusion_model.`` for ComfyUI's layout, None for a
+    """ "" for a bare BFL transformer, ``model.diffusion_model.`` for ComfyUI's layout, None for a
     file without FLUX's BFL blocks (diffusers naming, another model)."""
     for key in keys:
         if m := _MARKER.match(key):
@@ -77,7 +77,7 @@ def to_diffusers(state: dict[str, Any]) -> dict[str, Any]:
         mlp = fused.shape[0] - 3 * inner
         if mlp <= 0:
             raise ValueError(f"{key} has {fused.shape[0]} rows, not q, k, v of width {inner} plus an MLP")
-        q, k, v, m = torch.split(fused, (inner, inner, inner, mlp), dim=0)
+        q, k, v, m = torch.split(fused, [inner, inner, inner, mlp], dim=0)
         block = f"single_transformer_blocks.{index}."
         for name, part in (("attn.to_q", q), ("attn.to_k", k), ("attn.to_v", v), ("proj_mlp", m)):
             ours[f"{block}{name}.{kind}"] = part.clone()

@@ -302,7 +302,10 @@ def test_fp8_all_in_one_file_becomes_bf16_exactly_and_says_so(pipes, config_hub,
     assert target == "bf16" and re.sub(r" \(\d+( tensors)?\)", "", source) == "source fp32 + fp8 e4m3fn", source
 
     # The values survive: fp8 -> bf16 is the file's tensor .to(bf16), for the transformer and T5.
-    for component, module in (("transformer", pipes["dev"].transformer), ("text_encoder_2", pipes["dev"].text_encoder_2)):
+    for component, module in (
+        ("transformer", pipes["dev"].transformer),
+        ("text_encoder_2", pipes["dev"].text_encoder_2),
+    ):
         saved = _saved(artifact, component)
         want = {k: v.to(e4m3).to(torch.bfloat16) for k, v in module.state_dict().items() if k in saved}
         assert set(saved) <= set(module.state_dict()) and len(want) == len(saved)
@@ -341,7 +344,9 @@ def test_fp8_e5m2_transformer_kept_quantized_when_the_recipe_says_so(pipes, conf
     assert quantized.returncode == 0, quantized.stderr[-3000:]
     artifact = Path(quantized.stdout.strip())
     manifest = json.loads((artifact / "manifest.json").read_text())
-    assert manifest["conversions"]["checkpoint"].endswith("-> bf16, then the denoiser quantized to fp8 (optimum-quanto, per-channel scales)")
+    assert manifest["conversions"]["checkpoint"].endswith(
+        "-> bf16, then the denoiser quantized to fp8 (optimum-quanto, per-channel scales)"
+    )
     stored = _saved(artifact, "transformer")
     data = stored["transformer_blocks.0.attn.to_q.weight._data"]
     scale = stored["transformer_blocks.0.attn.to_q.weight._scale"]

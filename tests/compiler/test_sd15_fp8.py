@@ -12,7 +12,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import pytest
 
 from tests.compiler.test_single_file import _compile, _write, config_hub, tiny  # noqa: F401 (fixtures)
 from tests.conftest import REQ, decode_image

@@ -102,7 +102,9 @@ def transformer_to_bfl(state: dict[str, Any], prefix: str = "") -> dict[str, Any
     import torch
 
     out: dict[str, Any] = {}
-    blocks = {tuple(k.split(".")[:2]) for k in state if k.startswith(("transformer_blocks.", "single_transformer_blocks."))}
+    blocks = {
+        tuple(k.split(".")[:2]) for k in state if k.startswith(("transformer_blocks.", "single_transformer_blocks."))
+    }
     for kind, index in sorted(blocks):
         double = kind == "transformer_blocks"
         renames, fused = (_DOUBLE, _DOUBLE_FUSED) if double else (_SINGLE, _SINGLE_FUSED)

@@ -94,6 +94,8 @@ LAYERS: tuple[tuple[str, frozenset[str]], ...] = (
         frozenset(
             {
                 "compiler.singlefile",
+                "compiler.flux_bfl",
+                "compiler.weight_dtypes",
                 "compiler.embeddings",
                 "compiler.controlnets",
                 "compiler.lora",
