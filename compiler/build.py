@@ -239,8 +239,19 @@ def build(argv: list[str]) -> Path:
                 provenance[PROVENANCE_ROLE] = provenance_value(converted.key)  # gc keeps the entry by it
                 shared = link_identical(entry / PIPELINE_DIR, staging / PIPELINE_DIR)
                 log.info("%.1f MiB hard-linked from the converted base", shared / 2**20)
+            from compiler.weight_dtypes import conversions
+
+            ckpt_file = next(iter(ckpt.files.values())) if ckpt is not None else None
             package(
-                staging, plan, key, built.components, p.environment, provenance, built.embeddings, built.controlnets
+                staging,
+                plan,
+                key,
+                built.components,
+                p.environment,
+                provenance,
+                built.embeddings,
+                built.controlnets,
+                conversions(ckpt_file, plan),
             )
             hit = store.publish(staging, key)
             remember_published(hit)

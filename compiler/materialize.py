@@ -23,9 +23,10 @@ from compiler.ema import ldm_file
 from compiler.embeddings import load_embeddings
 from compiler.families import PREDICTION_TYPES
 from compiler.finite import require_finite_file
+from compiler.flux_bfl import preloaded
 from compiler.lora import apply_loras, base_shapes, check_fit, meta_components
 from compiler.plan import BuildPlan
-from compiler.singlefile import left_out_of_file, linked, load_component, tie_meta_weights
+from compiler.singlefile import left_out_of_file, linked, load_component, tie_and_check
 from compiler.sources import Fetched
 from compiler.tiny_models import BUILTINS
 from runtime.artifact import (
@@ -146,8 +147,9 @@ def load_checkpoint(cls: Any, base: Fetched, scratch: Path, checkpoint: Fetched,
         local_files_only=True,
         torch_dtype=dtype,
         **left_out_of_file(cls.__name__, path),
+        **preloaded(cls, path, str(folder), dtype),  # a FLUX transformer in BFL naming: compiler.flux_bfl
     )
-    tie_meta_weights(pipe)
+    tie_and_check(pipe)
     # from_single_file builds its scheduler from defaults; the base's own scheduler config is the
     # one the recipe's scheduler and every per-request one derive from.
     sched = json.loads((folder / "scheduler" / "scheduler_config.json").read_text())

@@ -44,6 +44,7 @@ def package(
     provenance: dict[str, str],
     embeddings: tuple[EmbeddingInfo, ...] = (),
     controlnets: tuple[ControlNetInfo, ...] = (),
+    conversions: dict[str, str] | None = None,
 ) -> Manifest:
     files = hash_tree(staging)
     manifest = Manifest(
@@ -70,6 +71,7 @@ def package(
         runtime=plan.runtime,
         environment=environment,
         provenance=dict(provenance),
+        conversions=dict(conversions or {}),
         inputs=tuple(
             sorted(
                 {

@@ -9,6 +9,7 @@ from typing import Any
 
 from compiler.errors import UserError
 from compiler.finite import require_finite_file
+from compiler.flux_bfl import is_bfl_file, load_transformer
 from compiler.sources import Fetched
 
 # diffusers' conversion and loading errors; NotImplementedError: keys the file lacks leave meta
@@ -36,23 +37,15 @@ def load_component(
         (blob,) = fetched.files.values()
         require_finite_file(blob, where, "file")
     try:
+        if cls.__name__ == "FluxTransformer2DModel" and is_bfl_file(blob := next(iter(fetched.files.values()))):
+            # diffusers' converter splits FLUX at FLUX.1's widths only: compiler.flux_bfl
+            return load_transformer(cls, blob, str(config), None, None)
         return cls.from_single_file(linked(scratch, fetched, name), config=str(config), local_files_only=True)
     except LOAD_ERRORS as e:
         if where is None:
             raise
         first = str(e).splitlines()[0][:400]
         raise UserError.one(where, f"this file does not fit {what}: {first}", hint) from None
-
-
-def tie_meta_weights(pipe: Any) -> None:
-    """Re-tie the shared weights a single-file load left on the meta device. diffusers loads T5
-    (SD 3's text_encoder_3) into an empty model; the files store its embedding once, as
-    ``shared.weight``, and with transformers 5 the tied ``encoder.embed_tokens`` stays meta (it
-    fails at the first prompt). transformers' own ``tie_weights`` ties it back."""
-    for component in pipe.components.values():
-        tie = getattr(component, "tie_weights", None)
-        if tie is not None and any(p.is_meta for p in component.parameters()):
-            tie()
 
 
 # Components a pipeline runs without that some single files leave out: SD 3's T5 (the
@@ -74,3 +67,17 @@ def left_out_of_file(pipeline_class: str, path: Path) -> dict[str, None]:
         return {}
     components, marker = optional
     return {} if marker in read_header(path)[0] else dict.fromkeys(components)
+def tie_and_check(pipe: Any) -> None:
+    """diffusers' single-file T5 loader (FLUX and SD 3 all-in-one files) fills T5's ``shared``
+    embedding but not the encoder's ``embed_tokens``, which transformers 5 ties to it only in
+    ``tie_weights``: left so, it stays on the meta device and the first prompt fails. Every
+    transformers model is tied; a tensor still on the meta device is one the file lacks."""
+    from transformers import PreTrainedModel
+
+    for name, component in pipe.components.items():
+        if isinstance(component, PreTrainedModel):
+            component.tie_weights()
+        if hasattr(component, "state_dict"):
+            left = [k for k, v in component.state_dict().items() if v.is_meta]
+            if left:
+                raise ValueError(f"the file holds no weights for {name}: {', '.join(left[:3])}")

@@ -23,13 +23,13 @@ def check_readable(found: Detection, where: str) -> None:
 def check_checkpoint(
     found: Detection, base_family: str, where: str, civitai_base_model: str | None = None, override: bool = False
 ) -> None:
-    """A checkpoint must be a whole pipeline (or a UNet) of the base's family, and agree with what
+    """A checkpoint must be a whole pipeline (or a UNet or transformer) of the base's family, and agree with what
     CivitAI says it is. Raises UserError naming both families and the evidence; never guesses.
     ``override``: the recipe's ``family:`` chose ``base_family``, which settles an ambiguous file
     (one of its candidates) but never contradicts a file whose header is clear."""
     check_readable(found, where)
     evidence = "; ".join(found.evidence) or "none"
-    if found.kind not in ("checkpoint", "unet"):
+    if found.kind not in ("checkpoint", "unet", "transformer"):
         raise UserError.one(
             where,
             f"this file is a {found.kind}, not a checkpoint (evidence: {evidence})",

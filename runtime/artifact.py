@@ -249,6 +249,8 @@ class Manifest(_Frozen):
     runtime: RuntimeOptions
     environment: dict[str, str]
     provenance: dict[str, str]  # recipe field -> "SOURCE PIN" (e.g. "hf://org/repo@main commit:…")
+    # input role -> what its weights became (e.g. "checkpoint": "source fp8 e4m3fn (912 tensors) -> bf16")
+    conversions: dict[str, str] = Field(default_factory=dict)
     inputs: tuple[str, ...] = ()  # sha256 of every store blob the build read (gc keeps them)
     files: tuple[FileEntry, ...]
     created_at: str

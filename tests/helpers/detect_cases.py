@@ -198,7 +198,8 @@ CASES: tuple[Case, ...] = (
         "SD 1.5 checkpoint, fp8 (e4m3)",
         lambda: as_dtype(keys_of("sd1-ldm"), "float8_e4m3fn"),
         ("checkpoint", "sd15", "ldm", "normal", "eps"),
-        "detected; build not tested (diffusers upcasts fp8 on load)",
+        "yes: weights = the file's fp8 cast to the build precision, said in the manifest; served image = diffusers "
+        "(tests/compiler/test_sd15_fp8.py)",
     ),
     Case(
         "sd15-inpaint",
@@ -319,14 +320,15 @@ CASES: tuple[Case, ...] = (
         "FLUX.1 [dev] (BFL)",
         lambda: keys_of("flux-flux"),
         ("checkpoint", "flux-dev", "bfl", "normal", "flow"),
-        NOT_HERE,
+        "yes: locks the FLUX.1-dev config repo; served image = diffusers; fp8 e4m3fn -> bf16 exact, said in the "
+        "manifest (tests/compiler/test_flux_single_file.py)",
     ),
     Case(
         "flux-schnell",
         "FLUX.1 [schnell] (no guidance_in)",
         lambda: {k: v for k, v in keys_of("flux-flux").items() if "guidance_in" not in k},
         ("checkpoint", "flux-schnell", "bfl", "normal", "flow"),
-        NOT_HERE,
+        "yes: locks the FLUX.1-schnell config repo; served image = diffusers (tests/compiler/test_flux_single_file.py)",
     ),
     Case(
         "flux-fill",
@@ -340,7 +342,8 @@ CASES: tuple[Case, ...] = (
         "FLUX.1 transformer only",
         lambda: keys_of("flux-flux", "diffuser"),
         ("transformer", "flux-dev", "bfl", "normal", "flow"),
-        "with `base:`; not tested",
+        "yes, with `base:`: served image = diffusers; fp8 e5m2, and `quantize: fp8` on top "
+        "(tests/compiler/test_flux_single_file.py)",
     ),
     Case(
         "flux-vae",

@@ -96,6 +96,8 @@ LAYERS: tuple[tuple[str, frozenset[str]], ...] = (
             {
                 "compiler.singlefile",
                 "compiler.ema",
+                "compiler.flux_bfl",
+                "compiler.weight_dtypes",
                 "compiler.embeddings",
                 "compiler.controlnets",
                 "compiler.lora",
