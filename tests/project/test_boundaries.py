@@ -40,6 +40,7 @@ LAYERS: tuple[tuple[str, frozenset[str]], ...] = (
                 "compiler.families",
                 "compiler.family_configs",
                 "compiler.tiny_models",
+                "compiler.tiny_models_inpaint",
                 "compiler.finite",
                 "compiler.headers",
             }
@@ -83,6 +84,7 @@ LAYERS: tuple[tuple[str, frozenset[str]], ...] = (
                 "compiler.recipe",
                 "compiler.detect",
                 "compiler.validate",
+                "compiler.tasks",
                 "compiler.pickles",
                 "compiler.fetch",
             }
