@@ -90,9 +90,22 @@ def test_inpainting_single_file_builds_and_serves_every_task_as_diffusers(family
     ref = _reference(family, file, configs)
     for task in TASKS:
         within_one_level(replies[task], reference(ref, task, guidance_scale=7.5))
-    # A controlnet request names what this artifact serves.
-    bad = serve_all(artifact, tmp_path / "home", {"x": {"prompt": "x", "controlnets": [{"name": "c", "image": "x"}]}}, monkeypatch)
-    assert "error" in bad["x"], bad
+    # The one task it does not serve: ControlNet (an inpaint pipeline takes none).
+    job = {"prompt": "x", "controlnets": [{"name": "c", "image": "x"}]}
+    refused = serve_all(artifact, tmp_path / "home", {"controlnet": job}, monkeypatch)["controlnet"]
+    assert refused["errors"] == ["controlnets.0.name: no ControlNet 'c'; this artifact has: none"], refused
+
+
+def test_an_inpainting_file_on_a_normal_base_fails_before_any_build(tmp_path, models):
+    """`base: builtin:tiny-sd15` (a 4-channel UNet's pipeline) with the inpainting file: refused at
+    the plan with where, what and a hint, and nothing is left in the store."""
+    (tmp_path / "recipes").mkdir()
+    (tmp_path / "recipes" / "inpaint.safetensors").write_bytes(models["sd15"][0].read_bytes())
+    proc = _compile(tmp_path, models["hub"], "base: builtin:tiny-sd15\ncheckpoint: ./inpaint.safetensors")
+    assert proc.returncode == 2, proc.stderr
+    assert "r.yaml: checkpoint: this is an inpainting Stable Diffusion 1.x model" in proc.stderr, proc.stderr
+    assert "hint: drop `base:`" in proc.stderr and "stable-diffusion-inpainting" in proc.stderr, proc.stderr
+    assert not list((tmp_path / "home").glob("artifacts/v1/*")), "nothing half-written in the store"
 
 
 def test_txt2img_on_an_inpainting_model_does_not_depend_on_the_init_image():
