@@ -71,7 +71,9 @@ def task_problems(
     if file_variant is not None and (file_variant == INPAINT) != (base_variant == INPAINT):
         out.append(_mismatch(where, family, file_variant, base_variant))
     if inpaint and INPAINT not in family.pipelines:
-        out.append(Problem(f"{where}: checkpoint", f"{family.label} has no inpaint pipeline here", "use a normal model"))
+        out.append(
+            Problem(f"{where}: checkpoint", f"{family.label} has no inpaint pipeline here", "use a normal model")
+        )
     if inpaint and controlnets:
         out.append(
             Problem(

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+
 import pytest
 
 from tests.conftest import compile_text
@@ -50,7 +51,10 @@ def test_fill_folder_builds_and_serves_every_task_as_diffusers(tmp_path, fill_fo
 @pytest.mark.slow
 def test_the_fill_builtin_serves_what_its_folder_serves(tmp_path, fill_folder, monkeypatch):
     job = {"inpaint": jobs(steps=2)["inpaint"]}
-    replies = [serve_all(_compile(tmp_path, n, b), tmp_path / "home", job, monkeypatch) for n, b in (("a", str(fill_folder)), ("b", "builtin:tiny-flux-fill"))]
+    replies = [
+        serve_all(_compile(tmp_path, n, b), tmp_path / "home", job, monkeypatch)
+        for n, b in (("a", str(fill_folder)), ("b", "builtin:tiny-flux-fill"))
+    ]
     assert replies[0]["inpaint"]["images"] == replies[1]["inpaint"]["images"]
 
 
@@ -60,11 +64,7 @@ def test_a_fill_model_refuses_controlnets_before_any_build(tmp_path):
 
     (tmp_path / "recipes").mkdir()
     save_file({"controlnet_x_embedder.weight": torch.zeros(4, 4)}, tmp_path / "recipes" / "cn.safetensors")
-    proc = compile_text(
-        tmp_path, "fill", "base: builtin:tiny-flux-fill\ncontrolnets:\n  - source: ./cn.safetensors\n"
-    )
+    proc = compile_text(tmp_path, "fill", "base: builtin:tiny-flux-fill\ncontrolnets:\n  - source: ./cn.safetensors\n")
     assert proc.returncode == 2, proc.stderr
     assert "FluxFillPipeline, which takes no ControlNet" in proc.stderr and "hint:" in proc.stderr, proc.stderr
     assert not list((tmp_path / "home").glob("artifacts/v1/*")), "nothing half-written in the store"
-
-

@@ -54,7 +54,12 @@ def test_a_normal_checkpoint_keeps_its_family_pipelines():
     ("case", "base_variant", "what", "hint"),
     [
         ("sd15-inpaint", "normal", "this is an inpainting Stable Diffusion 1.x model", "drop `base:`"),
-        ("sdxl-inpaint", "normal", "this is an inpainting Stable Diffusion XL model", "stable-diffusion-xl-1.0-inpainting"),
+        (
+            "sdxl-inpaint",
+            "normal",
+            "this is an inpainting Stable Diffusion XL model",
+            "stable-diffusion-xl-1.0-inpainting",
+        ),
         ("sd15-ldm", "inpaint", "this is a normal Stable Diffusion 1.x model, but the base is an inpainting", "normal"),
     ],
 )

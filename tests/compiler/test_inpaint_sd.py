@@ -123,8 +123,16 @@ def test_txt2img_on_an_inpainting_model_does_not_depend_on_the_init_image():
 
     def draw(color: tuple[int, int, int]) -> np.ndarray:
         image = Image.new("RGB", (SIZE, SIZE), color)
-        out = pipe("a cat", image=image, mask_image=full_mask(), strength=1.0, num_inference_steps=2,
-                   generator=torch.Generator("cpu").manual_seed(3), width=SIZE, height=SIZE)
+        out = pipe(
+            "a cat",
+            image=image,
+            mask_image=full_mask(),
+            strength=1.0,
+            num_inference_steps=2,
+            generator=torch.Generator("cpu").manual_seed(3),
+            width=SIZE,
+            height=SIZE,
+        )
         return np.array(out.images[0])
 
     gray, black, red = draw((128, 128, 128)), draw((0, 0, 0)), draw((255, 0, 0))
