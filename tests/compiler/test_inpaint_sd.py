@@ -90,10 +90,35 @@ def test_inpainting_single_file_builds_and_serves_every_task_as_diffusers(family
     ref = _reference(family, file, configs)
     for task in TASKS:
         within_one_level(replies[task], reference(ref, task, guidance_scale=7.5))
+    described = serve_all(artifact, tmp_path / "home", {"d": {"describe": True}}, monkeypatch)["d"]
+    (art,) = described["artifacts"].values()
+    assert art["tasks"] == TASKS and art["schema"]["x-tasks"] == TASKS
     # The one task it does not serve: ControlNet (an inpaint pipeline takes none).
     job = {"prompt": "x", "controlnets": [{"name": "c", "image": "x"}]}
     refused = serve_all(artifact, tmp_path / "home", {"controlnet": job}, monkeypatch)["controlnet"]
     assert refused["errors"] == ["controlnets.0.name: no ControlNet 'c'; this artifact has: none"], refused
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("family", ["sd15", "sdxl"])
+def test_an_inpainting_diffusers_folder_serves_what_its_single_file_serves(family, tmp_path, models, monkeypatch):
+    """The same model as a diffusers folder (`base:`, its model_index naming the inpaint pipeline)
+    builds the same artifact files and serves the same pixels as its single file."""
+    file, folder = models[family]
+    (tmp_path / "recipes").mkdir()
+    (tmp_path / "recipes" / "inpaint.safetensors").write_bytes(file.read_bytes())
+    artifacts = []
+    for name, fields in (("a", f"base: {folder}"), ("b", "checkpoint: ./inpaint.safetensors")):
+        proc = compile_recipe(
+            tmp_path, tmp_path / "home", models["hub"], "", name=name, text=RECIPE.replace("{fields}", fields)
+        )
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        artifacts.append(Path(proc.stdout.strip()))
+    manifests = [json.loads((a / "manifest.json").read_text()) for a in artifacts]
+    assert manifests[0]["capabilities"] == manifests[1]["capabilities"]
+    job = {"inpaint": jobs()["inpaint"]}
+    images = [serve_all(a, tmp_path / "home", job, monkeypatch)["inpaint"]["images"] for a in artifacts]
+    assert images[0] == images[1]
 
 
 def test_an_inpainting_file_on_a_normal_base_fails_before_any_build(tmp_path, models):
