@@ -14,9 +14,10 @@ from typing import Any
 from compiler import COMPILER_REVISION
 from compiler.detect import Detection
 from compiler.errors import UserError
-from compiler.families import FAMILIES, Family, main_task
+from compiler.families import FAMILIES, Family
 from compiler.recipe import Recipe
 from compiler.sources.base import Pinned, Resolved
+from compiler.tasks import served
 from compiler.validate import check_plan
 from runtime.artifact import CompileOptions, Defaults, Limits, RuntimeOptions
 
@@ -113,8 +114,10 @@ def make_plan(
     family = FAMILIES[base.family]
     defaults, limits = _serving(recipe, family, base.native_size)
     scheduler = recipe.scheduler or family.default_scheduler
-    if problems := check_plan(recipe, family, detected, defaults, limits, scheduler):
+    if problems := check_plan(recipe, family, detected, defaults, limits, scheduler, base.model_variant):
         raise UserError(problems)
+    # An inpainting model (the file's word, else its base's) serves every task through its inpaint pipeline.
+    tasks = served(family, detected.variant if detected else base.model_variant, bool(recipe.controlnets))
     runtime = _runtime(recipe.runtime, defaults)
     # A file that says it predicts v (a v_pred key, modelspec metadata) is believed over the base's
     # scheduler config; the recipe's `prediction:` over both. Detection's "eps" can be the family's
@@ -123,7 +126,7 @@ def make_plan(
     return BuildPlan(
         recipe=recipe.name,
         family=family.id,
-        pipeline_class=family.pipelines[main_task(family)],
+        pipeline_class=tasks.pipeline_class,
         base=base.pin,
         base_inputs=base.inputs,
         variant=variant,
@@ -137,7 +140,7 @@ def make_plan(
         defaults=defaults,
         limits=limits,
         steps=_steps(recipe, runtime, detected.kind if detected else None, prediction, vae is not None),
-        tasks={t: c for t, c in family.pipelines.items() if t != "controlnet" or recipe.controlnets},
+        tasks=tasks.tasks,
         loras=tuple(
             PlannedLora(name=lora.name, pin=pinned.pin, inputs=pinned.inputs, scale=lora.scale, fuse=lora.fuse)
             for lora, pinned in zip(recipe.loras, loras, strict=True)

@@ -20,6 +20,7 @@ class Builtin:
     family: str
     native_size: tuple[int, int]
     build: Callable[[], Any]  # -> a diffusers pipeline in fp32, eval mode
+    variant: str = "normal"  # "inpaint": a 9-channel UNet (compiler.tiny_models_inpaint)
 
     @property
     def pin(self) -> str:
@@ -386,10 +387,25 @@ def _build_tiny_sd3() -> Any:
     return build_tiny_sd3()
 
 
+def _inpaint_builtins() -> dict[str, Builtin]:
+    from compiler import tiny_models_inpaint as t
+
+    return {
+        b.name: b
+        for b in (
+            Builtin("tiny-sd15-inpaint", 1, "sd15", (64, 64), t.build_tiny_sd15_inpaint, "inpaint"),
+            Builtin("tiny-sdxl-inpaint", 1, "sdxl", (64, 64), t.build_tiny_sdxl_inpaint, "inpaint"),
+            Builtin("tiny-flux-fill", 1, "flux-fill", (64, 64), t.build_tiny_flux_fill, "inpaint"),
+        )
+    }
+
+
+INPAINT_BUILTINS = _inpaint_builtins()
 BUILTINS: dict[str, Builtin] = {
     "tiny-sd15": Builtin(name="tiny-sd15", revision=1, family="sd15", native_size=(64, 64), build=_build_tiny_sd15),
     "tiny-sdxl": Builtin(name="tiny-sdxl", revision=1, family="sdxl", native_size=(64, 64), build=_build_tiny_sdxl),
     "tiny-flux": Builtin(name="tiny-flux", revision=1, family="flux-dev", native_size=(64, 64), build=_build_tiny_flux),
     "tiny-sd2": Builtin(name="tiny-sd2", revision=1, family="sd2", native_size=(64, 64), build=_build_tiny_sd2),
     "tiny-sd3": Builtin(name="tiny-sd3", revision=1, family="sd3", native_size=(64, 64), build=_build_tiny_sd3),
+    **INPAINT_BUILTINS,
 }

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 from compiler.detect import INVALID_HINT, Detection
 from compiler.errors import Problem, UserError
-from compiler.families import CONTEXT_FAMILY, Family, family_of_civitai_base_model, lineage, main_task
+from compiler.families import CONTEXT_FAMILY, Family, family_of_civitai_base_model, lineage
 from compiler.recipe import Recipe
+from compiler.tasks import task_problems
 from runtime.artifact import Defaults, Limits, RuntimeOptions
 
 
@@ -185,7 +186,13 @@ def _a(kind: str) -> str:
 
 
 def check_plan(
-    recipe: Recipe, family: Family, detected: Detection | None, defaults: Defaults, limits: Limits, scheduler: str
+    recipe: Recipe,
+    family: Family,
+    detected: Detection | None,
+    defaults: Defaults,
+    limits: Limits,
+    scheduler: str,
+    base_variant: str = "normal",
 ) -> list[Problem]:
     """The recipe against its base's family, once the family's defaults are filled in: defaults
     within limits, a scheduler of the family, a text-to-image model, ControlNets and prediction
@@ -212,7 +219,7 @@ def check_plan(
                 f"one of {', '.join(family.schedulers)}",
             )
         )
-    out.extend(_task_problems(where, family, detected))
+    out.extend(task_problems(where, family, detected, base_variant, bool(recipe.controlnets)))
     if recipe.controlnets and "controlnet" not in family.pipelines:
         out.append(
             Problem(f"{where}: controlnets", f"{family.label} has no ControlNet pipeline here", "remove `controlnets:`")
@@ -221,28 +228,6 @@ def check_plan(
         out.append(Problem(f"{where}: prediction", f"{family.label} is a flow-matching model", "remove `prediction:`"))
     out.extend(check_performance(recipe, (limits.max_width, limits.max_height)))
     return out
-
-
-def _task_problems(where: str, family: Family, detected: Detection | None) -> list[Problem]:
-    """This compiler serves text-to-image: a family or a checkpoint variant that cannot is refused."""
-    if main_task(family) != "txt2img":
-        return [
-            Problem(
-                f"{where}: {'checkpoint' if detected else 'base'}",
-                f"{family.label} only does {main_task(family)} (it only refines or fills an image given to it)",
-                "this compiler serves text-to-image so far; use a model of the family's normal variant",
-            )
-        ]
-    if detected is not None and detected.variant not in ("normal", "ema"):
-        return [
-            Problem(
-                f"{where}: checkpoint",
-                f"this is a {detected.variant} {family.label} model; it cannot serve text-to-image",
-                "inpaint and other conditioned models need their task's requests (image, mask), which "
-                "this compiler does not serve yet; use the family's normal checkpoint",
-            )
-        ]
-    return []
 
 
 def check_performance(recipe: Recipe, limits: tuple[int, int]) -> list[Problem]:

@@ -23,6 +23,7 @@ from typing import Any
 
 from runtime import generate as gen
 from runtime.batching import Batcher
+from runtime.full_mask import needs_full_mask
 from runtime.loader import Loaded
 from runtime.metrics import ErrorKind
 from runtime.progress import Deadline, Listener, StepWatch, TimeLimitExceeded
@@ -183,7 +184,9 @@ class Executor:
         )
         # A batch stops as a whole when any member's deadline passes: a request with a timeout of
         # its own (typically far shorter than the worker's) never joins one.
-        batch = options.timeout_s is None
+        # Nor a txt2img request on an inpainting model: its pipeline samples the masked image's
+        # latents with the first generator of a batch only, so a batch would differ from solo calls.
+        batch = options.timeout_s is None and not needs_full_mask(pipeline, request.task)
         try:
             try:
                 return self._attempt(artifact, pipeline, request, watch, warnings, batch)

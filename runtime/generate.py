@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 from runtime.artifact import SCHEDULERS
+from runtime.full_mask import full_mask_arguments, needs_full_mask
 from runtime.progress import BatchWatch, StepWatch
 from runtime.schema import GenerationRequest
 
@@ -111,6 +112,8 @@ def call_arguments(pipeline: Any, request: GenerationRequest) -> dict[str, Any]:
         args.update(image=request.image, strength=request.strength)
     if request.task == "inpaint":
         args["mask_image"] = request.mask
+    elif needs_full_mask(pipeline, request.task):  # an inpainting model serving txt2img or img2img
+        args.update(full_mask_arguments(request))
     if guidance_kind(pipeline) == "cfg":
         args.update(negative_prompt=request.negative_prompt, guidance_scale=request.guidance_scale)
     elif _guidance_embedder(pipeline):

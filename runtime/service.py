@@ -457,6 +457,7 @@ def _describe_artifact(service: Service, manifest: Manifest, names: list[str], d
     return {
         "recipe": manifest.recipe,
         "family": manifest.family,
+        "tasks": list(manifest.capabilities.tasks),  # what its requests may ask (image/mask pick the task)
         "cache_key": manifest.cache_key,
         "dtype": manifest.runtime.dtype,
         "loaded": st.loaded,

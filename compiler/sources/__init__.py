@@ -108,8 +108,13 @@ def describe_pipeline(
     size = meta.get("native_size") or FAMILIES[family].native_size
     needed = set(wanted(entry, precision, configs_only))
     inputs = tuple((f.path, f.sha256) for f in entry.files if f.path in needed)
+    inpaint = meta.get("pipeline_class") == FAMILIES[family].pipelines.get("inpaint")
     return Resolved(
-        pin=content_pin(entry, inputs), family=family, native_size=(int(size[0]), int(size[1])), inputs=inputs
+        pin=content_pin(entry, inputs),
+        family=family,
+        native_size=(int(size[0]), int(size[1])),
+        inputs=inputs,
+        model_variant="inpaint" if inpaint else "normal",
     )
 
 

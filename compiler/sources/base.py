@@ -48,6 +48,8 @@ class Resolved(Pinned):
 
     family: str
     native_size: tuple[int, int]
+    # "inpaint" when the pipeline class is its family's inpaint one (a 9-channel UNet, FLUX Fill)
+    model_variant: str = "normal"
 
 
 @dataclass(frozen=True)

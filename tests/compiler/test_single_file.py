@@ -201,6 +201,7 @@ CONFIG_REPO_CASES = {
     "sd15-inpaint": "hf://stable-diffusion-v1-5/stable-diffusion-inpainting@main",
     "sd2-ldm": "hf://stabilityai/stable-diffusion-2-1@main",
     "sdxl-sgm": "hf://stabilityai/stable-diffusion-xl-base-1.0@main",
+    "sdxl-inpaint": "hf://diffusers/stable-diffusion-xl-1.0-inpainting-0.1@main",
     "sdxl-refiner": "hf://stabilityai/stable-diffusion-xl-refiner-1.0@main",
     "sd3-comfyui": "hf://stabilityai/stable-diffusion-3-medium-diffusers@main",
     "sd35-medium": "hf://stabilityai/stable-diffusion-3.5-medium@main",
@@ -235,7 +236,7 @@ def test_a_base_less_checkpoint_locks_its_family_config_repo(case, repo):
     assert str(configs_source(recipe, entry)) == repo
 
 
-@pytest.mark.parametrize("case", ["sd15-inpaint", "sdxl-refiner", "flux-fill"])
+@pytest.mark.parametrize("case", ["sdxl-refiner"])
 def test_models_that_cannot_serve_txt2img_are_refused_at_plan(case):
     from compiler.errors import UserError
     from compiler.plan import make_plan

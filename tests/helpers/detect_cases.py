@@ -169,6 +169,10 @@ SD_CONV = "model.diffusion_model.input_blocks.0.0.weight"
 TINY_PARITY = (
     "yes: served image = diffusers folder (tests/compiler/test_single_file.py, tests/compiler/test_sources.py)"
 )
+INPAINT_BUILDS = (
+    "yes: inpaint, img2img and txt2img (full mask, as A1111) through the inpaint pipeline, served = diffusers "
+    "from_single_file (tests/compiler/test_inpaint_sd.py)"
+)
 NOT_HERE = "locks its family's config repo (tested); build not run here: no tiny model of it yet, full size too big"
 
 CASES: tuple[Case, ...] = (
@@ -206,7 +210,14 @@ CASES: tuple[Case, ...] = (
         "SD 1.5 inpainting checkpoint",
         lambda: _replace(keys_of("sd1-ldm"), SD_CONV, (320, 9, 3, 3)),
         ("checkpoint", "sd15", "ldm", "inpaint", "eps"),
-        "locks the inpainting config repo; refused for txt2img with a clear error (its task wiring is not built yet)",
+        INPAINT_BUILDS,
+    ),
+    Case(
+        "sdxl-inpaint",
+        "SDXL inpainting checkpoint",
+        lambda: _replace(keys_of("sdxl-sgm"), SD_CONV, (320, 9, 3, 3)),
+        ("checkpoint", "sdxl", "sgm", "inpaint", "eps"),
+        INPAINT_BUILDS,
     ),
     Case(
         "sd15-unet",
@@ -335,7 +346,9 @@ CASES: tuple[Case, ...] = (
         "FLUX.1 Fill",
         lambda: _flux_img_in(384),
         ("checkpoint", "flux-fill", "bfl", "inpaint", "flow"),
-        "locks the Fill config repo; refused for txt2img (its own task wiring is not built yet)",
+        "yes: inpaint, img2img and txt2img through FluxFillPipeline, served = diffusers (diffusers folder and "
+        "builtin: tests/compiler/test_flux_fill.py); a BFL single file locks the Fill config repo, and converts "
+        "where diffusers' FLUX converter does (it assumes the full 3072 width, so no tiny file here)",
     ),
     Case(
         "flux-transformer",

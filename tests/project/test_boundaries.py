@@ -41,6 +41,7 @@ LAYERS: tuple[tuple[str, frozenset[str]], ...] = (
                 "compiler.family_configs",
                 "compiler.tiny_models",
                 "compiler.tiny_models_sd",
+                "compiler.tiny_models_inpaint",
                 "compiler.finite",
                 "compiler.headers",
             }
@@ -84,6 +85,7 @@ LAYERS: tuple[tuple[str, frozenset[str]], ...] = (
                 "compiler.recipe",
                 "compiler.detect",
                 "compiler.validate",
+                "compiler.tasks",
                 "compiler.pickles",
                 "compiler.fetch",
             }
