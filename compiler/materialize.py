@@ -27,7 +27,7 @@ from compiler.plan import BuildPlan
 from compiler.singlefile import linked, load_component
 from compiler.sources import Fetched
 from compiler.tiny_models import BUILTINS
-from runtime.artifact import PIPELINE_DIR, SCHEDULERS, TORCH_DTYPES, ControlNetInfo, EmbeddingInfo
+from runtime.artifact import PIPELINE_DIR, SCHEDULERS, TORCH_DTYPES, ControlNetInfo, EmbeddingInfo, RefinerInfo
 
 log = logging.getLogger(__name__)
 
@@ -179,6 +179,7 @@ class Materialized:
     components: dict[str, str]  # component -> class name
     embeddings: tuple[EmbeddingInfo, ...]
     controlnets: tuple[ControlNetInfo, ...]
+    refiner: RefinerInfo | None = None
 
 
 def materialize(
@@ -224,6 +225,9 @@ def materialize(
             pipe.vae.register_to_config(force_upcast=True)
         pipe.save_pretrained(out / PIPELINE_DIR, safe_serialization=True)
         _drop_load_options(out / PIPELINE_DIR)
+        from compiler.refiner_build import build_refiner  # it loads through this module's loaders
+
+        refiner = build_refiner(plan, pipe, adapters, scratch / "refiner", out)
         # The target-hardware pass (compiler.optimize): quantized weights stored as served, then
         # compile caches warmed from the final files.
         from compiler.optimize import capture_compile_cache, quantize_denoiser
@@ -234,4 +238,4 @@ def materialize(
         shutil.rmtree(scratch, ignore_errors=True)
     log.info("materialized %s (%s, %s)", plan.base, plan.precision, plan.scheduler)
     components = {name: type(c).__name__ for name, c in pipe.components.items() if c is not None}
-    return Materialized(components=components, embeddings=tokens, controlnets=controlnets)
+    return Materialized(components=components, embeddings=tokens, controlnets=controlnets, refiner=refiner)

@@ -17,6 +17,7 @@ from runtime.artifact import (
     FileEntry,
     LoraInfo,
     Manifest,
+    RefinerInfo,
     Serving,
     content_digest,
     fsync_path,
@@ -44,6 +45,7 @@ def package(
     provenance: dict[str, str],
     embeddings: tuple[EmbeddingInfo, ...] = (),
     controlnets: tuple[ControlNetInfo, ...] = (),
+    refiner: RefinerInfo | None = None,
 ) -> Manifest:
     files = hash_tree(staging)
     manifest = Manifest(
@@ -58,6 +60,7 @@ def package(
         capabilities=Capabilities(tasks=tuple(plan.tasks), pipelines=dict(plan.tasks)),
         embeddings=embeddings,
         controlnets=controlnets,
+        refiner=refiner,
         loras=tuple(
             LoraInfo(
                 name=lora.name,

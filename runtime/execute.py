@@ -26,6 +26,7 @@ from runtime.batching import Batcher
 from runtime.loader import Loaded
 from runtime.metrics import ErrorKind
 from runtime.progress import Deadline, Listener, StepWatch, TimeLimitExceeded
+from runtime.refiner import REFINED_TASKS, refine
 from runtime.schema import GenerationRequest, RequestError, quote
 from runtime.settings import ExecSettings
 
@@ -247,6 +248,12 @@ class Executor:
         # The whole generation inside the artifact's generation hold: shared, or alone when the
         # artifact takes turns (offload, low-memory mode), and then never batched.
         with artifact.generation() as alone:
+            if artifact.refiner is not None and request.task in REFINED_TASKS:  # never batched
+                t0 = time.perf_counter()
+                images = refine(
+                    pipeline, artifact.refiner, artifact.manifest, request, watch, artifact.loras(request.loras)
+                )
+                return Generated(images, warnings, {"denoise": time.perf_counter() - t0, "decode": 0.0}, 1)
             key = gen.batch_key(request) if batch and not alone and self.settings.batch.max_batch > 1 else None
             if key is None:
                 return self._solo(artifact, pipeline, request, watch, warnings)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from compiler import uri
 from compiler.errors import UserError
-from compiler.families import FAMILIES
+from compiler.families import FAMILIES, main_task
 from compiler.lockfile import LockEntry
 from compiler.sources.base import Context, Fetched
 from compiler.tiny_models import BUILTINS
@@ -31,7 +31,7 @@ def inventory(source: uri.BuiltinSource, where: str, ctx: Context) -> LockEntry:
         meta={
             "family": model.family,
             "native_size": list(model.native_size),
-            "pipeline_class": FAMILIES[model.family].pipelines["txt2img"],
+            "pipeline_class": FAMILIES[model.family].pipelines[main_task(FAMILIES[model.family])],
         },
     )
 
