@@ -95,23 +95,11 @@ def _check_file(found: Detection, where: str) -> None:
     check_readable(found, where)
     if found.kind == "checkpoint" and found.family == REFINER_FAMILY and found.variant in ("normal", "ema"):
         return
-    what = found.kind if found.kind != "checkpoint" else "checkpoint"
     family = found.family or f"one of {', '.join(found.candidates) or 'no known family'}"
-    variant = f" {found.variant}" if found.variant not in ("normal", "ema") else ""
+    variant = f", variant {found.variant}" if found.variant not in ("normal", "ema") else ""
     evidence = "; ".join(found.evidence) or "none"
     raise UserError.one(
-        where, f"this file is a{variant} {family} {what}, not an SDXL refiner (evidence: {evidence})", _HINT
+        where,
+        f"this file is not an SDXL refiner: it is a {found.kind}, family {family}{variant} (evidence: {evidence})",
+        _HINT,
     )
-
-
-def fetch_refiner(recipe: Recipe, entries: dict[str, lockfile.LockEntry], ctx: Context) -> dict[str, Fetched]:
-    """The refiner's files (and a single file's configs) by lock role, for the build."""
-    if recipe.refiner is None:
-        return {}
-    out = {}
-    for role in ("refiner", REFINER_CONFIGS):
-        if role in entries:
-            configs_only = role == REFINER_CONFIGS
-            where = f"{recipe.path}: {role}"
-            out[role] = fetch_entry(entries[role], where, ctx, recipe.precision, configs_only, recipe.allow_pickle)
-    return out

@@ -49,7 +49,10 @@ def plain(tmp_path_factory: pytest.TempPathFactory) -> tuple[Any, Any]:
     from compiler.tiny_models import BUILTINS
 
     out = []
-    for name, cls in (("tiny-sdxl", StableDiffusionXLPipeline), ("tiny-sdxl-refiner", StableDiffusionXLImg2ImgPipeline)):
+    for name, cls in (
+        ("tiny-sdxl", StableDiffusionXLPipeline),
+        ("tiny-sdxl-refiner", StableDiffusionXLImg2ImgPipeline),
+    ):
         folder = tmp_path_factory.mktemp(name)
         BUILTINS[name].build().save_pretrained(folder)
         pipe = cls.from_pretrained(folder)

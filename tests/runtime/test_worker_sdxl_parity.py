@@ -93,7 +93,11 @@ def theirs(folders: Path) -> Any:
 
     mp = pytest.MonkeyPatch()
     original_to = diffusers.DiffusionPipeline.to
-    for cls in (diffusers.StableDiffusionXLPipeline, diffusers.StableDiffusionXLImg2ImgPipeline, diffusers.AutoencoderKL):
+    for cls in (
+        diffusers.StableDiffusionXLPipeline,
+        diffusers.StableDiffusionXLImg2ImgPipeline,
+        diffusers.AutoencoderKL,
+    ):
         mp.setattr(cls, "from_pretrained", local(cls))
     mp.setattr(diffusers.DiffusionPipeline, "to", to)
     mp.setattr(diffusers.DiffusionPipeline, "enable_xformers_memory_efficient_attention", lambda self: None)
