@@ -17,7 +17,7 @@ from compiler.fetch import fetch_entry
 from compiler.lockfile import Lock
 from compiler.plan import PlannedRefiner
 from compiler.recipe import REFINER_CONFIGS, Recipe
-from compiler.sources import Context, Fetched, describe_file, describe_pipeline
+from compiler.sources import Context, describe_file, describe_pipeline
 from compiler.sources.hf import diffusers_variant
 from compiler.validate import check_readable
 
@@ -103,3 +103,16 @@ def _check_file(found: Detection, where: str) -> None:
         f"this file is not an SDXL refiner: it is a {found.kind}, family {family}{variant} (evidence: {evidence})",
         _HINT,
     )
+
+
+def fetch_refiner(recipe: Recipe, entries: dict[str, lockfile.LockEntry], ctx: Context) -> dict[str, Fetched]:
+    """The refiner's files (and a single file's configs) by lock role, for the build."""
+    if recipe.refiner is None:
+        return {}
+    out = {}
+    for role in ("refiner", REFINER_CONFIGS):
+        if role in entries:
+            configs_only = role == REFINER_CONFIGS
+            where = f"{recipe.path}: {role}"
+            out[role] = fetch_entry(entries[role], where, ctx, recipe.precision, configs_only, recipe.allow_pickle)
+    return out
