@@ -268,7 +268,8 @@ class Executor:
     ) -> Generated:
         # Through runtime.generate.generate: both phases, the LoRA gate only around the denoise.
         timings: dict[str, float] = {}
-        images = gen.generate(pipeline, request, watch, artifact.loras(request.loras), timings)
+        on = artifact.manifest.runtime.generator
+        images = gen.generate(pipeline, request, watch, artifact.loras(request.loras), timings, on)
         return Generated(images, warnings, timings, 1)
 
     def _batched(
@@ -306,4 +307,5 @@ class Executor:
             [i.request for i in items],
             [i.watch for i in items],
             first.artifact.loras(first.request.loras),
+            first.artifact.manifest.runtime.generator,
         )

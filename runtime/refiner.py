@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from runtime.artifact import SCHEDULERS, Manifest
-from runtime.generate import Denoised, _encode_upcast, decode, own_tokenizers
+from runtime.generate import Denoised, _encode_upcast, decode, make_generator, own_tokenizers
 from runtime.progress import BatchWatch, StepWatch
 from runtime.schema import GenerationRequest
 
@@ -41,15 +41,6 @@ def load_refiner(manifest: Manifest, artifact_dir: Path, base: Any, dtype: Any, 
         refiner.to(device)
     refiner.set_progress_bar_config(disable=True)
     return refiner
-
-
-def generator(kind: str, pipeline: Any, seed: int) -> Any:
-    """The request's generator: on the CPU (the same noise on any machine), or on the pipeline's
-    device (``generator: device``: worker-sdxl's CUDA generator, its pictures on a GPU)."""
-    import torch
-
-    device = pipeline._execution_device if kind == "device" else "cpu"
-    return torch.Generator(device).manual_seed(seed)
 
 
 def _own(pipeline: Any, scheduler: Any) -> Any:
@@ -75,7 +66,7 @@ def refine(
 
     assert manifest.refiner is not None
     ensemble = manifest.refiner.mode == "ensemble"
-    gen = generator(manifest.runtime.generator, refiner, request.seed)
+    gen = make_generator(manifest.runtime.generator, refiner, request.seed)
     callback = {"callback_on_step_end": BatchWatch([watch], request.num_images)} if watch is not None else {}
     n = request.num_images
     image: Any = request.image
