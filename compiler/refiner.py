@@ -17,7 +17,7 @@ from compiler.fetch import fetch_entry
 from compiler.lockfile import Lock
 from compiler.plan import PlannedRefiner
 from compiler.recipe import REFINER_CONFIGS, Recipe
-from compiler.sources import Context, describe_file, describe_pipeline
+from compiler.sources import Context, Fetched, describe_file, describe_pipeline
 from compiler.sources.hf import diffusers_variant
 from compiler.validate import check_readable
 

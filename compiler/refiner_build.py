@@ -59,7 +59,7 @@ def build_refiner(
     shared = tuple(name for name in SHAREABLE if _same(out / PIPELINE_DIR / name, folder / name))
     for name in shared:
         shutil.rmtree(folder / name)
-    return RefinerInfo(path=REFINER_DIR, pipeline_class=PIPELINE_CLASS, mode=plan.refiner.mode, shared=shared)  # type: ignore[arg-type]
+    return RefinerInfo(path=REFINER_DIR, pipeline_class=PIPELINE_CLASS, mode=plan.refiner.mode, shared=shared)
 
 
 def _load(plan: BuildPlan, inputs: dict[str, Fetched], scratch: Path, dtype: Any) -> Any:

@@ -26,7 +26,7 @@ def build_tiny_sdxl_refiner() -> Any:
     torch.manual_seed(2101)
     # The refiner's topology at tiny widths: attention at the two middle levels only (the real
     # one: four levels, DownBlock2D at both ends), context = OpenCLIP-G's width alone.
-    unet = UNet2DConditionModel(
+    unet: Any = UNet2DConditionModel(
         sample_size=8,
         in_channels=4,
         out_channels=4,
