@@ -28,6 +28,7 @@ from compiler.lockfile import LockEntry
 from compiler.pinning import Locked, civitai_base_model, lock_sources
 from compiler.plan import BuildPlan, cache_key, make_plan
 from compiler.recipe import Recipe, file_stem, parse_recipe
+from compiler.refiner import fetch_refiner, plan_refiner
 from compiler.sources import Context, Fetched, describe_file, describe_pipeline
 from compiler.sources.base import Pinned
 from compiler.sources.hf import diffusers_variant
@@ -165,6 +166,7 @@ def prepare(argv: list[str]) -> Prepared:
         vae=pinned("vae") if recipe.vae is not None else None,
         embeddings=tuple(pinned(f"embeddings.{i}") for i in range(len(recipe.embeddings))),
         controlnets=tuple(pinned(f"controlnets.{i}") for i in range(len(recipe.controlnets))),
+        refiner=plan_refiner(recipe, {r: locked.entry(r) for r in locked.roles}, base.family),
     )
     from compiler.optimize import target_environment  # torch only for recipes that compile
 
@@ -227,7 +229,10 @@ def build(argv: list[str]) -> Path:
         else:
             log.info("building %s for recipe %s", key, plan.recipe)
             base, ckpt = p.fetch()  # before torch loads: a failed download costs no import
-            adapters = p.fetch_adapters()
+            adapters = {
+                **p.fetch_adapters(),
+                **fetch_refiner(p.recipe, {r: p.locked.entry(r) for r in p.locked.roles}, p.ctx),
+            }
             # Imported here: torch and diffusers load only when something must be built.
             from compiler.materialize import materialize
             from compiler.package import package
@@ -252,6 +257,7 @@ def build(argv: list[str]) -> Path:
                 built.embeddings,
                 built.controlnets,
                 conversions(ckpt_file, plan),
+                built.refiner,
             )
             hit = store.publish(staging, key)
             remember_published(hit)

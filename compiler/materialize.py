@@ -35,6 +35,7 @@ from runtime.artifact import (
     TORCH_DTYPES,
     ControlNetInfo,
     EmbeddingInfo,
+    RefinerInfo,
     absent_components,
 )
 
@@ -196,6 +197,7 @@ class Materialized:
     components: dict[str, str]  # component -> class name
     embeddings: tuple[EmbeddingInfo, ...]
     controlnets: tuple[ControlNetInfo, ...]
+    refiner: RefinerInfo | None = None
 
 
 def materialize(
@@ -241,6 +243,9 @@ def materialize(
             pipe.vae.register_to_config(force_upcast=True)
         pipe.save_pretrained(out / PIPELINE_DIR, safe_serialization=True)
         _drop_load_options(out / PIPELINE_DIR)
+        from compiler.refiner_build import build_refiner  # it loads through this module's loaders
+
+        refiner = build_refiner(plan, pipe, adapters, scratch / "refiner", out)
         # The target-hardware pass (compiler.optimize): quantized weights stored as served, then
         # compile caches warmed from the final files.
         from compiler.optimize import capture_compile_cache, quantize_denoiser
@@ -251,4 +256,4 @@ def materialize(
         shutil.rmtree(scratch, ignore_errors=True)
     log.info("materialized %s (%s, %s)", plan.base, plan.precision, plan.scheduler)
     components = {name: type(c).__name__ for name, c in pipe.components.items() if c is not None}
-    return Materialized(components=components, embeddings=tokens, controlnets=controlnets)
+    return Materialized(components=components, embeddings=tokens, controlnets=controlnets, refiner=refiner)

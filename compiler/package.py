@@ -17,6 +17,7 @@ from runtime.artifact import (
     FileEntry,
     LoraInfo,
     Manifest,
+    RefinerInfo,
     Serving,
     content_digest,
     fsync_path,
@@ -45,6 +46,7 @@ def package(
     embeddings: tuple[EmbeddingInfo, ...] = (),
     controlnets: tuple[ControlNetInfo, ...] = (),
     conversions: dict[str, str] | None = None,
+    refiner: RefinerInfo | None = None,
 ) -> Manifest:
     files = hash_tree(staging)
     manifest = Manifest(
@@ -59,6 +61,7 @@ def package(
         capabilities=Capabilities(tasks=tuple(plan.tasks), pipelines=dict(plan.tasks)),
         embeddings=embeddings,
         controlnets=controlnets,
+        refiner=refiner,
         loras=tuple(
             LoraInfo(
                 name=lora.name,

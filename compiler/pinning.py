@@ -22,6 +22,7 @@ from compiler.families import FAMILIES
 from compiler.fetch import fetch_entry
 from compiler.lockfile import Lock, LockEntry
 from compiler.recipe import Recipe
+from compiler.refiner import detect_refiner_file
 from compiler.sources import Context, enrich, inventory
 from compiler.validate import check_checkpoint, check_readable
 from runtime.artifact import write_text_atomic
@@ -93,6 +94,7 @@ def lock_sources(recipe: Recipe, mode: str, ctx: Context) -> Locked:
         kept = {roles["configs"]: old.sources[roles["configs"]]} if old and roles["configs"] in old.sources else {}
         seeded = new.model_copy(update={"sources": {**new.sources, **kept}})
         new = _relock(recipe, roles, seeded, mode, ctx, settled=frozenset(new.sources))
+    new = detect_refiner_file(recipe, new, ctx)
     if new != old and mode in ("auto", "update"):
         _write(path, new)
     return Locked(new, roles)

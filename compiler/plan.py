@@ -44,6 +44,20 @@ class PlannedFile:
 
 
 @dataclass(frozen=True)
+class PlannedRefiner:
+    """An SDXL refiner built beside the base (compiler.refiner): a pipeline (builtin, folder, repo)
+    or a single file with its family's config repo."""
+
+    pin: str
+    inputs: tuple[tuple[str, str], ...]
+    mode: str  # RefinerMode
+    single_file: bool
+    variant: str | None = None
+    configs: str | None = None  # a single file's config repo pin
+    configs_inputs: tuple[tuple[str, str], ...] = ()
+
+
+@dataclass(frozen=True)
 class BuildPlan:
     recipe: str
     family: str
@@ -71,6 +85,7 @@ class BuildPlan:
     vae: PlannedFile | None = None
     embeddings: tuple[PlannedFile, ...] = ()
     controlnets: tuple[PlannedFile, ...] = ()
+    refiner: PlannedRefiner | None = None
 
     @property
     def precision(self) -> str:
@@ -79,7 +94,8 @@ class BuildPlan:
     @property
     def adapter_inputs(self) -> tuple[tuple[str, str], ...]:
         files = (*self.loras, *((self.vae,) if self.vae else ()), *self.embeddings, *self.controlnets)
-        return tuple(i for f in files for i in f.inputs)
+        refiner = (*self.refiner.inputs, *self.refiner.configs_inputs) if self.refiner else ()
+        return (*(i for f in files for i in f.inputs), *refiner)
 
     def canonical(self) -> dict[str, Any]:
         d = asdict(self)
@@ -96,6 +112,11 @@ class BuildPlan:
         # precision under its own name), so that existing artifacts keep their cache keys.
         runtime = d.pop("runtime").model_dump(mode="json")
         d["precision"] = runtime.pop("dtype")
+        # Newer options and parts enter the key only when used: older artifacts keep their keys.
+        if runtime["generator"] == "cpu":
+            del runtime["generator"]
+        if self.refiner is None:
+            del d["refiner"]
         return d | runtime
 
 
@@ -109,6 +130,7 @@ def make_plan(
     vae: Pinned | None = None,
     embeddings: tuple[Pinned, ...] = (),
     controlnets: tuple[Pinned, ...] = (),
+    refiner: PlannedRefiner | None = None,
 ) -> BuildPlan:
     """The plan of one build, after validate.check_plan found nothing wrong (else UserError)."""
     family = FAMILIES[base.family]
@@ -154,6 +176,7 @@ def make_plan(
             PlannedFile(pin=p.pin, inputs=p.inputs, name=c.name, scale=c.scale)
             for c, p in zip(recipe.controlnets, controlnets, strict=True)
         ),
+        refiner=refiner,
     )
 
 
@@ -198,6 +221,7 @@ def _steps(
         *(f"controlnet-{c.name}" for c in recipe.controlnets),
         f"cast-{runtime.dtype}",
         "save",
+        *(("refiner",) if recipe.refiner is not None else ()),
         *((f"quantize-{runtime.quantize}",) if runtime.quantize != "none" else ()),
         *((f"compile-cache-{runtime.compile.scope}",) if runtime.compile.scope != "off" else ()),
     )

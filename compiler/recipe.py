@@ -17,7 +17,7 @@ from compiler import uri
 from compiler.errors import Problem, UserError
 from compiler.families import FAMILIES
 from compiler.tiny_models import BUILTINS
-from runtime.artifact import ATTENTION_BACKENDS, SCHEDULERS, CompileOptions, Precision, RuntimeOptions
+from runtime.artifact import ATTENTION_BACKENDS, SCHEDULERS, CompileOptions, Precision, RefinerMode, RuntimeOptions
 
 
 class _Strict(BaseModel):
@@ -84,6 +84,8 @@ class _Fields(_Strict):
     vae: str | None = None
     embeddings: list[RecipeEmbedding] = Field(default_factory=list)
     controlnets: list[RecipeControlNet] = Field(default_factory=list)
+    refiner: str | None = None  # an SDXL refiner, run on every request (compiler.refiner)
+    refiner_mode: RefinerMode = "worker-sdxl"
     # Known, so that a recipe naming them gets the reason instead of "unknown key" (see parse_recipe).
     hypernetworks: list[Any] = Field(default_factory=list)
 
@@ -125,6 +127,8 @@ class Recipe(BaseModel):
     vae: uri.Source | None = None
     embeddings: tuple[Embedding, ...] = ()
     controlnets: tuple[ControlNet, ...] = ()
+    refiner: uri.Source | None = None
+    refiner_mode: RefinerMode = "worker-sdxl"
     runtime: RuntimeOptions  # the performance options; runtime.dtype is the precision
 
     @property
@@ -146,7 +150,17 @@ class Recipe(BaseModel):
             out[f"embeddings.{i}"] = emb.source
         for i, cn in enumerate(self.controlnets):
             out[f"controlnets.{i}"] = cn.source
+        if self.refiner is not None:
+            out["refiner"] = self.refiner
+            single = uri.is_single_file(self.refiner)
+            if isinstance(self.refiner, uri.LocalSource) and single is None:
+                single = self.refiner.path.is_file()
+            if single is not False:  # a single file's configs: the refiner's config repo
+                out[REFINER_CONFIGS] = uri.parse(FAMILIES["sdxl-refiner"].config_repo)
         return out
+
+
+REFINER_CONFIGS = "refiner.configs"  # the lock role of a single-file refiner's config repo
 
 
 class ControlNet(BaseModel):
@@ -183,6 +197,11 @@ _HINTS = {
     "checkpoint": "a single .safetensors file (CivitAI, hf://ORG/REPO/FILE, https://…, a local path); "
     "its configs and tokenizer come from `base:` when set, else from its family's config repo",
     "vae": "a single VAE file (.safetensors; LDM or diffusers naming) that replaces the base's VAE",
+    "refiner": "an SDXL refiner: hf://stabilityai/stable-diffusion-xl-refiner-1.0, a single refiner "
+    ".safetensors file, a local folder or builtin:tiny-sdxl-refiner",
+    "refiner_mode": "worker-sdxl (refine every image as RunPod's worker-sdxl does) or ensemble (base to "
+    "high_noise_frac, refiner from there)",
+    "generator": "cpu (the same picture on any machine) or device (the GPU's own generator, as worker-sdxl)",
     "family": f"one of {', '.join(FAMILIES)}; set it only when detection cannot tell (it names the candidates)",
     "loras": "a list of {source, scale (default 1.0), fuse (default true), name (default: the file's stem)}",
     "prediction": "eps or v: what the model predicts, for v-prediction fine-tunes whose files do not say so",
@@ -288,6 +307,8 @@ def parse_recipe(
         vae=parsed.get("vae"),
         embeddings=embeddings,
         controlnets=controlnets,
+        refiner=parsed.get("refiner"),
+        refiner_mode=checked.refiner_mode,
         runtime=runtime.model_copy(update={"dtype": checked.precision}),
     )
 
@@ -310,9 +331,9 @@ def _performance(fields: dict[str, Any]) -> dict[str, Any]:
 def _pipeline_sources(
     fields: dict[str, Any], where: Where, path: Path, civitai_hosts: tuple[str, ...], problems: list[Problem]
 ) -> dict[str, uri.Source]:
-    """base, checkpoint and vae parsed; a checkpoint or VAE must name one file."""
+    """base, checkpoint, vae and refiner parsed; a checkpoint or VAE must name one file."""
     parsed: dict[str, uri.Source] = {}
-    for field in ("base", "checkpoint", "vae"):
+    for field in ("base", "checkpoint", "vae", "refiner"):
         if not isinstance(fields.get(field), str):
             continue
         try:
@@ -322,7 +343,7 @@ def _pipeline_sources(
             continue
         if (unknown := _builtin_problem(src, where(field))) is not None:
             problems.append(unknown)
-        if field != "base" and uri.is_single_file(src) is False:
+        if field not in ("base", "refiner") and uri.is_single_file(src) is False:
             problems.append(Problem(where(field), f"{src} names a whole pipeline", _HINTS[field]))
         parsed[field] = src
     return parsed

@@ -401,9 +401,22 @@ def _inpaint_builtins() -> dict[str, Builtin]:
 
 
 INPAINT_BUILTINS = _inpaint_builtins()
+def _build_tiny_sdxl_refiner() -> Any:
+    from compiler.tiny_models_refiner import build_tiny_sdxl_refiner
+
+    return build_tiny_sdxl_refiner()
+
+
 BUILTINS: dict[str, Builtin] = {
     "tiny-sd15": Builtin(name="tiny-sd15", revision=1, family="sd15", native_size=(64, 64), build=_build_tiny_sd15),
     "tiny-sdxl": Builtin(name="tiny-sdxl", revision=1, family="sdxl", native_size=(64, 64), build=_build_tiny_sdxl),
+    "tiny-sdxl-refiner": Builtin(
+        name="tiny-sdxl-refiner",
+        revision=1,
+        family="sdxl-refiner",
+        native_size=(64, 64),
+        build=_build_tiny_sdxl_refiner,
+    ),
     "tiny-flux": Builtin(name="tiny-flux", revision=1, family="flux-dev", native_size=(64, 64), build=_build_tiny_flux),
     "tiny-sd2": Builtin(name="tiny-sd2", revision=1, family="sd2", native_size=(64, 64), build=_build_tiny_sd2),
     "tiny-sd3": Builtin(name="tiny-sd3", revision=1, family="sd3", native_size=(64, 64), build=_build_tiny_sd3),

@@ -35,6 +35,7 @@ READY = "READY"
 CONTROLNET_DIR = "controlnets"  # one diffusers ControlNetModel folder per ControlNet
 LORA_DIR = "loras"  # switchable LoRA files, as given (the runtime loads them as named adapters)
 PIPELINE_DIR = "pipeline"
+REFINER_DIR = "refiner"  # an SDXL refiner's pipeline folder, less what it shares with pipeline/
 
 Precision = Literal["fp32", "fp16", "bf16"]
 # precision -> the torch dtype's attribute name (getattr(torch, ...)); strings keep this module torch-free
@@ -112,6 +113,21 @@ class ControlNetInfo(_Frozen):
     name: str
     scale: float
     path: str  # its ControlNetModel folder, relative to the artifact directory
+
+
+RefinerMode = Literal["worker-sdxl", "ensemble"]
+
+
+class RefinerInfo(_Frozen):
+    """An SDXL refiner beside the base. ``worker-sdxl``: every request is refined as RunPod's
+    worker-sdxl does it (the base's latents refined as img2img at ``strength``); ``ensemble``:
+    diffusers' ensemble of experts (the base stops at ``denoising_end``, the refiner goes on from
+    there). ``shared``: its components that are the base's own bytes, loaded from the base."""
+
+    path: str = REFINER_DIR
+    pipeline_class: str = "StableDiffusionXLImg2ImgPipeline"
+    mode: RefinerMode = "worker-sdxl"
+    shared: tuple[str, ...] = ()
 
 
 class EmbeddingInfo(_Frozen):
@@ -208,6 +224,9 @@ class RuntimeOptions(_Frozen):
     fused_qkv: bool = False
     attention: str | None = None
     quantize: Quantize = "none"
+    # Where a request's seeded noise is drawn: "cpu" (the same picture on any machine) or "device"
+    # (the pipeline's device: on CUDA, the picture worker-sdxl draws from its CUDA generator).
+    generator: Literal["cpu", "device"] = "cpu"
 
     @field_validator("compile", mode="before")
     @classmethod
@@ -246,6 +265,7 @@ class Manifest(_Frozen):
     loras: tuple[LoraInfo, ...] = ()
     embeddings: tuple[EmbeddingInfo, ...] = ()
     controlnets: tuple[ControlNetInfo, ...] = ()
+    refiner: RefinerInfo | None = None
     runtime: RuntimeOptions
     environment: dict[str, str]
     provenance: dict[str, str]  # recipe field -> "SOURCE PIN" (e.g. "hf://org/repo@main commit:…")

@@ -27,6 +27,7 @@ from runtime.full_mask import needs_full_mask
 from runtime.loader import Loaded
 from runtime.metrics import ErrorKind
 from runtime.progress import Deadline, Listener, StepWatch, TimeLimitExceeded
+from runtime.refiner import REFINED_TASKS, refine
 from runtime.schema import GenerationRequest, RequestError, quote
 from runtime.settings import ExecSettings
 
@@ -251,6 +252,12 @@ class Executor:
         # The whole generation inside the artifact's generation hold: shared, or alone when the
         # artifact takes turns (offload, low-memory mode), and then never batched.
         with artifact.generation() as alone:
+            if artifact.refiner is not None and request.task in REFINED_TASKS:  # never batched
+                t0 = time.perf_counter()
+                images = refine(
+                    pipeline, artifact.refiner, artifact.manifest, request, watch, artifact.loras(request.loras)
+                )
+                return Generated(images, warnings, {"denoise": time.perf_counter() - t0, "decode": 0.0}, 1)
             key = gen.batch_key(request) if batch and not alone and self.settings.batch.max_batch > 1 else None
             if key is None:
                 return self._solo(artifact, pipeline, request, watch, warnings)
@@ -265,7 +272,8 @@ class Executor:
     ) -> Generated:
         # Through runtime.generate.generate: both phases, the LoRA gate only around the denoise.
         timings: dict[str, float] = {}
-        images = gen.generate(pipeline, request, watch, artifact.loras(request.loras), timings)
+        on = artifact.manifest.runtime.generator
+        images = gen.generate(pipeline, request, watch, artifact.loras(request.loras), timings, on)
         return Generated(images, warnings, timings, 1)
 
     def _batched(
@@ -303,4 +311,5 @@ class Executor:
             [i.request for i in items],
             [i.watch for i in items],
             first.artifact.loras(first.request.loras),
+            first.artifact.manifest.runtime.generator,
         )

@@ -190,6 +190,7 @@ def denoise(
     requests: Sequence[GenerationRequest],
     watches: Sequence[StepWatch | None] | None = None,
     exclusive: AbstractContextManager[Any] | None = None,
+    generator_on: str = "cpu",
 ) -> list[Denoised]:
     """The text encoding and denoise loop of one pipeline call for one request, or for several
     batch_key-compatible ones, stopping at the latents. Only this phase touches the switchable
@@ -209,13 +210,12 @@ def denoise(
     pipe.scheduler = scheduler
     for name, tokenizer in own_tokenizers(pipeline).items():
         setattr(pipe, name, tokenizer)
-    # CPU generators: the same seed gives the same noise on any device, GPU kind or driver.
     if len(requests) == 1:
         args = call_arguments(pipeline, first)
-        generator: Any = torch.Generator("cpu").manual_seed(first.seed)
+        generator: Any = make_generator(generator_on, pipeline, first.seed)
     else:
         args = batch_arguments(pipeline, requests)
-        generator = [torch.Generator("cpu").manual_seed(r.seed) for r in requests]
+        generator = [make_generator(generator_on, pipeline, r.seed) for r in requests]
     kind = decode_kind(pipeline)
     args["output_type"] = "latent" if kind else "pil"
     watch = BatchWatch(watches or [None] * len(requests), per_request=first.num_images)
@@ -236,6 +236,15 @@ def denoise(
         images = list(out.images)
         return [Denoised(images=tuple(images[i * n : (i + 1) * n])) for i in range(len(requests))]
     return [Denoised(latents=out.images[i * n : (i + 1) * n]) for i in range(len(requests))]
+
+
+def make_generator(on: str, pipeline: Any, seed: int) -> Any:
+    """A request's generator. "cpu" (the default): the same seed gives the same noise on any
+    device, GPU kind or driver. "device" (the recipe's `generator: device`): on the pipeline's own
+    device, as worker-sdxl draws it (a CUDA generator on a GPU): its pictures for its seeds."""
+    import torch
+
+    return torch.Generator(pipeline._execution_device if on == "device" else "cpu").manual_seed(seed)
 
 
 # HF fast tokenizers are not thread-safe: every call sets padding and truncation on the one Rust
@@ -379,11 +388,12 @@ def generate(
     watch: StepWatch | None = None,
     exclusive: AbstractContextManager[Any] | None = None,
     timings: dict[str, float] | None = None,
+    generator_on: str = "cpu",
 ) -> list[Any]:
     """One request, both phases: denoise (inside `exclusive`) then decode (outside it).
     `timings` (when given) receives the seconds of each: "denoise", "decode"."""
     t0 = time.perf_counter()
-    (denoised,) = denoise(pipeline, [request], [watch], exclusive)
+    (denoised,) = denoise(pipeline, [request], [watch], exclusive, generator_on)
     t1 = time.perf_counter()
     images = decode(pipeline, denoised, request)
     if timings is not None:

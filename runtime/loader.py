@@ -16,6 +16,7 @@ from runtime.artifact import PIPELINE_DIR, TORCH_DTYPES, ArtifactError, Manifest
 from runtime.fastload import Verifier, Warmer, preload_components, weight_files
 from runtime.gate import ModeGate
 from runtime.integrity import VerifyMode, integrity_error, remember_verified, stat_files, unverified
+from runtime.refiner import load_refiner
 from runtime.settings import verify_mode
 
 # Artifacts are complete: nothing at serve time may reach the Hub. Set before diffusers or
@@ -43,6 +44,7 @@ class Loaded:
     _gate: ModeGate | None = None  # made on first use: see loras()
     _derive_lock: threading.Lock = field(default_factory=threading.Lock)
     low_memory: tuple[str, ...] = ()  # what enable_low_memory() turned on, in order
+    refiner: Any = None  # the SDXL refiner (runtime.refiner), when the manifest has one
     # Whole generations: shared by default, one at a time when takes_turns (see generation()).
     _turns: ModeGate = field(default_factory=lambda: ModeGate(lambda mode: None))
 
@@ -199,6 +201,7 @@ def load(artifact_dir: Path, device: str | None = None, verify: VerifyMode | Non
         remember_verified(artifact_dir, manifest, stamps)  # the next load of unchanged files hashes nothing
     adapters = load_switchable_loras(pipe, manifest, Path(artifact_dir))
     controlnets = load_controlnets(manifest, Path(artifact_dir), pipe.dtype, device)
+    refiner = load_refiner(manifest, Path(artifact_dir), pipe, dtype, device)
     # The manifest's runtime options (channels_last, fused QKV, attention, offload, compile and
     # its cache), applied to the shared modules after every adapter is in place.
     from runtime.optimize import apply
@@ -216,7 +219,9 @@ def load(artifact_dir: Path, device: str | None = None, verify: VerifyMode | Non
         len(manifest.files),
         mode,
     )
-    return Loaded(Path(artifact_dir), manifest, pipe, device, seconds, pipelines, adapters, controlnets)
+    loaded = Loaded(Path(artifact_dir), manifest, pipe, device, seconds, pipelines, adapters, controlnets)
+    loaded.refiner = refiner
+    return loaded
 
 
 def load_switchable_loras(pipe: Any, manifest: Manifest, artifact_dir: Path) -> dict[str, str]:

@@ -42,6 +42,7 @@ MIN_SIZE = 64
 # Denoising strength when a request gives none: worker-sdxl's default (0.3, its img2img refiner
 # pass) for img2img; inpainting regenerates the masked region from noise (diffusers' 1.0).
 DEFAULT_STRENGTH: dict[Task, float] = {"img2img": 0.3, "inpaint": 1.0}
+DEFAULT_REFINER_STEPS = 50  # worker-sdxl's refiner_inference_steps
 MAX_ADAPTERS = 8
 # What an error reply may quote of a value the client sent: a short prefix (a 10^6-character
 # prompt must not come back whole, twice); and how many problems one reply lists.
@@ -138,6 +139,10 @@ class GenerationRequest:
     # How the reply carries the images (runtime.outputs); quality is None for lossless PNG.
     image_format: ImageFormat = "png"
     quality: int | None = None
+    # An artifact with a refiner (runtime.refiner): its steps, and where the base stops (None: the
+    # whole schedule); `strength` is then the refiner's, for txt2img too.
+    refiner_steps: int | None = None
+    high_noise_frac: float | None = None
 
 
 @dataclass(frozen=True)
@@ -393,8 +398,16 @@ def _filled(
     """The request with the artifact's defaults filled in, and warnings for what it ignores."""
     d = spec.defaults
     steps = values["num_inference_steps"] or d.steps
-    warnings = [f"{f}: ignored, this artifact has no refiner" for f in REFINER_FIELDS if values[f] is not None]
-    strength = _strength(values["strength"], task, steps, warnings)
+    # With a refiner, txt2img and img2img are refined (runtime.refiner): its fields count, and
+    # strength is the refiner's, over its own steps.
+    refined = manifest.refiner is not None and task in ("txt2img", "img2img")
+    warnings = (
+        []
+        if refined
+        else [f"{f}: ignored, this artifact has no refiner" for f in REFINER_FIELDS if values[f] is not None]
+    )
+    refiner_steps = (values["refiner_inference_steps"] or DEFAULT_REFINER_STEPS) if refined else None
+    strength = _strength(values["strength"], "img2img" if refined else task, refiner_steps or steps, warnings)
     image_format, quality = _encoding(values["image_format"], values["quality"], warnings)
     loras = {lora.name: lora.scale for lora in manifest.loras}
     controlnets = {c.name: c.scale for c in manifest.controlnets}
@@ -420,6 +433,8 @@ def _filled(
         control_urls=tuple(c["image"] for c in values["controlnets"]),
         image_format=image_format,
         quality=quality,
+        refiner_steps=refiner_steps,
+        high_noise_frac=values["high_noise_frac"] if refined else None,
     )
     return request, warnings
 
