@@ -93,6 +93,13 @@ class Prepared:
         out = {}
         for role in self.locked.roles:
             kind = ADAPTER_KINDS.get(role.split(".")[0])
+            if role.startswith("hypernetworks."):  # A1111 .pt files, converted by their own reader
+                from compiler.hypernetworks import convert
+
+                entry, where = self.locked.entry(role), self.where(role)
+                allow = self.recipe.allow_pickle
+                out[role] = fetch_entry(entry, where, self.ctx, self.recipe.precision, allow_pickle=allow, convert=convert)
+                continue
             if kind is None:
                 continue
             fetched = fetch_entry(
@@ -165,6 +172,7 @@ def prepare(argv: list[str]) -> Prepared:
         vae=pinned("vae") if recipe.vae is not None else None,
         embeddings=tuple(pinned(f"embeddings.{i}") for i in range(len(recipe.embeddings))),
         controlnets=tuple(pinned(f"controlnets.{i}") for i in range(len(recipe.controlnets))),
+        hypernetworks=tuple(pinned(f"hypernetworks.{i}") for i in range(len(recipe.hypernetworks))),
     )
     from compiler.optimize import target_environment  # torch only for recipes that compile
 
@@ -198,12 +206,22 @@ def named_by_lock(recipe: Recipe, locked: Locked) -> Recipe:
         x.model_copy(update={"name": stem(f"controlnets.{i}", x.name)}) if x.from_lock else x
         for i, x in enumerate(recipe.controlnets)
     )
-    for what, names in (("LoRAs", [x.name for x in loras]), ("ControlNets", [x.name for x in controlnets])):
+    hypernetworks = tuple(
+        x.model_copy(update={"name": stem(f"hypernetworks.{i}", x.name)}) if x.from_lock else x
+        for i, x in enumerate(recipe.hypernetworks)
+    )
+    for what, names in (
+        ("LoRAs", [x.name for x in loras]),
+        ("ControlNets", [x.name for x in controlnets]),
+        ("hypernetworks", [x.name for x in hypernetworks]),
+    ):
         if len(set(names)) < len(names):
             raise UserError.one(
                 f"{recipe.path}: {what.lower()}", f"two {what} have the same file name", "give each a `name:`"
             )
-    return recipe.model_copy(update={"loras": loras, "embeddings": embeddings, "controlnets": controlnets})
+    return recipe.model_copy(
+        update={"loras": loras, "embeddings": embeddings, "controlnets": controlnets, "hypernetworks": hypernetworks}
+    )
 
 
 def build(argv: list[str]) -> Path:
@@ -240,7 +258,15 @@ def build(argv: list[str]) -> Path:
                 shared = link_identical(entry / PIPELINE_DIR, staging / PIPELINE_DIR)
                 log.info("%.1f MiB hard-linked from the converted base", shared / 2**20)
             package(
-                staging, plan, key, built.components, p.environment, provenance, built.embeddings, built.controlnets
+                staging,
+                plan,
+                key,
+                built.components,
+                p.environment,
+                provenance,
+                built.embeddings,
+                built.controlnets,
+                built.hypernetworks,
             )
             hit = store.publish(staging, key)
             remember_published(hit)

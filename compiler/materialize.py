@@ -22,12 +22,13 @@ from compiler.converted_bases import ConvertedBase
 from compiler.embeddings import load_embeddings
 from compiler.families import PREDICTION_TYPES
 from compiler.finite import require_finite_file
+from compiler.hypernetworks import build_hypernetworks
 from compiler.lora import apply_loras, base_shapes, check_fit, meta_components
 from compiler.plan import BuildPlan
 from compiler.singlefile import linked, load_component
 from compiler.sources import Fetched
 from compiler.tiny_models import BUILTINS
-from runtime.artifact import PIPELINE_DIR, SCHEDULERS, TORCH_DTYPES, ControlNetInfo, EmbeddingInfo
+from runtime.artifact import PIPELINE_DIR, SCHEDULERS, TORCH_DTYPES, ControlNetInfo, EmbeddingInfo, HypernetworkInfo
 
 log = logging.getLogger(__name__)
 
@@ -179,6 +180,7 @@ class Materialized:
     components: dict[str, str]  # component -> class name
     embeddings: tuple[EmbeddingInfo, ...]
     controlnets: tuple[ControlNetInfo, ...]
+    hypernetworks: tuple[HypernetworkInfo, ...] = ()
 
 
 def materialize(
@@ -217,6 +219,9 @@ def materialize(
         controlnets = build_controlnets(
             pipe, [(c, adapters[f"controlnets.{i}"]) for i, c in enumerate(plan.controlnets)], scratch, out
         )
+        hypernetworks = build_hypernetworks(
+            pipe, [(h, adapters[f"hypernetworks.{i}"]) for i, h in enumerate(plan.hypernetworks)], plan.family, out
+        )
         if plan.prediction is not None:
             pipe.scheduler.register_to_config(prediction_type=PREDICTION_TYPES[plan.prediction])
         pipe.to(dtype=getattr(torch, TORCH_DTYPES[plan.precision]))
@@ -229,9 +234,9 @@ def materialize(
         from compiler.optimize import capture_compile_cache, quantize_denoiser
 
         quantize_denoiser(plan, out)
-        capture_compile_cache(plan, out)
+        capture_compile_cache(plan, out, hypernetworks)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
     log.info("materialized %s (%s, %s)", plan.base, plan.precision, plan.scheduler)
     components = {name: type(c).__name__ for name, c in pipe.components.items() if c is not None}
-    return Materialized(components=components, embeddings=tokens, controlnets=controlnets)
+    return Materialized(components, tokens, controlnets, hypernetworks)

@@ -15,6 +15,7 @@ from runtime.artifact import (
     ControlNetInfo,
     EmbeddingInfo,
     FileEntry,
+    HypernetworkInfo,
     LoraInfo,
     Manifest,
     Serving,
@@ -44,6 +45,7 @@ def package(
     provenance: dict[str, str],
     embeddings: tuple[EmbeddingInfo, ...] = (),
     controlnets: tuple[ControlNetInfo, ...] = (),
+    hypernetworks: tuple[HypernetworkInfo, ...] = (),
 ) -> Manifest:
     files = hash_tree(staging)
     manifest = Manifest(
@@ -58,6 +60,7 @@ def package(
         capabilities=Capabilities(tasks=tuple(plan.tasks), pipelines=dict(plan.tasks)),
         embeddings=embeddings,
         controlnets=controlnets,
+        hypernetworks=hypernetworks,
         loras=tuple(
             LoraInfo(
                 name=lora.name,

@@ -37,8 +37,8 @@ class PlannedFile:
     pin: str
     inputs: tuple[tuple[str, str], ...]
     token: str | None = None  # embeddings: the prompt word (None: the file's own, else `stem`)
-    name: str | None = None  # controlnets: the name requests select it by
-    scale: float | None = None  # controlnets: the default conditioning scale
+    name: str | None = None  # controlnets: the name requests select it by; hypernetworks: their files' name
+    scale: float | None = None  # controlnets: the default conditioning scale; hypernetworks: the strength
     stem: str = ""  # the file's name without extension
 
 
@@ -70,6 +70,7 @@ class BuildPlan:
     vae: PlannedFile | None = None
     embeddings: tuple[PlannedFile, ...] = ()
     controlnets: tuple[PlannedFile, ...] = ()
+    hypernetworks: tuple[PlannedFile, ...] = ()  # applied in this order
 
     @property
     def precision(self) -> str:
@@ -77,7 +78,13 @@ class BuildPlan:
 
     @property
     def adapter_inputs(self) -> tuple[tuple[str, str], ...]:
-        files = (*self.loras, *((self.vae,) if self.vae else ()), *self.embeddings, *self.controlnets)
+        files = (
+            *self.loras,
+            *((self.vae,) if self.vae else ()),
+            *self.embeddings,
+            *self.controlnets,
+            *self.hypernetworks,
+        )
         return tuple(i for f in files for i in f.inputs)
 
     def canonical(self) -> dict[str, Any]:
@@ -89,6 +96,10 @@ class BuildPlan:
         d["vae"] = asdict(self.vae) if self.vae else None
         d["embeddings"] = [asdict(e) for e in self.embeddings]
         d["controlnets"] = [asdict(c) for c in self.controlnets]
+        # Hashed only when there are some, so that plans without them keep their cache keys.
+        d["hypernetworks"] = [asdict(h) for h in self.hypernetworks]
+        if not self.hypernetworks:
+            del d["hypernetworks"]
         d["base_inputs"] = [list(i) for i in self.base_inputs]
         d["checkpoint_inputs"] = [list(i) for i in self.checkpoint_inputs]
         # The options are hashed as the flat fields they were before they became one type (and
@@ -108,6 +119,7 @@ def make_plan(
     vae: Pinned | None = None,
     embeddings: tuple[Pinned, ...] = (),
     controlnets: tuple[Pinned, ...] = (),
+    hypernetworks: tuple[Pinned, ...] = (),
 ) -> BuildPlan:
     """The plan of one build, after validate.check_plan found nothing wrong (else UserError)."""
     family = FAMILIES[base.family]
@@ -151,6 +163,10 @@ def make_plan(
             PlannedFile(pin=p.pin, inputs=p.inputs, name=c.name, scale=c.scale)
             for c, p in zip(recipe.controlnets, controlnets, strict=True)
         ),
+        hypernetworks=tuple(
+            PlannedFile(pin=p.pin, inputs=p.inputs, name=h.name, scale=h.strength)
+            for h, p in zip(recipe.hypernetworks, hypernetworks, strict=True)
+        ),
     )
 
 
@@ -193,6 +209,7 @@ def _steps(
         *(f"embed-{e.token or i}" for i, e in enumerate(recipe.embeddings)),
         *(f"fuse-lora-{lora.name}" for lora in recipe.loras if lora.fuse),
         *(f"controlnet-{c.name}" for c in recipe.controlnets),
+        *(f"hypernetwork-{h.name}" for h in recipe.hypernetworks),
         f"cast-{runtime.dtype}",
         "save",
         *((f"quantize-{runtime.quantize}",) if runtime.quantize != "none" else ()),
