@@ -98,7 +98,9 @@ class Prepared:
 
                 entry, where = self.locked.entry(role), self.where(role)
                 allow = self.recipe.allow_pickle
-                out[role] = fetch_entry(entry, where, self.ctx, self.recipe.precision, allow_pickle=allow, convert=convert)
+                out[role] = fetch_entry(
+                    entry, where, self.ctx, self.recipe.precision, allow_pickle=allow, convert=convert
+                )
                 continue
             if kind is None:
                 continue

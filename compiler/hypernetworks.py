@@ -135,8 +135,8 @@ def _module(state: Any, dim: int, s: Settings, at: str) -> dict[str, Any]:
         )
     out = {}
     for key, tensor in state.items():
-        index, tail = re.fullmatch(r"linear\.(\d+)\.(weight|bias)", key).groups()  # type: ignore[union-attr]
-        out[f"{renumber[int(index)]}.{tail}"] = tensor.to(torch.float32).contiguous()
+        pos, tail = re.fullmatch(r"linear\.(\d+)\.(weight|bias)", key).groups()  # type: ignore[union-attr]
+        out[f"{renumber[int(pos)]}.{tail}"] = tensor.to(torch.float32).contiguous()
     return out
 
 
@@ -261,7 +261,9 @@ def check_fit(dims: list[int], unet: Any, family: str, where: str) -> None:
         log.warning("%s: modules for widths %s have no layer in this base (unused, as in A1111)", where, unused)
 
 
-def build_hypernetworks(pipe: Any, items: list[tuple[Any, Any]], family: str, out: Path) -> tuple[HypernetworkInfo, ...]:
+def build_hypernetworks(
+    pipe: Any, items: list[tuple[Any, Any]], family: str, out: Path
+) -> tuple[HypernetworkInfo, ...]:
     """Each planned hypernetwork checked against the base's attention layers and written under
     ``out/hypernetworks/``: ``NAME.safetensors`` (float32 tensors) and ``NAME.json`` (its config)."""
     infos = []

@@ -90,7 +90,7 @@ class HypernetworkAttnProcessor(AttnProcessor2_0):
             context_v = v(context_v.to(dtype)).to(context.dtype)
         return context_k, context_v
 
-    def __call__(  # type: ignore[override]
+    def __call__(
         self,
         attn: Any,
         hidden_states: torch.Tensor,
@@ -164,7 +164,7 @@ def install(unet: Any, artifact_dir: Path, infos: tuple[HypernetworkInfo, ...]) 
     touched = 0
     for module in unet.modules():
         if isinstance(module, Attention):
-            module.set_processor(processor)
+            module.set_processor(processor)  # type: ignore[arg-type]  # an AttnProcessor2_0
             # self-attention's context is its own input; cross-attention's the text
             width = module.cross_attention_dim if module.is_cross_attention else module.query_dim
             touched += any(width in modules for modules in chain)

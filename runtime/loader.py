@@ -116,7 +116,11 @@ class Loaded:
                 done += ["VAE tiling", "VAE slicing"]
             # Not with hypernetworks: slicing swaps every attention processor, theirs included.
             unet = getattr(self.pipeline, "unet", None)
-            if hasattr(self.pipeline, "enable_attention_slicing") and unet is not None and not self.manifest.hypernetworks:
+            if (
+                hasattr(self.pipeline, "enable_attention_slicing")
+                and unet is not None
+                and not self.manifest.hypernetworks
+            ):
                 # "max": one slice per head, the least memory; "auto" (head_dim // 2) is 0 for
                 # models with a head width of 1 and divides by it.
                 self.pipeline.enable_attention_slicing("max")

@@ -27,9 +27,9 @@ from typing import Any
 from runtime.artifact import (
     COMPILE_DIR,
     CPU_ATTENTION_BACKENDS,
-    HypernetworkInfo,
     PIPELINE_DIR,
     TORCH_DTYPES,
+    HypernetworkInfo,
     RuntimeOptions,
     compile_cache_key,
 )

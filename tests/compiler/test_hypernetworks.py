@@ -141,9 +141,7 @@ def style(tmp_path_factory) -> tuple[Path, dict]:
 
 def test_served_image_is_a1111s_formula(tmp_path: Path, style):
     path, data = style
-    proc = _compile(
-        tmp_path, "hn", f"allow_pickle: true\nhypernetworks:\n  - source: {path}\n    strength: 0.8\n"
-    )
+    proc = _compile(tmp_path, "hn", f"allow_pickle: true\nhypernetworks:\n  - source: {path}\n    strength: 0.8\n")
     assert proc.returncode == 0, proc.stderr[-3000:]
     artifact = Path(proc.stdout.strip())
     manifest = json.loads((artifact / "manifest.json").read_text())

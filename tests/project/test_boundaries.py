@@ -84,6 +84,7 @@ LAYERS: tuple[tuple[str, frozenset[str]], ...] = (
                 "compiler.detect",
                 "compiler.validate",
                 "compiler.pickles",
+                "compiler.hypernetworks",
                 "compiler.fetch",
             }
         ),
