@@ -94,6 +94,15 @@ class Prepared:
         out = {}
         for role in self.locked.roles:
             kind = ADAPTER_KINDS.get(role.split(".")[0])
+            if role.startswith("hypernetworks."):  # A1111 .pt files, converted by their own reader
+                from compiler.hypernetworks import convert
+
+                entry, where = self.locked.entry(role), self.where(role)
+                allow = self.recipe.allow_pickle
+                out[role] = fetch_entry(
+                    entry, where, self.ctx, self.recipe.precision, allow_pickle=allow, convert=convert
+                )
+                continue
             if kind is None:
                 continue
             fetched = fetch_entry(
@@ -167,6 +176,7 @@ def prepare(argv: list[str]) -> Prepared:
         embeddings=tuple(pinned(f"embeddings.{i}") for i in range(len(recipe.embeddings))),
         controlnets=tuple(pinned(f"controlnets.{i}") for i in range(len(recipe.controlnets))),
         refiner=plan_refiner(recipe, {r: locked.entry(r) for r in locked.roles}, base.family),
+        hypernetworks=tuple(pinned(f"hypernetworks.{i}") for i in range(len(recipe.hypernetworks))),
     )
     from compiler.optimize import target_environment  # torch only for recipes that compile
 
@@ -200,12 +210,22 @@ def named_by_lock(recipe: Recipe, locked: Locked) -> Recipe:
         x.model_copy(update={"name": stem(f"controlnets.{i}", x.name)}) if x.from_lock else x
         for i, x in enumerate(recipe.controlnets)
     )
-    for what, names in (("LoRAs", [x.name for x in loras]), ("ControlNets", [x.name for x in controlnets])):
+    hypernetworks = tuple(
+        x.model_copy(update={"name": stem(f"hypernetworks.{i}", x.name)}) if x.from_lock else x
+        for i, x in enumerate(recipe.hypernetworks)
+    )
+    for what, names in (
+        ("LoRAs", [x.name for x in loras]),
+        ("ControlNets", [x.name for x in controlnets]),
+        ("hypernetworks", [x.name for x in hypernetworks]),
+    ):
         if len(set(names)) < len(names):
             raise UserError.one(
                 f"{recipe.path}: {what.lower()}", f"two {what} have the same file name", "give each a `name:`"
             )
-    return recipe.model_copy(update={"loras": loras, "embeddings": embeddings, "controlnets": controlnets})
+    return recipe.model_copy(
+        update={"loras": loras, "embeddings": embeddings, "controlnets": controlnets, "hypernetworks": hypernetworks}
+    )
 
 
 def build(argv: list[str]) -> Path:
@@ -258,6 +278,7 @@ def build(argv: list[str]) -> Path:
                 built.controlnets,
                 conversions(ckpt_file, plan),
                 built.refiner,
+                built.hypernetworks,
             )
             hit = store.publish(staging, key)
             remember_published(hit)

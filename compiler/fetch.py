@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 from compiler.errors import UserError
 from compiler.lockfile import LockEntry
 from compiler.sources import Context, Fetched, fetch
 from compiler.sources.download import DiskFull, HashMismatch
+from compiler.store import Store
 
 
 def fetch_entry(
@@ -17,7 +19,9 @@ def fetch_entry(
     precision: str,
     configs_only: bool = False,
     allow_pickle: bool = False,
+    convert: Callable[[Path, str, str, Store], Path] | None = None,
 ) -> Fetched:
+    """``convert``: how an allowed pickle becomes safetensors (default: its tensors, compiler.pickles)."""
     try:
         fetched = fetch(entry, where, ctx, precision, configs_only)
     except HashMismatch as e:
@@ -35,9 +39,9 @@ def fetch_entry(
         files = dict(fetched.files)
         for name, path in fetched.files.items():
             if allow_pickle and is_pickle(path):
-                from compiler.pickles import convert  # torch: only when a pickle is really allowed
+                from compiler.pickles import convert as tensors_of  # torch: only when a pickle is really allowed
 
-                files[name] = convert(path, name, where, ctx.store)
+                files[name] = (convert or tensors_of)(path, name, where, ctx.store)
             require_safetensors(files[name], name, where)
         fetched = Fetched(source=fetched.source, kind=fetched.kind, files=files, root=fetched.root)
     return fetched

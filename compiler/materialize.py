@@ -24,6 +24,7 @@ from compiler.embeddings import load_embeddings
 from compiler.families import PREDICTION_TYPES
 from compiler.finite import require_finite_file
 from compiler.flux_bfl import preloaded
+from compiler.hypernetworks import build_hypernetworks
 from compiler.lora import apply_loras, base_shapes, check_fit, meta_components
 from compiler.plan import BuildPlan
 from compiler.singlefile import left_out_of_file, linked, load_component, tie_and_check
@@ -35,6 +36,7 @@ from runtime.artifact import (
     TORCH_DTYPES,
     ControlNetInfo,
     EmbeddingInfo,
+    HypernetworkInfo,
     RefinerInfo,
     absent_components,
 )
@@ -198,6 +200,7 @@ class Materialized:
     embeddings: tuple[EmbeddingInfo, ...]
     controlnets: tuple[ControlNetInfo, ...]
     refiner: RefinerInfo | None = None
+    hypernetworks: tuple[HypernetworkInfo, ...] = ()
 
 
 def materialize(
@@ -236,6 +239,9 @@ def materialize(
         controlnets = build_controlnets(
             pipe, [(c, adapters[f"controlnets.{i}"]) for i, c in enumerate(plan.controlnets)], scratch, out
         )
+        hypernetworks = build_hypernetworks(
+            pipe, [(h, adapters[f"hypernetworks.{i}"]) for i, h in enumerate(plan.hypernetworks)], plan.family, out
+        )
         if plan.prediction is not None:
             pipe.scheduler.register_to_config(prediction_type=PREDICTION_TYPES[plan.prediction])
         pipe.to(dtype=getattr(torch, TORCH_DTYPES[plan.precision]))
@@ -251,9 +257,11 @@ def materialize(
         from compiler.optimize import capture_compile_cache, quantize_denoiser
 
         quantize_denoiser(plan, out)
-        capture_compile_cache(plan, out)
+        capture_compile_cache(plan, out, hypernetworks)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
     log.info("materialized %s (%s, %s)", plan.base, plan.precision, plan.scheduler)
     components = {name: type(c).__name__ for name, c in pipe.components.items() if c is not None}
-    return Materialized(components=components, embeddings=tokens, controlnets=controlnets, refiner=refiner)
+    return Materialized(
+        components=components, embeddings=tokens, controlnets=controlnets, refiner=refiner, hypernetworks=hypernetworks
+    )

@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 
 from compiler.plan import BuildPlan
-from runtime.artifact import COMPILE_DIR, PIPELINE_DIR, TORCH_DTYPES, compile_cache_key
+from runtime.artifact import COMPILE_DIR, PIPELINE_DIR, TORCH_DTYPES, HypernetworkInfo, compile_cache_key
 
 log = logging.getLogger(__name__)
 
@@ -81,7 +81,9 @@ def target_environment(plan: BuildPlan) -> dict[str, str]:
     return {"compile_target": capture_target() or "none"}
 
 
-def capture_compile_cache(plan: BuildPlan, out: Path, timeout: float = 3600) -> Path | None:
+def capture_compile_cache(
+    plan: BuildPlan, out: Path, hypernetworks: tuple[HypernetworkInfo, ...] = (), timeout: float = 3600
+) -> Path | None:
     """Warm the declared shapes in a fresh process and store torch.compiler's cache artifacts
     under ``out/compile/<key>/`` (key: GPU kind + torch/triton versions). Only on a GPU (or with
     UIW_COMPILE_CACHE_CPU=1): a cache is only good for the machine kind that made it."""
@@ -106,6 +108,9 @@ def capture_compile_cache(plan: BuildPlan, out: Path, timeout: float = 3600) -> 
         plan.runtime.model_dump_json(),
         "--guidance",
         str(plan.defaults.guidance_scale),
+        # the artifact's attention processors, as the runtime installs them before compiling
+        "--hypernetworks",
+        json.dumps([h.model_dump() for h in hypernetworks]),
     ]
     t0 = time.perf_counter()
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)

@@ -15,6 +15,7 @@ from runtime.artifact import (
     ControlNetInfo,
     EmbeddingInfo,
     FileEntry,
+    HypernetworkInfo,
     LoraInfo,
     Manifest,
     RefinerInfo,
@@ -47,6 +48,7 @@ def package(
     controlnets: tuple[ControlNetInfo, ...] = (),
     conversions: dict[str, str] | None = None,
     refiner: RefinerInfo | None = None,
+    hypernetworks: tuple[HypernetworkInfo, ...] = (),
 ) -> Manifest:
     files = hash_tree(staging)
     manifest = Manifest(
@@ -62,6 +64,7 @@ def package(
         embeddings=embeddings,
         controlnets=controlnets,
         refiner=refiner,
+        hypernetworks=hypernetworks,
         loras=tuple(
             LoraInfo(
                 name=lora.name,

@@ -38,8 +38,8 @@ class PlannedFile:
     pin: str
     inputs: tuple[tuple[str, str], ...]
     token: str | None = None  # embeddings: the prompt word (None: the file's own, else `stem`)
-    name: str | None = None  # controlnets: the name requests select it by
-    scale: float | None = None  # controlnets: the default conditioning scale
+    name: str | None = None  # controlnets: the name requests select it by; hypernetworks: their files' name
+    scale: float | None = None  # controlnets: the default conditioning scale; hypernetworks: the strength
     stem: str = ""  # the file's name without extension
 
 
@@ -86,6 +86,7 @@ class BuildPlan:
     embeddings: tuple[PlannedFile, ...] = ()
     controlnets: tuple[PlannedFile, ...] = ()
     refiner: PlannedRefiner | None = None
+    hypernetworks: tuple[PlannedFile, ...] = ()  # applied in this order
 
     @property
     def precision(self) -> str:
@@ -93,7 +94,13 @@ class BuildPlan:
 
     @property
     def adapter_inputs(self) -> tuple[tuple[str, str], ...]:
-        files = (*self.loras, *((self.vae,) if self.vae else ()), *self.embeddings, *self.controlnets)
+        files = (
+            *self.loras,
+            *((self.vae,) if self.vae else ()),
+            *self.embeddings,
+            *self.controlnets,
+            *self.hypernetworks,
+        )
         refiner = (*self.refiner.inputs, *self.refiner.configs_inputs) if self.refiner else ()
         return (*(i for f in files for i in f.inputs), *refiner)
 
@@ -106,6 +113,10 @@ class BuildPlan:
         d["vae"] = asdict(self.vae) if self.vae else None
         d["embeddings"] = [asdict(e) for e in self.embeddings]
         d["controlnets"] = [asdict(c) for c in self.controlnets]
+        # Hashed only when there are some, so that plans without them keep their cache keys.
+        d["hypernetworks"] = [asdict(h) for h in self.hypernetworks]
+        if not self.hypernetworks:
+            del d["hypernetworks"]
         d["base_inputs"] = [list(i) for i in self.base_inputs]
         d["checkpoint_inputs"] = [list(i) for i in self.checkpoint_inputs]
         # The options are hashed as the flat fields they were before they became one type (and
@@ -131,6 +142,7 @@ def make_plan(
     embeddings: tuple[Pinned, ...] = (),
     controlnets: tuple[Pinned, ...] = (),
     refiner: PlannedRefiner | None = None,
+    hypernetworks: tuple[Pinned, ...] = (),
 ) -> BuildPlan:
     """The plan of one build, after validate.check_plan found nothing wrong (else UserError)."""
     family = FAMILIES[base.family]
@@ -177,6 +189,10 @@ def make_plan(
             for c, p in zip(recipe.controlnets, controlnets, strict=True)
         ),
         refiner=refiner,
+        hypernetworks=tuple(
+            PlannedFile(pin=p.pin, inputs=p.inputs, name=h.name, scale=h.strength)
+            for h, p in zip(recipe.hypernetworks, hypernetworks, strict=True)
+        ),
     )
 
 
@@ -219,6 +235,7 @@ def _steps(
         *(f"embed-{e.token or i}" for i, e in enumerate(recipe.embeddings)),
         *(f"fuse-lora-{lora.name}" for lora in recipe.loras if lora.fuse),
         *(f"controlnet-{c.name}" for c in recipe.controlnets),
+        *(f"hypernetwork-{h.name}" for h in recipe.hypernetworks),
         f"cast-{runtime.dtype}",
         "save",
         *(("refiner",) if recipe.refiner is not None else ()),

@@ -70,6 +70,14 @@ class RecipeEmbedding(_Strict):
     token: str | None = Field(None, pattern=r"^\S{1,64}$")
 
 
+class RecipeHypernetwork(_Strict):
+    """One A1111 hypernetwork (.pt, read only with `allow_pickle: true`)."""
+
+    source: str
+    strength: float = 1.0  # A1111's multiplier: context + module(context) * strength
+    name: str | None = Field(None, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")  # default: the file's stem
+
+
 class _Fields(_Strict):
     base: str | None = None
     checkpoint: str | None = None
@@ -86,8 +94,7 @@ class _Fields(_Strict):
     controlnets: list[RecipeControlNet] = Field(default_factory=list)
     refiner: str | None = None  # an SDXL refiner, run on every request (compiler.refiner)
     refiner_mode: RefinerMode = "worker-sdxl"
-    # Known, so that a recipe naming them gets the reason instead of "unknown key" (see parse_recipe).
-    hypernetworks: list[Any] = Field(default_factory=list)
+    hypernetworks: list[RecipeHypernetwork] = Field(default_factory=list)
 
     @field_validator("family")
     @classmethod
@@ -129,6 +136,7 @@ class Recipe(BaseModel):
     controlnets: tuple[ControlNet, ...] = ()
     refiner: uri.Source | None = None
     refiner_mode: RefinerMode = "worker-sdxl"
+    hypernetworks: tuple[Hypernetwork, ...] = ()
     runtime: RuntimeOptions  # the performance options; runtime.dtype is the precision
 
     @property
@@ -157,6 +165,8 @@ class Recipe(BaseModel):
                 single = self.refiner.path.is_file()
             if single is not False:  # a single file's configs: the refiner's config repo
                 out[REFINER_CONFIGS] = uri.parse(FAMILIES["sdxl-refiner"].config_repo)
+        for i, hn in enumerate(self.hypernetworks):
+            out[f"hypernetworks.{i}"] = hn.source
         return out
 
 
@@ -169,6 +179,15 @@ class ControlNet(BaseModel):
     source: uri.Source
     name: str  # unique in the recipe: requests select ControlNets by name
     scale: float
+    from_lock: bool = False  # no name given and the source names no file: the locked file's stem
+
+
+class Hypernetwork(BaseModel):
+    model_config = ConfigDict(frozen=True, arbitrary_types_allowed=True)
+
+    source: uri.Source
+    name: str  # unique in the recipe: its files in the artifact are named by it
+    strength: float
     from_lock: bool = False  # no name given and the source names no file: the locked file's stem
 
 
@@ -204,6 +223,7 @@ _HINTS = {
     "generator": "cpu (the same picture on any machine) or device (the GPU's own generator, as worker-sdxl)",
     "family": f"one of {', '.join(FAMILIES)}; set it only when detection cannot tell (it names the candidates)",
     "loras": "a list of {source, scale (default 1.0), fuse (default true), name (default: the file's stem)}",
+    "hypernetworks": "a list of {source (an A1111 .pt; needs `allow_pickle: true`), strength (default 1.0), name}",
     "prediction": "eps or v: what the model predicts, for v-prediction fine-tunes whose files do not say so",
     "precision": "one of fp32, fp16, bf16 (override with precision=fp16 on the command line)",
     "scheduler": f"one of {', '.join(SCHEDULERS)} (worker-sdxl's names)",
@@ -229,6 +249,7 @@ _SECTIONS: dict[str, type[BaseModel]] = {
     "loras": RecipeLora,
     "embeddings": RecipeEmbedding,
     "controlnets": RecipeControlNet,
+    "hypernetworks": RecipeHypernetwork,
 }
 
 _M = TypeVar("_M", bound=BaseModel)
@@ -289,6 +310,7 @@ def parse_recipe(
     loras = _loras(checked, where, path, civitai_hosts, problems)
     embeddings = _embeddings(checked, where, path, civitai_hosts, problems)
     controlnets = _controlnets(checked, where, path, civitai_hosts, problems)
+    hypernetworks = _hypernetworks(checked, where, path, civitai_hosts, problems)
     problems.extend(_whole_recipe_problems(fields, checked, where))
     if problems or checked is None or runtime is None:
         raise UserError(problems)
@@ -309,6 +331,7 @@ def parse_recipe(
         controlnets=controlnets,
         refiner=parsed.get("refiner"),
         refiner_mode=checked.refiner_mode,
+        hypernetworks=hypernetworks,
         runtime=runtime.model_copy(update={"dtype": checked.precision}),
     )
 
@@ -357,19 +380,10 @@ def _whole_recipe_problems(fields: dict[str, Any], checked: _Fields | None, wher
                 where("base"), "a recipe needs `base:` or `checkpoint:`", f"{_HINTS['base']}; {_HINTS['checkpoint']}"
             )
         )
-    if checked is not None and checked.hypernetworks:
-        out.append(
-            Problem(
-                where("hypernetworks"),
-                "A1111 hypernetworks are not supported: diffusers has no loader for them, and the files "
-                "are pickles of per-width MLPs applied to the cross-attention context",
-                "use a LoRA of the same style (most hypernetwork styles have LoRA ports on CivitAI)",
-            )
-        )
     return out
 
 
-_Named = TypeVar("_Named", RecipeLora, RecipeControlNet)
+_Named = TypeVar("_Named", RecipeLora, RecipeControlNet, RecipeHypernetwork)
 
 
 def _named_sources(
@@ -403,6 +417,18 @@ def _controlnets(
         ControlNet(source=src, name=name, scale=cn.scale, from_lock=from_lock)
         for cn, src, name, from_lock in _named_sources(
             items, "controlnet", "ControlNets", where, path, civitai_hosts, problems
+        )
+    )
+
+
+def _hypernetworks(
+    checked: _Fields | None, where: Where, path: Path, civitai_hosts: tuple[str, ...], problems: list[Problem]
+) -> tuple[Hypernetwork, ...]:
+    items = checked.hypernetworks if checked else []
+    return tuple(
+        Hypernetwork(source=src, name=name, strength=hn.strength, from_lock=from_lock)
+        for hn, src, name, from_lock in _named_sources(
+            items, "hypernetwork", "hypernetworks", where, path, civitai_hosts, problems
         )
     )
 

@@ -67,6 +67,8 @@ def left_out_of_file(pipeline_class: str, path: Path) -> dict[str, None]:
         return {}
     components, marker = optional
     return {} if marker in read_header(path)[0] else dict.fromkeys(components)
+
+
 def tie_and_check(pipe: Any) -> None:
     """diffusers' single-file T5 loader (FLUX and SD 3 all-in-one files) fills T5's ``shared``
     embedding but not the encoder's ``embed_tokens``, which transformers 5 ties to it only in

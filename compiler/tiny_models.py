@@ -401,6 +401,8 @@ def _inpaint_builtins() -> dict[str, Builtin]:
 
 
 INPAINT_BUILTINS = _inpaint_builtins()
+
+
 def _build_tiny_sdxl_refiner() -> Any:
     from compiler.tiny_models_refiner import build_tiny_sdxl_refiner
 

@@ -224,9 +224,39 @@ def check_plan(
         out.append(
             Problem(f"{where}: controlnets", f"{family.label} has no ControlNet pipeline here", "remove `controlnets:`")
         )
+    out.extend(_hypernetwork_problems(recipe, family))
     if recipe.prediction is not None and family.prediction == "flow":
         out.append(Problem(f"{where}: prediction", f"{family.label} is a flow-matching model", "remove `prediction:`"))
     out.extend(check_performance(recipe, (limits.max_width, limits.max_height)))
+    return out
+
+
+# A1111 hypernetworks change the attention of LDM UNets: the SD 1.x, 2.x and XL families'.
+HYPERNETWORK_FAMILIES = ("sd15", "sd2", "sdxl", "sdxl-refiner")
+
+
+def _hypernetwork_problems(recipe: Recipe, family: Family) -> list[Problem]:
+    where = str(recipe.path)
+    if not recipe.hypernetworks:
+        return []
+    out = []
+    if family.id not in HYPERNETWORK_FAMILIES:
+        out.append(
+            Problem(
+                f"{where}: hypernetworks",
+                f"A1111 hypernetworks change a UNet's attention layers; {family.label} has no UNet",
+                "hypernetworks exist for Stable Diffusion 1.x, 2.x and XL bases; use a LoRA for this family",
+            )
+        )
+    if recipe.runtime.fused_qkv:
+        out.append(
+            Problem(
+                f"{where}: fused_qkv",
+                "fused_qkv computes keys and values in one matmul from one input; a hypernetwork gives the key "
+                "and the value inputs of their own",
+                "drop `fused_qkv:` (or the hypernetworks)",
+            )
+        )
     return out
 
 

@@ -36,6 +36,7 @@ CONTROLNET_DIR = "controlnets"  # one diffusers ControlNetModel folder per Contr
 LORA_DIR = "loras"  # switchable LoRA files, as given (the runtime loads them as named adapters)
 PIPELINE_DIR = "pipeline"
 REFINER_DIR = "refiner"  # an SDXL refiner's pipeline folder, less what it shares with pipeline/
+HYPERNETWORK_DIR = "hypernetworks"  # <name>.safetensors + <name>.json per A1111 hypernetwork
 
 Precision = Literal["fp32", "fp16", "bf16"]
 # precision -> the torch dtype's attribute name (getattr(torch, ...)); strings keep this module torch-free
@@ -136,6 +137,44 @@ class EmbeddingInfo(_Frozen):
     token: str
     vectors: int  # tokens it expands to (token, token_1, …)
     text_encoders: tuple[str, ...]
+
+
+# A1111's hypernetwork activation names -> the torch.nn class it builds for each, without arguments
+# (its HypernetworkModule.activation_dict: "swish" is Hardswish there). The ones that take
+# arguments or change the width (PReLU, Softmax, GLU, MultiheadAttention, ...) are not listed.
+HYPERNETWORK_ACTIVATIONS: dict[str, str] = {
+    "relu": "ReLU",
+    "leakyrelu": "LeakyReLU",
+    "elu": "ELU",
+    "swish": "Hardswish",
+    "tanh": "Tanh",
+    "sigmoid": "Sigmoid",
+    "gelu": "GELU",
+    "silu": "SiLU",
+    "mish": "Mish",
+    "selu": "SELU",
+    "celu": "CELU",
+    "softplus": "Softplus",
+    "softsign": "Softsign",
+    "hardswish": "Hardswish",
+    "hardsigmoid": "Hardsigmoid",
+    "hardtanh": "Hardtanh",
+    "relu6": "ReLU6",
+    "logsigmoid": "LogSigmoid",
+    "tanhshrink": "Tanhshrink",
+    "softshrink": "Softshrink",
+    "hardshrink": "Hardshrink",
+}
+
+
+class HypernetworkInfo(_Frozen):
+    """An A1111 hypernetwork: its modules change the key and value inputs of the denoiser's
+    attention layers whose context width they were made for, at ``strength`` (runtime.hypernetworks)."""
+
+    name: str
+    strength: float
+    weights: str  # its .safetensors, relative to the artifact directory
+    config: str  # its .json: the layers of each module, in order, and the widths it has modules for
 
 
 Offload = Literal["none", "model", "sequential", "group"]
@@ -266,6 +305,7 @@ class Manifest(_Frozen):
     embeddings: tuple[EmbeddingInfo, ...] = ()
     controlnets: tuple[ControlNetInfo, ...] = ()
     refiner: RefinerInfo | None = None
+    hypernetworks: tuple[HypernetworkInfo, ...] = ()  # applied in this order, as A1111 chains them
     runtime: RuntimeOptions
     environment: dict[str, str]
     provenance: dict[str, str]  # recipe field -> "SOURCE PIN" (e.g. "hf://org/repo@main commit:…")

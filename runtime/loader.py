@@ -117,7 +117,13 @@ class Loaded:
                 vae.enable_tiling()
                 vae.enable_slicing()
                 done += ["VAE tiling", "VAE slicing"]
-            if hasattr(self.pipeline, "enable_attention_slicing") and getattr(self.pipeline, "unet", None) is not None:
+            # Not with hypernetworks: slicing swaps every attention processor, theirs included.
+            unet = getattr(self.pipeline, "unet", None)
+            if (
+                hasattr(self.pipeline, "enable_attention_slicing")
+                and unet is not None
+                and not self.manifest.hypernetworks
+            ):
                 # "max": one slice per head, the least memory; "auto" (head_dim // 2) is 0 for
                 # models with a head width of 1 and divides by it.
                 self.pipeline.enable_attention_slicing("max")
@@ -202,6 +208,10 @@ def load(artifact_dir: Path, device: str | None = None, verify: VerifyMode | Non
     adapters = load_switchable_loras(pipe, manifest, Path(artifact_dir))
     controlnets = load_controlnets(manifest, Path(artifact_dir), pipe.dtype, device)
     refiner = load_refiner(manifest, Path(artifact_dir), pipe, dtype, device)
+    if manifest.hypernetworks:  # attention processors: before the options that may trace them (compile)
+        from runtime.hypernetworks import install
+
+        install(pipe.unet, Path(artifact_dir), manifest.hypernetworks)
     # The manifest's runtime options (channels_last, fused QKV, attention, offload, compile and
     # its cache), applied to the shared modules after every adapter is in place.
     from runtime.optimize import apply

@@ -29,6 +29,7 @@ from runtime.artifact import (
     CPU_ATTENTION_BACKENDS,
     PIPELINE_DIR,
     TORCH_DTYPES,
+    HypernetworkInfo,
     RuntimeOptions,
     absent_components,
     compile_cache_key,
@@ -162,7 +163,13 @@ def load_compile_cache(artifact_dir: Path, done: Applied) -> bool:
     return True
 
 
-def warm(staging: Path, pipeline_class: str, options: RuntimeOptions, guidance: float) -> Path:
+def warm(
+    staging: Path,
+    pipeline_class: str,
+    options: RuntimeOptions,
+    guidance: float,
+    hypernetworks: tuple[HypernetworkInfo, ...] = (),
+) -> Path:
     """The compiler's warm-up: load the staged pipeline, apply ``options``, run one step at each
     declared shape, and save torch.compiler's cache artifacts under compile/<key>/."""
     import diffusers
@@ -177,6 +184,10 @@ def warm(staging: Path, pipeline_class: str, options: RuntimeOptions, guidance: 
     )
     pipe.to(device)
     pipe.set_progress_bar_config(disable=True)
+    if hypernetworks:
+        from runtime.hypernetworks import install
+
+        install(pipe.unet, staging, hypernetworks)
     apply(pipe, options, device)
     seconds = {}
     for w, h in options.compile.shapes:
@@ -215,10 +226,13 @@ def main(argv: list[str] | None = None) -> int:
     w.add_argument("--pipeline-class", required=True)
     w.add_argument("--options", required=True, help="RuntimeOptions as JSON")
     w.add_argument("--guidance", type=float, default=7.5)
+    w.add_argument("--hypernetworks", default="[]", help="the artifact's HypernetworkInfo list as JSON")
     args = ap.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # as the runtime loader: nothing reaches the Hub
     logging.basicConfig(stream=sys.stderr, level=logging.INFO)
-    out = warm(args.staging, args.pipeline_class, RuntimeOptions.model_validate_json(args.options), args.guidance)
+    hypernetworks = tuple(HypernetworkInfo.model_validate(h) for h in json.loads(args.hypernetworks))
+    options = RuntimeOptions.model_validate_json(args.options)
+    out = warm(args.staging, args.pipeline_class, options, args.guidance, hypernetworks)
     print(out, flush=True)
     return 0
 

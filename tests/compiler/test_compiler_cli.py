@@ -148,11 +148,7 @@ def test_overrides_change_the_artifact_and_names_keep_history(tmp_path: Path):
     [
         (DEMO_FIELDS + "colour: red\n", [], ["colour: unknown key", "valid keys here: base, checkpoint, family"]),
         (DEMO_FIELDS, ["+extra=1"], ["extra: unknown key"]),
-        (
-            DEMO_FIELDS + "hypernetworks:\n  - ./style.pt\n",
-            [],
-            ["hypernetworks: A1111 hypernetworks are not supported"],
-        ),
+        (DEMO_FIELDS + "hypernetworks:\n  - ./style.pt\n", [], ["hypernetworks.0: Input should be"]),
         (DEMO_FIELDS, ["+defaults.sharpness=2"], ["defaults.sharpness: unknown key", "valid keys here: width"]),
         (DEMO_FIELDS, ["precision=fp8"], ["precision:", "fp8", "hint: one of fp32, fp16, bf16"]),
         (DEMO_FIELDS, ["scheduler=EULER"], ["scheduler: unknown scheduler 'EULER'", "K_EULER"]),

@@ -87,6 +87,7 @@ LAYERS: tuple[tuple[str, frozenset[str]], ...] = (
                 "compiler.validate",
                 "compiler.tasks",
                 "compiler.pickles",
+                "compiler.hypernetworks",
                 "compiler.fetch",
             }
         ),
