@@ -42,7 +42,14 @@ class GenericBuilt:
 def pipeline_class(plan: BuildPlan) -> Any:
     import diffusers
 
-    cls = getattr(diffusers, plan.pipeline_class, None)
+    try:
+        cls = getattr(diffusers, plan.pipeline_class, None)
+    except ImportError as e:  # diffusers' placeholder for a class whose backend is not installed
+        raise UserError.one(
+            f"recipe {plan.recipe}: base",
+            f"{plan.pipeline_class} needs a library this environment lacks: {str(e).strip()[:300]}",
+            "install the library it names into the compiler's and the worker's environment",
+        ) from e
     if cls is None:
         raise UserError.one(
             f"recipe {plan.recipe}: base",
@@ -190,6 +197,9 @@ def sibling_tasks(cls: Any) -> dict[str, str]:
         name = (
             sibling.__name__ if sibling is not None else cls.__name__.removesuffix("Pipeline") + SIBLING_SUFFIXES[task]
         )
-        if getattr(diffusers, name, None) is not None and hasattr(getattr(diffusers, name), "from_pipe"):
-            tasks[task] = name
+        try:
+            if hasattr(getattr(diffusers, name, None), "from_pipe"):
+                tasks[task] = name
+        except ImportError:  # a sibling whose backend is not installed (Kolors' sentencepiece): not served
+            log.info("%s: %s needs a library this environment lacks; %s not served", cls.__name__, name, task)
     return tasks
