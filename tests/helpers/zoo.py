@@ -357,6 +357,18 @@ class Tiny:
         return folder
 
 
+# What the tests assert of each zoo pipeline (docs/compatibility.md's generic table renders it).
+SERVED = "compiles from a folder; served = plain diffusers (1/255); `describe` lists its parameters"
+TESTED: dict[str, str] = {
+    "pixart-sigma": SERVED + "; requests it does not take refused; no LoRA loader",
+    "aura-flow": SERVED + "; fused LoRA = diffusers' (1/255); scheduler outside compatibles refused",
+    "chroma": SERVED + "; from the test Hub = from a folder (same key and bytes); img2img/inpaint siblings",
+    "lumina2": SERVED,
+    "hunyuan-dit": SERVED + "; its own DDPMScheduler; LoRA refused (no LoRA loader)",
+    "sana": SERVED + " (slow marker)",
+    "cogview4": SERVED + " (slow marker)",
+}
+
 ZOO: dict[str, Tiny] = {
     t.name: t
     for t in (
