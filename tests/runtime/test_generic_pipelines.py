@@ -158,3 +158,27 @@ def test_a_scheduler_outside_the_compatibles_is_refused_with_the_accepted_ones(s
     store("aura-flow")  # flow matching: only FlowMatchEulerDiscreteScheduler is compatible
     reply = handle({"model": "aura-flow", "prompt": "x", "scheduler": "K_EULER"})
     assert "scheduler" in reply["error"] and "FLOW_MATCH_EULER" in reply["error"], reply
+
+
+def test_img2img_runs_through_the_sibling_diffusers_maps_the_class_to(store):
+    """Chroma's AutoPipeline sibling (ChromaImg2ImgPipeline), derived at load with from_pipe."""
+    import base64
+    import io
+
+    import diffusers
+    import torch
+    from PIL import Image
+
+    artifact = store("chroma")
+    folder = artifact.parents[3] / "models" / "chroma"
+    source = Image.fromarray(np.random.default_rng(0).integers(0, 255, (64, 96, 3), dtype=np.uint8))
+    buf = io.BytesIO()
+    source.save(buf, format="PNG")
+    uri = "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+    image = served("chroma", **REQUEST, image_url=uri, strength=0.6)
+    pipe = diffusers.ChromaImg2ImgPipeline.from_pretrained(folder)
+    pipe.set_progress_bar_config(disable=True)
+    args = {k: v for k, v in REQUEST.items() if k != "seed"}
+    with torch.inference_mode():
+        out = pipe(**args, image=source, strength=0.6, generator=torch.Generator("cpu").manual_seed(REQUEST["seed"]))
+    assert close(image, np.array(out.images[0]))
