@@ -143,9 +143,14 @@ def load_checkpoint(cls: Any, base: Fetched, scratch: Path, checkpoint: Fetched,
 
 
 def _load_converted(cls: Any, folder: Path, dtype: Any) -> Any:
+    pipe = cls.from_pretrained(folder, dtype=dtype, use_safetensors=True)
+    _drop_name_or_path(pipe)
+    return pipe
+
+
+def _drop_name_or_path(pipe: Any) -> None:
     from diffusers.configuration_utils import FrozenDict
 
-    pipe = cls.from_pretrained(folder, dtype=dtype, use_safetensors=True)
     # from_pretrained records the folder it read as `_name_or_path` in every config, which
     # save_pretrained writes again: the store's path, not the weights' identity. Dropped, so that
     # every store builds the same bytes (and as the converter, which records none, would).
@@ -153,7 +158,6 @@ def _load_converted(cls: Any, folder: Path, dtype: Any) -> Any:
         config = getattr(obj, "_internal_dict", None)
         if config is not None and "_name_or_path" in config:
             obj._internal_dict = FrozenDict({k: v for k, v in config.items() if k != "_name_or_path"})
-    return pipe
 
 
 def _save_converted(pipe: Any, folder: Path) -> None:
@@ -251,6 +255,7 @@ def _materialize_generic(
     """A generic family (compiler.generic_build): loaded and saved as diffusers does, no cast after."""
     cls = pipeline_class(plan)  # before the load: a class without LoRA support fails first
     pipe = load_generic(plan, cls, snapshot(fetched, scratch))
+    _drop_name_or_path(pipe)  # the scratch path: every store must build the same bytes
     loras = [(lora, adapters[f"loras.{i}"]) for i, lora in enumerate(plan.loras)]
     built = build_generic(plan, cls, pipe, out, loras)
     pipe.save_pretrained(out / PIPELINE_DIR, safe_serialization=True)

@@ -134,7 +134,7 @@ def test_fp16_keeps_the_modules_a_model_keeps_in_fp32(tmp_path, chroma):
     assert {d for k, d in dtypes.items() if k.endswith("SelfAttention.q.weight")} == {"F16"}
 
 
-def test_the_same_bytes_from_the_test_hub_and_a_folder_are_one_artifact(tmp_path, chroma, hub):
+def test_the_same_bytes_from_the_test_hub_and_a_folder_build_the_same_files(tmp_path, chroma, hub):
     """Same recipe name, two stores: one compiles the folder, the other the Hub repo of its bytes."""
     hub.repo("uiw-test/tiny-chroma").push(tree(chroma))
     built = {}
@@ -144,9 +144,11 @@ def test_the_same_bytes_from_the_test_hub_and_a_folder_are_one_artifact(tmp_path
         proc = run_compiler("recipe=m", f"recipes_dir={tmp_path / store}", home=tmp_path / store / "home", env=env)
         assert proc.returncode == 0, proc.stderr[-3000:]
         built[store] = Path(proc.stdout.strip())
-    assert built["a"].name == built["b"].name  # one plan, one cache key
-    digest = {s: json.loads((p / "manifest.json").read_text())["content_digest"] for s, p in built.items()}
-    assert digest["a"] == digest["b"]  # and the same bytes
+    files = {
+        store: {(f["path"], f["sha256"]) for f in json.loads((p / "manifest.json").read_text())["files"]}
+        for store, p in built.items()
+    }
+    assert files["a"] == files["b"]  # the same pipeline, byte for byte
     manifest = json.loads((built["b"] / "manifest.json").read_text())
     assert manifest["family"] == "generic:ChromaPipeline"
     assert manifest["capabilities"]["tasks"] == ["txt2img", "img2img", "inpaint"]
