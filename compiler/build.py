@@ -279,6 +279,7 @@ def build(argv: list[str]) -> Path:
                 conversions(ckpt_file, plan),
                 built.refiner,
                 built.hypernetworks,
+                built.generic,
             )
             hit = store.publish(staging, key)
             remember_published(hit)

@@ -24,6 +24,8 @@ from compiler.embeddings import load_embeddings
 from compiler.families import PREDICTION_TYPES
 from compiler.finite import require_finite_file
 from compiler.flux_bfl import preloaded
+from compiler.generic import is_generic
+from compiler.generic_build import GenericBuilt, build_generic, load_generic, pipeline_class
 from compiler.hypernetworks import build_hypernetworks
 from compiler.lora import apply_loras, base_shapes, check_fit, meta_components
 from compiler.plan import BuildPlan
@@ -161,9 +163,14 @@ def load_checkpoint(cls: Any, base: Fetched, scratch: Path, checkpoint: Fetched,
 
 
 def _load_converted(cls: Any, folder: Path, dtype: Any) -> Any:
+    pipe = cls.from_pretrained(folder, dtype=dtype, use_safetensors=True, **absent_components(folder))
+    _drop_name_or_path(pipe)
+    return pipe
+
+
+def _drop_name_or_path(pipe: Any) -> None:
     from diffusers.configuration_utils import FrozenDict
 
-    pipe = cls.from_pretrained(folder, dtype=dtype, use_safetensors=True, **absent_components(folder))
     # from_pretrained records the folder it read as `_name_or_path` in every config, which
     # save_pretrained writes again: the store's path, not the weights' identity. Dropped, so that
     # every store builds the same bytes (and as the converter, which records none, would).
@@ -171,7 +178,6 @@ def _load_converted(cls: Any, folder: Path, dtype: Any) -> Any:
         config = getattr(obj, "_internal_dict", None)
         if config is not None and "_name_or_path" in config:
             obj._internal_dict = FrozenDict({k: v for k, v in config.items() if k != "_name_or_path"})
-    return pipe
 
 
 def _save_converted(pipe: Any, folder: Path) -> None:
@@ -201,6 +207,7 @@ class Materialized:
     controlnets: tuple[ControlNetInfo, ...]
     refiner: RefinerInfo | None = None
     hypernetworks: tuple[HypernetworkInfo, ...] = ()
+    generic: GenericBuilt | None = None  # a generic family's schema, serving and tasks
 
 
 def materialize(
@@ -216,6 +223,11 @@ def materialize(
     import diffusers
     import torch
 
+    if is_generic(plan.family):
+        try:
+            return _materialize_generic(plan, out, fetched, scratch, adapters or {})
+        finally:
+            shutil.rmtree(scratch, ignore_errors=True)
     try:
         adapters = adapters or {}
         loras = [(lora, adapters[f"loras.{i}"]) for i, lora in enumerate(plan.loras)]
@@ -265,3 +277,19 @@ def materialize(
     return Materialized(
         components=components, embeddings=tokens, controlnets=controlnets, refiner=refiner, hypernetworks=hypernetworks
     )
+
+
+def _materialize_generic(
+    plan: BuildPlan, out: Path, fetched: Fetched, scratch: Path, adapters: dict[str, Fetched]
+) -> Materialized:
+    """A generic family (compiler.generic_build): loaded and saved as diffusers does, no cast after."""
+    cls = pipeline_class(plan)  # before the load: a class without LoRA support fails first
+    pipe = load_generic(plan, cls, snapshot(fetched, scratch))
+    _drop_name_or_path(pipe)  # the scratch path: every store must build the same bytes
+    loras = [(lora, adapters[f"loras.{i}"]) for i, lora in enumerate(plan.loras)]
+    built = build_generic(plan, cls, pipe, out, loras)
+    pipe.save_pretrained(out / PIPELINE_DIR, safe_serialization=True)
+    _drop_load_options(out / PIPELINE_DIR)
+    log.info("materialized %s generically as %s (%s)", plan.base, plan.pipeline_class, plan.precision)
+    components = {name: type(c).__name__ for name, c in pipe.components.items() if c is not None}
+    return Materialized(components=components, embeddings=(), controlnets=(), generic=built)

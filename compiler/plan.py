@@ -14,7 +14,8 @@ from typing import Any
 from compiler import COMPILER_REVISION
 from compiler.detect import Detection
 from compiler.errors import UserError
-from compiler.families import FAMILIES, Family
+from compiler.families import Family
+from compiler.generic import family_spec, is_generic, recipe_problems
 from compiler.recipe import Recipe
 from compiler.sources.base import Pinned, Resolved
 from compiler.tasks import served
@@ -145,10 +146,15 @@ def make_plan(
     hypernetworks: tuple[Pinned, ...] = (),
 ) -> BuildPlan:
     """The plan of one build, after validate.check_plan found nothing wrong (else UserError)."""
-    family = FAMILIES[base.family]
+    family = family_spec(base.family)
     defaults, limits = _serving(recipe, family, base.native_size)
     scheduler = recipe.scheduler or family.default_scheduler
-    if problems := check_plan(recipe, family, detected, defaults, limits, scheduler, base.model_variant):
+    problems = check_plan(recipe, family, detected, defaults, limits, scheduler, base.model_variant)
+    if is_generic(family.id):
+        given = {"checkpoint": checkpoint is not None, "vae": vae is not None, "embeddings": bool(embeddings)}
+        given |= {"prediction": recipe.prediction is not None, "quantize": recipe.runtime.quantize != "none"}
+        problems += recipe_problems(str(recipe.path), family, given, tuple(p for p, _ in base.inputs))
+    if problems:
         raise UserError(problems)
     # An inpainting model (the file's word, else its base's) serves every task through its inpaint pipeline.
     tasks = served(family, detected.variant if detected else base.model_variant, bool(recipe.controlnets))

@@ -5,6 +5,7 @@ from __future__ import annotations
 from compiler.detect import INVALID_HINT, Detection
 from compiler.errors import Problem, UserError
 from compiler.families import CONTEXT_FAMILY, Family, family_of_civitai_base_model, lineage
+from compiler.generic import is_generic
 from compiler.recipe import Recipe
 from compiler.tasks import task_problems
 from runtime.artifact import Defaults, Limits, RuntimeOptions
@@ -79,7 +80,9 @@ def check_adapter(found: Detection, kind: str, family: str, where: str) -> None:
             f"this file is {_a(found.kind)}, not {_a(kind)} (evidence: {evidence})",
             f"this field takes {FIELD_TAKES[kind]}; `python -m compiler.detect FILE` says what a file is",
         )
-    if found.family is not None and lineage(found.family) != lineage(family):
+    # Header families are the registry's: a generic base is none of them, so there the build's
+    # every-module-lands check decides (a FLUX-like block name says nothing of a Chroma base).
+    if found.family is not None and not is_generic(family) and lineage(found.family) != lineage(family):
         raise UserError.one(
             where,
             f"this {kind} is made for {found.family}, the base is {family} (evidence: {evidence})",

@@ -31,7 +31,25 @@ def render() -> str:
         found = detect(case.keys(), case.metadata)
         cells = (found.kind, found.family or "?", found.format or "?", found.variant, found.prediction or "?")
         rows.append(f"| {case.what} | {' · '.join(cells)} | {', '.join(found.candidates) or '—'} | {case.compiles} |")
-    return HEAD + "\n".join(rows) + "\n"
+    return HEAD + "\n".join(rows) + "\n" + _generic()
+
+
+GENERIC_HEAD = """
+## Pipeline classes without a family (generic)
+
+Any pipeline class the installed diffusers has compiles as `generic:<Class>` (docs/design.md). These
+are tested with tiny pipelines built in code (`tests/helpers/zoo.py`), in
+`tests/runtime/test_generic_pipelines.py` and `tests/compiler/test_generic_build.py`:
+
+| pipeline class | what the tests assert |
+|---|---|
+"""
+
+
+def _generic() -> str:
+    from tests.helpers.zoo import TESTED, ZOO
+
+    return GENERIC_HEAD + "".join(f"| {ZOO[n].pipeline_class} | {TESTED[n]} |\n" for n in ZOO)
 
 
 def main() -> int:
