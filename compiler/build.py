@@ -240,7 +240,15 @@ def build(argv: list[str]) -> Path:
                 shared = link_identical(entry / PIPELINE_DIR, staging / PIPELINE_DIR)
                 log.info("%.1f MiB hard-linked from the converted base", shared / 2**20)
             package(
-                staging, plan, key, built.components, p.environment, provenance, built.embeddings, built.controlnets
+                staging,
+                plan,
+                key,
+                built.components,
+                p.environment,
+                provenance,
+                built.embeddings,
+                built.controlnets,
+                built.generic,
             )
             hit = store.publish(staging, key)
             remember_published(hit)

@@ -22,6 +22,8 @@ from compiler.converted_bases import ConvertedBase
 from compiler.embeddings import load_embeddings
 from compiler.families import PREDICTION_TYPES
 from compiler.finite import require_finite_file
+from compiler.generic import is_generic
+from compiler.generic_build import GenericBuilt, build_generic, load_generic, pipeline_class
 from compiler.lora import apply_loras, base_shapes, check_fit, meta_components
 from compiler.plan import BuildPlan
 from compiler.singlefile import linked, load_component
@@ -179,6 +181,7 @@ class Materialized:
     components: dict[str, str]  # component -> class name
     embeddings: tuple[EmbeddingInfo, ...]
     controlnets: tuple[ControlNetInfo, ...]
+    generic: GenericBuilt | None = None  # a generic family's schema, serving and tasks
 
 
 def materialize(
@@ -194,6 +197,11 @@ def materialize(
     import diffusers
     import torch
 
+    if is_generic(plan.family):
+        try:
+            return _materialize_generic(plan, out, fetched, scratch, adapters or {})
+        finally:
+            shutil.rmtree(scratch, ignore_errors=True)
     try:
         adapters = adapters or {}
         loras = [(lora, adapters[f"loras.{i}"]) for i, lora in enumerate(plan.loras)]
@@ -235,3 +243,18 @@ def materialize(
     log.info("materialized %s (%s, %s)", plan.base, plan.precision, plan.scheduler)
     components = {name: type(c).__name__ for name, c in pipe.components.items() if c is not None}
     return Materialized(components=components, embeddings=tokens, controlnets=controlnets)
+
+
+def _materialize_generic(
+    plan: BuildPlan, out: Path, fetched: Fetched, scratch: Path, adapters: dict[str, Fetched]
+) -> Materialized:
+    """A generic family (compiler.generic_build): loaded and saved as diffusers does, no cast after."""
+    cls = pipeline_class(plan)  # before the load: a class without LoRA support fails first
+    pipe = load_generic(plan, cls, snapshot(fetched, scratch))
+    loras = [(lora, adapters[f"loras.{i}"]) for i, lora in enumerate(plan.loras)]
+    built = build_generic(plan, cls, pipe, out, loras)
+    pipe.save_pretrained(out / PIPELINE_DIR, safe_serialization=True)
+    _drop_load_options(out / PIPELINE_DIR)
+    log.info("materialized %s generically as %s (%s)", plan.base, plan.pipeline_class, plan.precision)
+    components = {name: type(c).__name__ for name, c in pipe.components.items() if c is not None}
+    return Materialized(components=components, embeddings=(), controlnets=(), generic=built)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from compiler.generic_build import GenericBuilt
 from compiler.plan import BuildPlan
 from compiler.store import utc_now
 from runtime.artifact import (
@@ -44,8 +45,14 @@ def package(
     provenance: dict[str, str],
     embeddings: tuple[EmbeddingInfo, ...] = (),
     controlnets: tuple[ControlNetInfo, ...] = (),
+    generic: GenericBuilt | None = None,
 ) -> Manifest:
     files = hash_tree(staging)
+    # A generic family's serving and tasks were read from its pipeline class at build.
+    serving = (
+        generic.serving if generic else Serving(scheduler=plan.scheduler, defaults=plan.defaults, limits=plan.limits)
+    )
+    tasks = generic.tasks if generic else plan.tasks
     manifest = Manifest(
         format_version=FORMAT_VERSION,
         cache_key=key,
@@ -54,8 +61,9 @@ def package(
         family=plan.family,
         pipeline_class=plan.pipeline_class,
         components=components,
-        serving=Serving(scheduler=plan.scheduler, defaults=plan.defaults, limits=plan.limits),
-        capabilities=Capabilities(tasks=tuple(plan.tasks), pipelines=dict(plan.tasks)),
+        serving=serving,
+        capabilities=Capabilities(tasks=tuple(tasks), pipelines=dict(tasks)),
+        call=generic.call if generic else None,
         embeddings=embeddings,
         controlnets=controlnets,
         loras=tuple(

@@ -14,7 +14,8 @@ from typing import Any
 from compiler import COMPILER_REVISION
 from compiler.detect import Detection
 from compiler.errors import UserError
-from compiler.families import FAMILIES, Family, main_task
+from compiler.families import Family, main_task
+from compiler.generic import family_spec, is_generic, recipe_problems
 from compiler.recipe import Recipe
 from compiler.sources.base import Pinned, Resolved
 from compiler.validate import check_plan
@@ -110,10 +111,15 @@ def make_plan(
     controlnets: tuple[Pinned, ...] = (),
 ) -> BuildPlan:
     """The plan of one build, after validate.check_plan found nothing wrong (else UserError)."""
-    family = FAMILIES[base.family]
+    family = family_spec(base.family)
     defaults, limits = _serving(recipe, family, base.native_size)
     scheduler = recipe.scheduler or family.default_scheduler
-    if problems := check_plan(recipe, family, detected, defaults, limits, scheduler):
+    problems = check_plan(recipe, family, detected, defaults, limits, scheduler)
+    if is_generic(family.id):
+        given = {"checkpoint": checkpoint is not None, "vae": vae is not None, "embeddings": bool(embeddings)}
+        given |= {"prediction": recipe.prediction is not None, "quantize": recipe.runtime.quantize != "none"}
+        problems += recipe_problems(str(recipe.path), family, given, tuple(p for p, _ in base.inputs))
+    if problems:
         raise UserError(problems)
     runtime = _runtime(recipe.runtime, defaults)
     # A file that says it predicts v (a v_pred key, modelspec metadata) is believed over the base's

@@ -227,6 +227,33 @@ class RuntimeOptions(_Frozen):
         return v
 
 
+ParamType = Literal["int", "float", "bool", "str"]
+
+
+class CallParam(_Frozen):
+    """A plain-typed parameter of a generic pipeline's ``__call__`` that requests may set, as the
+    compiler read it from the signature and docstring (``default``: the pipeline's own)."""
+
+    name: str
+    type: ParamType
+    default: bool | int | float | str | None = None
+    minimum: float | None = None
+    maximum: float | None = None
+    description: str = ""
+
+
+class CallSchema(_Frozen):
+    """A generic artifact's requests, read at build from its pipeline class (compiler.introspect):
+    which worker-sdxl fields the pipeline takes and under what name, and its other parameters."""
+
+    mapped: dict[str, str]  # worker-sdxl field -> the __call__ parameter it fills
+    extras: tuple[CallParam, ...] = ()
+    size_multiple: int = 8  # width and height must be multiples of it (the VAE's scale factor)
+    schedulers: tuple[str, ...] = ()  # what a request may name: SCHEDULERS keys, or the base's own class
+    output: Literal["images", "frames"] = "images"  # frames: a video pipeline
+    step_callback: bool = True  # whether __call__ takes callback_on_step_end (progress, time limits)
+
+
 class FileEntry(_Frozen):
     path: str  # relative to the artifact directory, POSIX separators
     sha256: str
@@ -246,6 +273,7 @@ class Manifest(_Frozen):
     loras: tuple[LoraInfo, ...] = ()
     embeddings: tuple[EmbeddingInfo, ...] = ()
     controlnets: tuple[ControlNetInfo, ...] = ()
+    call: CallSchema | None = None  # generic artifacts (family generic:<class>) only
     runtime: RuntimeOptions
     environment: dict[str, str]
     provenance: dict[str, str]  # recipe field -> "SOURCE PIN" (e.g. "hf://org/repo@main commit:…")

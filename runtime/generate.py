@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 from runtime.artifact import SCHEDULERS
+from runtime.pipeline_call import generic_arguments, pipeline_output, takes_step_callback
 from runtime.progress import BatchWatch, StepWatch
 from runtime.schema import GenerationRequest
 
@@ -65,7 +66,7 @@ def _guidance_embedder(pipeline: Any) -> bool:
 
 def request_warnings(pipeline: Any, request: GenerationRequest) -> list[str]:
     """What of the request this model ignores or changes, for the reply's `warnings`."""
-    if guidance_kind(pipeline) == "cfg":
+    if request.call is not None or guidance_kind(pipeline) == "cfg":  # generic: only fields it takes
         return []
     warnings = []
     if request.negative_prompt:
@@ -91,6 +92,8 @@ def _takes_size(cls: type) -> bool:
 
 def call_arguments(pipeline: Any, request: GenerationRequest) -> dict[str, Any]:
     """The pipeline's __call__ arguments for the request, less the generator: only those it takes."""
+    if request.call is not None:
+        return generic_arguments(pipeline, request)
     args: dict[str, Any] = {
         "prompt": request.prompt,
         "num_inference_steps": request.steps,
@@ -126,8 +129,8 @@ def batch_key(request: GenerationRequest) -> tuple[Any, ...] | None:
     are lists); everything that shapes the call must not. Whether there is a negative prompt at
     all shapes it: SDXL reads a missing one as zero embeddings (force_zeros_for_empty_prompt), not
     as the embedding of "", and a list of negative prompts cannot hold None."""
-    if request.task != "txt2img" or request.num_images != 1:
-        return None
+    if request.task != "txt2img" or request.num_images != 1 or request.call is not None:
+        return None  # generic artifacts run solo: their own parameters may shape the call
     return (
         request.task,
         request.width,
@@ -197,7 +200,10 @@ def denoise(
     first = requests[0]
     # Always from the base model's own scheduler config (the artifact keeps it unconverted; the
     # shared pipeline's scheduler is never replaced), so the result does not depend on history.
-    scheduler = getattr(diffusers, SCHEDULERS[first.scheduler]).from_config(pipeline.scheduler.config)
+    # A generic artifact's own scheduler may be a class outside SCHEDULERS: named by its class.
+    scheduler = getattr(diffusers, SCHEDULERS.get(first.scheduler, first.scheduler)).from_config(
+        pipeline.scheduler.config
+    )
     # A shallow copy shares every weight-holding component; only the scheduler (and the per-call
     # attributes __call__ sets: _interrupt, _guidance_scale, ...) are this call's own. Not from_pipe
     # per request: it re-runs the pipeline's __init__, which rewrites some schedulers' configs (SD's
@@ -216,7 +222,7 @@ def denoise(
     kind = decode_kind(pipeline)
     args["output_type"] = "latent" if kind else "pil"
     watch = BatchWatch(watches or [None] * len(requests), per_request=first.num_images)
-    if any(w is not None for w in watch.watches):
+    if any(w is not None for w in watch.watches) and takes_step_callback(pipeline):
         args["callback_on_step_end"] = watch
     # Inside `exclusive` (the LoRA gate), never around it: the upcast lock is always the
     # innermost lock, so its holders wait for nothing.
@@ -230,7 +236,7 @@ def denoise(
         raise RuntimeError("the denoise loop was interrupted without a deadline passing")
     n = first.num_images
     if kind is None:
-        images = list(out.images)
+        images = pipeline_output(out)
         return [Denoised(images=tuple(images[i * n : (i + 1) * n])) for i in range(len(requests))]
     return [Denoised(latents=out.images[i * n : (i + 1) * n]) for i in range(len(requests))]
 

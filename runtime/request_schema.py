@@ -30,7 +30,8 @@ def _schema_text(spec: RequestSpec) -> str:
     schema = request_model(spec).model_json_schema()
     props = schema["properties"]
     # What the server fills in when a field is absent (pydantic would say null).
-    for alias, name in ALIASES.items():
+    aliases = {alias: name for alias, name in ALIASES.items() if name in props}  # a generic pipeline may lack some
+    for alias, name in aliases.items():
         props[alias] = copy.deepcopy(props[name]) | {"title": alias, "description": f"alias of {name}"}
     for kind, names in (("loras", spec.loras), ("controlnets", spec.controlnets)):
         # Each name at most once in the list: with names from a closed enum, "unique by name" is
@@ -52,7 +53,7 @@ def _schema_text(spec: RequestSpec) -> str:
             "The x- keywords are annotations (no validation)."
         ),
         # An alias and its canonical name are one field: giving both is refused.
-        "dependentSchemas": {alias: {"not": {"required": [name]}} for alias, name in ALIASES.items()},
+        "dependentSchemas": {alias: {"not": {"required": [name]}} for alias, name in aliases.items()},
         "allOf": _rules(spec),
         "x-tasks": list(spec.tasks),
         "x-embedding-tokens": list(spec.embedding_tokens),

@@ -22,7 +22,7 @@ from typing import Annotated, Any, Literal
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, WithJsonSchema, create_model
 from pydantic_core import PydanticCustomError
 
-from runtime.artifact import SCHEDULERS, Defaults, Limits, Manifest, Task
+from runtime.artifact import SCHEDULERS, CallParam, CallSchema, Defaults, Limits, Manifest, Task
 from runtime.encode import DEFAULT_QUALITY
 from runtime.encode import Format as ImageFormat
 
@@ -72,6 +72,8 @@ def artifact_schedulers(manifest: Manifest) -> tuple[str, ...]:
     A base scheduler outside SCHEDULER_GROUPS counts as its default's kind (the compiler checked
     the default against the family)."""
     default = manifest.serving.scheduler
+    if manifest.call is not None:  # a generic artifact: read from diffusers' compatibles at build
+        return manifest.call.schedulers
     base = manifest.components.get("scheduler", "")
     group = SCHEDULER_GROUPS.get(base) or SCHEDULER_GROUPS.get(SCHEDULERS.get(default, ""))
     return tuple(n for n, cls in SCHEDULERS.items() if n == default or SCHEDULER_GROUPS.get(cls) == group)
@@ -138,6 +140,10 @@ class GenerationRequest:
     # How the reply carries the images (runtime.outputs); quality is None for lossless PNG.
     image_format: ImageFormat = "png"
     quality: int | None = None
+    # Generic artifacts: the call schema (runtime.pipeline_call maps the fields above through it)
+    # and the pipeline's own parameters this request set, by their __call__ names.
+    call: CallSchema | None = None
+    params: tuple[tuple[str, Any], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -155,6 +161,11 @@ class RequestSpec:
     fused_loras: tuple[tuple[str, float], ...]  # always on: named only to say so
     controlnets: tuple[str, ...]
     embedding_tokens: tuple[str, ...]
+    # Generic artifacts: the worker-sdxl fields the pipeline takes (None: a family artifact, all
+    # of them), its own parameters, and what sizes must be multiples of.
+    mapped: frozenset[str] | None = None
+    extras: tuple[CallParam, ...] = ()
+    size_multiple: int = 8
 
     @classmethod
     def of(cls, manifest: Manifest) -> RequestSpec:
@@ -169,6 +180,9 @@ class RequestSpec:
             fused_loras=tuple(sorted((lora.name, lora.scale) for lora in manifest.loras if lora.fused)),
             controlnets=tuple(sorted(c.name for c in manifest.controlnets)),
             embedding_tokens=tuple(e.token for e in manifest.embeddings),
+            mapped=frozenset(manifest.call.mapped) if manifest.call else None,
+            extras=manifest.call.extras if manifest.call else (),
+            size_multiple=manifest.call.size_multiple if manifest.call else 8,
         )
 
 
@@ -193,6 +207,10 @@ def _one_of(names: tuple[str, ...]) -> Any:
 def request_model(spec: RequestSpec) -> type[BaseModel]:
     """The pydantic model of one artifact's requests (strict types; floats accept ints)."""
     fields = {**_generation_fields(spec), **_adapter_fields(spec), **_output_fields()}
+    if spec.mapped is not None:
+        from runtime.generic_schema import generic_fields
+
+        fields = generic_fields(fields, spec)
     config = ConfigDict(extra="forbid", strict=True, frozen=True, title=f"Request to {spec.title}")
     return create_model("Request", __config__=config, **fields)
 
@@ -211,11 +229,23 @@ def _generation_fields(spec: RequestSpec) -> dict[str, Any]:
         ),
         "width": (
             int | None,
-            Field(None, ge=MIN_SIZE, le=lim.max_width, multiple_of=8, json_schema_extra={"default": d.width}),
+            Field(
+                None,
+                ge=MIN_SIZE,
+                le=lim.max_width,
+                multiple_of=spec.size_multiple,
+                json_schema_extra={"default": d.width},
+            ),
         ),
         "height": (
             int | None,
-            Field(None, ge=MIN_SIZE, le=lim.max_height, multiple_of=8, json_schema_extra={"default": d.height}),
+            Field(
+                None,
+                ge=MIN_SIZE,
+                le=lim.max_height,
+                multiple_of=spec.size_multiple,
+                json_schema_extra={"default": d.height},
+            ),
         ),
         "seed": (int | None, Field(None, ge=0, le=MAX_SEED, description="default: random, returned in the reply")),
         "scheduler": (
@@ -393,7 +423,7 @@ def _filled(
     """The request with the artifact's defaults filled in, and warnings for what it ignores."""
     d = spec.defaults
     steps = values["num_inference_steps"] or d.steps
-    warnings = [f"{f}: ignored, this artifact has no refiner" for f in REFINER_FIELDS if values[f] is not None]
+    warnings = [f"{f}: ignored, this artifact has no refiner" for f in REFINER_FIELDS if values.get(f) is not None]
     strength = _strength(values["strength"], task, steps, warnings)
     image_format, quality = _encoding(values["image_format"], values["quality"], warnings)
     loras = {lora.name: lora.scale for lora in manifest.loras}
@@ -401,14 +431,14 @@ def _filled(
     request = GenerationRequest(
         task=task,
         prompt=values["prompt"],
-        negative_prompt=values["negative_prompt"] if "negative_prompt" in sent else d.negative_prompt,
-        width=values["width"] or d.width,
-        height=values["height"] or d.height,
+        negative_prompt=values.get("negative_prompt") if "negative_prompt" in sent else d.negative_prompt,
+        width=values.get("width") or d.width,
+        height=values.get("height") or d.height,
         steps=steps,
-        guidance_scale=values["guidance_scale"] if values["guidance_scale"] is not None else d.guidance_scale,
+        guidance_scale=values["guidance_scale"] if values.get("guidance_scale") is not None else d.guidance_scale,
         scheduler=values["scheduler"] or spec.scheduler,
         seed=values["seed"] if values["seed"] is not None else secrets.randbelow(2**32),
-        num_images=values["num_images"] or 1,
+        num_images=values.get("num_images") or 1,
         strength=strength,
         image_url=values["image_url"] or None,
         mask_url=values["mask_url"] or None,
@@ -420,6 +450,8 @@ def _filled(
         control_urls=tuple(c["image"] for c in values["controlnets"]),
         image_format=image_format,
         quality=quality,
+        call=manifest.call,
+        params=tuple((p.name, values[p.name]) for p in spec.extras if values.get(p.name) is not None),
     )
     return request, warnings
 

@@ -14,6 +14,7 @@ from typing import Any
 from compiler import uri
 from compiler.errors import UserError
 from compiler.families import FAMILIES, family_of_repo
+from compiler.generic import family_spec
 from compiler.lockfile import LockEntry
 from compiler.sources import builtin, civitai, hf, local, url
 from compiler.sources.base import Context, Fetched, Pinned, Resolved
@@ -103,9 +104,10 @@ def describe_pipeline(
             + f"; evidence: {'; '.join(meta.get('family_evidence') or ()) or 'none'})",
             f"set `family:` in the recipe to one of {', '.join(cands)}, or relock it (lock=update)"
             if cands
-            else f"supported pipeline classes: {', '.join(known)}",
+            else "the class is neither a diffusers pipeline class (of the installed diffusers) nor one of the "
+            f"families' ({', '.join(known)}); check model_index.json's _class_name",
         )
-    size = meta.get("native_size") or FAMILIES[family].native_size
+    size = meta.get("native_size") or family_spec(family).native_size
     needed = set(wanted(entry, precision, configs_only))
     inputs = tuple((f.path, f.sha256) for f in entry.files if f.path in needed)
     return Resolved(

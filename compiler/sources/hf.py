@@ -19,6 +19,7 @@ from typing import Any
 from compiler import uri
 from compiler.errors import UserError
 from compiler.families import family_of_repo
+from compiler.generic import diffusers_has, family_id
 from compiler.lockfile import LockedFile, LockEntry
 from compiler.sources.base import Context, Fetched
 from compiler.sources.blobs import fetch_pinned, fetch_unpinned
@@ -222,6 +223,11 @@ def pipeline_meta(index: dict[str, Any], configs: dict[str, dict[str, Any]]) -> 
     """What the plan needs of a diffusers pipeline, from its model_index.json and configs (pure)."""
     found = family_of_repo(index.get("_class_name"), configs)
     meta: dict[str, Any] = {"pipeline_class": index.get("_class_name"), "native_size": native_size(configs)}
+    if found.family is None and not found.candidates and diffusers_has(index.get("_class_name")):
+        # No family serves the class, but diffusers has it: the generic path (compiler.generic).
+        meta["family"] = family_id(index["_class_name"])
+        meta["family_evidence"] = [f"_class_name {index['_class_name']}: no family entry, served generically"]
+        return meta
     meta["family"] = found.family
     if found.family is None:
         meta["family_candidates"] = list(found.candidates)

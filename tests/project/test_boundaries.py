@@ -38,6 +38,7 @@ LAYERS: tuple[tuple[str, frozenset[str]], ...] = (
                 "compiler.uri",
                 "compiler.lockfile",
                 "compiler.families",
+                "compiler.generic",
                 "compiler.family_configs",
                 "compiler.tiny_models",
                 "compiler.finite",
@@ -99,6 +100,8 @@ LAYERS: tuple[tuple[str, frozenset[str]], ...] = (
                 "compiler.lora",
                 "compiler.optimize",
                 "compiler.converted_bases",
+                "compiler.introspect",
+                "compiler.generic_build",
                 "compiler.materialize",
                 "compiler.package",
             }
