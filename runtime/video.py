@@ -22,15 +22,16 @@ from fractions import Fraction
 from pathlib import Path
 from typing import Any, Literal
 
+from runtime.artifact import MAX_FRAMES
+
 VideoFormat = Literal["mp4", "webp", "gif"]
 VIDEO_FORMATS: tuple[VideoFormat, ...] = ("mp4", "webp", "gif")
 MIME: dict[VideoFormat, str] = {"mp4": "video/mp4", "webp": "image/webp", "gif": "image/gif"}
 EXTENSION: dict[VideoFormat, str] = {"mp4": ".mp4", "webp": ".webp", "gif": ".gif"}
 
 MIN_FPS, MAX_FPS = 1, 60
-# A hard ceiling whatever a recipe says: a 1025-frame video is LTX-Video's and Wan's own long end;
-# 2^28 pixels over all frames (e.g. 257 frames of 1024x1024) is ~800 MB of RGB held while encoding.
-MAX_FRAMES = 1025
+# Hard ceilings whatever a recipe says: MAX_FRAMES (runtime.artifact) frames, and 2^28 pixels over
+# all frames (e.g. 257 frames of 1024x1024), ~800 MB of RGB held while encoding.
 MAX_VIDEO_PIXELS = 2**28
 # libx264's constant-rate factor: 0 lossless .. 51 worst; 18 is x264's "visually lossless" point.
 MP4_CRF = 18

@@ -17,6 +17,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from runtime.artifact import Manifest
 from runtime.schema import RequestError, quote
 from runtime.settings import Bucket
 from runtime.upload import upload
@@ -96,6 +97,23 @@ def pop_video_options(
         rate = rest.get(FRAME_RATE_PARAM, call_defaults.get(FRAME_RATE_PARAM))
         fps = default_fps(pipeline_class, {FRAME_RATE_PARAM: rate} if FRAME_RATE_PARAM in call_defaults else {})
     return VideoOptions(chosen, fps, quality), rest, warnings
+
+
+def video_request(raw: Any, manifest: Manifest) -> tuple[VideoOptions | None, Any, list[str]]:
+    """pop_video_options for an artifact whose pipeline makes videos; (None, raw, []) otherwise."""
+    call = manifest.call
+    if call is None or call.output != "frames":
+        return None, raw, []
+    return pop_video_options(raw, manifest.pipeline_class, {p.name: p.default for p in call.extras})
+
+
+def describe_video_options(manifest: Manifest, props: dict[str, Any]) -> None:
+    """A video artifact's ``describe`` schema: its output fields replace the image ones."""
+    call = manifest.call
+    if call is None or call.output != "frames":
+        return
+    props.pop("image_format", None)
+    props.update(video_options_schema(default_fps(manifest.pipeline_class, {p.name: p.default for p in call.extras})))
 
 
 def _whole(value: Any, low: int, high: int) -> bool:
