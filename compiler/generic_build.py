@@ -124,7 +124,7 @@ def native_size(pipe: Any, cls: Any) -> tuple[int, int]:
     config = getattr(denoiser, "config", None)
     sample = getattr(pipe, "default_sample_size", None) or getattr(config, "sample_size", None)
     if sample is None and isinstance(getattr(config, "sample_height", None), int):  # CogVideoX
-        sample = (config.sample_height, config.sample_width)
+        sample = (getattr(config, "sample_height", 0), getattr(config, "sample_width", 0))
     if sample is None:
         return 1024, 1024
     h, w = (sample, sample) if isinstance(sample, int) else sample
