@@ -20,6 +20,7 @@ from compiler.generic import OWN_SCHEDULER, PIPELINE_OWN, PIPELINE_OWN_GUIDANCE
 from compiler.introspect import call_schema, own_default
 from compiler.lora import apply_loras
 from compiler.plan import BuildPlan
+from compiler.video_limits import bound_frames
 from runtime.artifact import SCHEDULERS, TORCH_DTYPES, CallSchema, Defaults, Serving
 
 log = logging.getLogger(__name__)
@@ -87,7 +88,8 @@ def build_generic(plan: BuildPlan, cls: Any, pipe: Any, out: Path, loras: list[A
     apply_loras(pipe, loras, out)
     schedulers, default_scheduler = scheduler_names(plan, pipe)
     call = call_schema(cls, size_multiple(pipe), schedulers)
-    serving = Serving(scheduler=default_scheduler, defaults=serving_defaults(plan, cls, pipe, call), limits=plan.limits)
+    call, limits = bound_frames(plan.recipe, plan.pipeline_class, call, plan.limits)
+    serving = Serving(scheduler=default_scheduler, defaults=serving_defaults(plan, cls, pipe, call), limits=limits)
     check_serving(plan, serving, call)
     return GenericBuilt(call=call, serving=serving, tasks=sibling_tasks(cls))
 
@@ -113,7 +115,7 @@ def scheduler_names(plan: BuildPlan, pipe: Any) -> tuple[tuple[str, ...], str]:
 def size_multiple(pipe: Any) -> int:
     """What width and height must be multiples of: the VAE's scale factor times the latent patch the
     denoiser takes (pipelines that pack 2x2 latent patches: 2; else the transformer's patch_size)."""
-    factor = int(getattr(pipe, "vae_scale_factor", 8) or 8)
+    factor = spatial_factor(pipe)
     denoiser = getattr(pipe, "transformer", None) or getattr(pipe, "unet", None)
     patch = getattr(getattr(denoiser, "config", None), "patch_size", 1) if denoiser is not None else 1
     patch = 2 if hasattr(pipe, "_pack_latents") else patch if isinstance(patch, int) else 1
@@ -128,11 +130,18 @@ def native_size(pipe: Any, cls: Any) -> tuple[int, int]:
     denoiser = getattr(pipe, "transformer", None) or getattr(pipe, "unet", None)
     config = getattr(denoiser, "config", None)
     sample = getattr(pipe, "default_sample_size", None) or getattr(config, "sample_size", None)
+    if sample is None and isinstance(getattr(config, "sample_height", None), int):  # CogVideoX
+        sample = (getattr(config, "sample_height", 0), getattr(config, "sample_width", 0))
     if sample is None:
         return 1024, 1024
     h, w = (sample, sample) if isinstance(sample, int) else sample
-    factor = int(getattr(pipe, "vae_scale_factor", 8) or 8)
+    factor = spatial_factor(pipe)
     return w * factor, h * factor
+
+
+def spatial_factor(pipe: Any) -> int:
+    """The VAE's spatial downsampling: ``vae_scale_factor``, or video pipelines' ``vae_scale_factor_spatial``."""
+    return int(getattr(pipe, "vae_scale_factor", None) or getattr(pipe, "vae_scale_factor_spatial", None) or 8)
 
 
 def serving_defaults(plan: BuildPlan, cls: Any, pipe: Any, call: CallSchema) -> Defaults:

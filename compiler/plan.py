@@ -218,6 +218,7 @@ def _serving(recipe: Recipe, family: Family, native_size: tuple[int, int]) -> tu
         max_height=lim.max_height or family.max_size[1],
         max_steps=lim.max_steps or family.max_steps,
         max_images=lim.max_images or family.max_images,
+        max_frames=lim.max_frames,
     )
     return defaults, limits
 

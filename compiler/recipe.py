@@ -17,7 +17,15 @@ from compiler import uri
 from compiler.errors import Problem, UserError
 from compiler.families import FAMILIES
 from compiler.tiny_models import BUILTINS
-from runtime.artifact import ATTENTION_BACKENDS, SCHEDULERS, CompileOptions, Precision, RefinerMode, RuntimeOptions
+from runtime.artifact import (
+    ATTENTION_BACKENDS,
+    MAX_FRAMES,
+    SCHEDULERS,
+    CompileOptions,
+    Precision,
+    RefinerMode,
+    RuntimeOptions,
+)
 
 
 class _Strict(BaseModel):
@@ -41,6 +49,8 @@ class RecipeLimits(_Strict):
     max_height: int | None = Field(None, ge=64, multiple_of=8)
     max_steps: int | None = Field(None, ge=1)
     max_images: int | None = Field(None, ge=1)
+    # video pipelines: num_frames at most (default: the pipeline's own num_frames default)
+    max_frames: int | None = Field(None, ge=1, le=MAX_FRAMES)
 
 
 class RecipeLora(_Strict):

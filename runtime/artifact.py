@@ -76,6 +76,10 @@ class Defaults(_Frozen):
     negative_prompt: str | None = None
 
 
+# The most frames a video request may ask for, whatever a recipe says (runtime.video encodes them).
+MAX_FRAMES = 1025
+
+
 class Limits(_Frozen):
     """Request bounds, checked before any model work."""
 
@@ -83,6 +87,7 @@ class Limits(_Frozen):
     max_height: int
     max_steps: int
     max_images: int
+    max_frames: int | None = None  # video pipelines: num_frames at most (compiler.video_limits)
 
 
 class Serving(_Frozen):

@@ -44,12 +44,13 @@ from runtime.execute import (
 from runtime.inputs import attach_images
 from runtime.loader import Loaded
 from runtime.metrics import METRICS
-from runtime.outputs import UploadError, deliver, destination
+from runtime.outputs import Delivered, UploadError, deliver, destination
 from runtime.pool import Pool, default_budget
 from runtime.request_schema import request_json_schema
 from runtime.schema import RequestError, quote, validate
 from runtime.settings import Bucket, ExecSettings, Settings
 from runtime.trace import Trace
+from runtime.video_reply import DeliveredVideo, VideoOptions, deliver_video, describe_video_options, video_request
 
 log = logging.getLogger(__name__)
 
@@ -252,8 +253,11 @@ class Service:
             trace.fields.update(model=selection.served.name, artifact=selection.manifest.cache_key[:12])
             # Serving options (timeout, preview) beside the generation fields, like `model`.
             options, raw_input = pop_options(raw_input, self.executor.settings)
+            # A video pipeline's output fields (video_format, fps, quality) shape the reply, not the call.
+            video, raw_input, video_warnings = video_request(raw_input, selection.manifest)
             # Validated against the chosen artifact's own manifest: its limits, LoRAs, tasks.
             request, warnings = validate(raw_input, selection.manifest)
+            warnings = [*video_warnings, *warnings]
             # Where the images go (a bucket or data URIs): a half-configured bucket fails here.
             bucket = destination(context.s3_config)
             # Image inputs are fetched and decoded here, bounded, before any model work.
@@ -295,7 +299,7 @@ class Service:
                     "refresh_worker": True,
                 }
             trace.phases["load"] = lease.load_seconds or 0.0
-            reply = self._generate(lease.loaded, request, warnings, options, context, trace, bucket)
+            reply = self._generate(lease.loaded, request, warnings, options, context, trace, bucket, video)
         reply["model"] = selection.reply_field()
         if lease.load_seconds is not None:
             reply["load_seconds"] = round(lease.load_seconds, 3)
@@ -310,6 +314,7 @@ class Service:
         context: RunContext,
         trace: Trace,
         bucket: Bucket | None = None,
+        video: VideoOptions | None = None,
     ) -> dict[str, Any]:
         try:
             generated = self.executor.generate(artifact, request, options, context)
@@ -330,8 +335,12 @@ class Service:
         if generated.batch_size > 1:
             trace.fields["batch"] = generated.batch_size
         images, warnings = generated.images, [*warnings, *generated.warnings]
-        try:  # data URIs in the request's image_format, or uploaded (URLs): runtime.outputs
-            delivered = deliver(images, request, trace.request_id, bucket)
+        try:  # data URIs in the request's image_format, or uploaded (URLs): runtime.outputs, runtime.video_reply
+            delivered: Delivered | DeliveredVideo = (
+                deliver(images, request, trace.request_id, bucket)
+                if video is None
+                else deliver_video(images, video, trace.request_id, bucket)
+            )
         except UploadError as e:
             trace.kind = "upload"
             return {"error": str(e)}
@@ -358,6 +367,7 @@ def worker_input_schema(
     serving options (runtime.execute.OPTION_FIELDS: ``timeout``, ``preview``)."""
     schema = request_json_schema(manifest)
     props = schema["properties"]
+    describe_video_options(manifest, props)
     for f in MODEL_FIELDS:
         props[f] = {
             "type": "string",

@@ -1,4 +1,4 @@
-"""Encoded images -> objects in S3-compatible storage, answered with URLs instead of data URIs.
+"""Encoded images (and videos) -> objects in S3-compatible storage, answered with URLs instead of data URIs.
 
 The configuration (parsed by runtime.settings.bucket) is the RunPod SDK uploader's
 (runpod.serverless.utils.rp_upload, which worker-sdxl calls), so an endpoint configured for
@@ -22,11 +22,23 @@ import uuid
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from functools import lru_cache
-from typing import Any
+from typing import Any, Protocol
 from urllib.parse import urlsplit
 
-from runtime.encode import Encoded
 from runtime.settings import BUCKET_ENV, ENDPOINT_ENV, Bucket, url_expires
+
+
+class Blob(Protocol):
+    """An encoded file to upload: runtime.encode.Encoded (an image) or runtime.video.EncodedVideo."""
+
+    @property
+    def data(self) -> bytes: ...
+
+    @property
+    def mime(self) -> str: ...
+
+    @property
+    def extension(self) -> str: ...
 
 
 class UploadError(Exception):
@@ -62,7 +74,7 @@ def _client(bucket: Bucket) -> Any:
     )
 
 
-def upload(bucket: Bucket, job_id: str, images: Sequence[Encoded]) -> list[str]:
+def upload(bucket: Bucket, job_id: str, images: Sequence[Blob]) -> list[str]:
     """Put every image under ``<job id>/`` (in parallel) and return their presigned URLs, in order.
     Raises UploadError naming the bucket and key of the first failure."""
     client = _client(bucket)
@@ -70,7 +82,7 @@ def upload(bucket: Bucket, job_id: str, images: Sequence[Encoded]) -> list[str]:
     name = bucket.bucket_name()
     prefix = _safe_prefix(job_id)
 
-    def put(image: Encoded) -> str:
+    def put(image: Blob) -> str:
         key = f"{prefix}/{uuid.uuid4().hex[:8]}{image.extension}"
         try:
             client.put_object(Bucket=name, Key=key, Body=image.data, ContentType=image.mime)

@@ -109,6 +109,7 @@ LAYERS: tuple[tuple[str, frozenset[str]], ...] = (
                 "compiler.converted_bases",
                 "compiler.introspect",
                 "compiler.generic_build",
+                "compiler.video_limits",
                 "compiler.materialize",
                 "compiler.package",
             }
