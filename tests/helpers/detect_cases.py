@@ -299,7 +299,8 @@ CASES: tuple[Case, ...] = (
         "SDXL refiner checkpoint",
         _refiner,
         ("checkpoint", "sdxl-refiner", "sgm", "normal", "eps"),
-        "refused: the refiner only refines (it is built as the refiner of an SDXL base, not on its own)",
+        "yes, as `refiner:` of an SDXL base, run as worker-sdxl runs it (tests/compiler/test_refiner_recipe.py, "
+        "tests/runtime/test_refiner.py); alone as `base:` or `checkpoint:` it is refused (it only refines)",
     ),
     Case(
         "sd3-comfyui",

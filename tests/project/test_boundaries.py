@@ -43,6 +43,7 @@ LAYERS: tuple[tuple[str, frozenset[str]], ...] = (
                 "compiler.tiny_models",
                 "compiler.tiny_models_sd",
                 "compiler.tiny_models_inpaint",
+                "compiler.tiny_models_refiner",
                 "compiler.finite",
                 "compiler.headers",
             }
@@ -93,7 +94,7 @@ LAYERS: tuple[tuple[str, frozenset[str]], ...] = (
             }
         ),
     ),
-    ("deciding", frozenset({"compiler.pinning", "compiler.plan"})),
+    ("deciding", frozenset({"compiler.pinning", "compiler.plan", "compiler.refiner"})),
     (
         "making",
         frozenset(
@@ -111,6 +112,7 @@ LAYERS: tuple[tuple[str, frozenset[str]], ...] = (
                 "compiler.generic_build",
                 "compiler.video_limits",
                 "compiler.materialize",
+                "compiler.refiner_build",
                 "compiler.package",
             }
         ),
