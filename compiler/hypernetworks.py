@@ -27,6 +27,7 @@ from typing import Any
 
 from compiler.errors import UserError
 from compiler.finite import require_finite
+from compiler.pickles import load_weights_only
 from compiler.store import Store
 from runtime.artifact import HYPERNETWORK_ACTIVATIONS, HYPERNETWORK_DIR, HypernetworkInfo, sha256_file
 
@@ -142,23 +143,14 @@ def _module(state: Any, dim: int, s: Settings, at: str) -> dict[str, Any]:
 
 def read_pickle(path: Path, name: str, where: str) -> tuple[dict[str, Any], dict[str, Any]]:
     """(tensors ``{dim}.{k|v}.{index}.{weight|bias}``, config) from an A1111 .pt."""
-    import pickle
-
-    import torch
-
-    try:
-        raw = torch.load(path, map_location="cpu", weights_only=True, mmap=False)
-    except pickle.UnpicklingError as e:
-        reason = str(e).splitlines()[0][:300]
-        raise UserError.one(
-            where,
-            f"{name} needs code to unpickle, so it was not loaded ({reason}); nothing in it ran",
-            "a hypernetwork that is only weights and settings loads with weights_only; this one holds more",
-        ) from None
-    except Exception as e:  # a damaged or foreign file
-        raise UserError.one(
-            where, f"{name}: not a readable PyTorch file ({type(e).__name__}: {str(e)[:200]})", FORMAT_HINT
-        ) from None
+    raw = load_weights_only(
+        path,
+        name,
+        where,
+        "a hypernetwork that is only weights and settings loads with weights_only; this one holds more",
+        f"{name}: not a readable PyTorch file",
+        FORMAT_HINT,
+    )
     dims = sorted(k for k in raw if type(k) is int) if isinstance(raw, dict) else []
     if not dims:
         what = f"keys: {', '.join(map(str, list(raw)[:6]))}" if isinstance(raw, dict) else type(raw).__name__

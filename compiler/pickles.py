@@ -19,9 +19,26 @@ from runtime.artifact import sha256_file
 log = logging.getLogger(__name__)
 
 
+def load_weights_only(path: Path, name: str, where: str, code_hint: str, unreadable: str, hint: str) -> Any:
+    """``torch.load(weights_only=True)`` of the file: a pickle that needs code to unpickle, or a
+    damaged or foreign file, is a UserError at ``where`` (nothing in the file ran)."""
+    import pickle
+
+    import torch
+
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=False)
+    except pickle.UnpicklingError as e:
+        reason = str(e).splitlines()[0][:300]
+        raise UserError.one(
+            where, f"{name} needs code to unpickle, so it was not loaded ({reason}); nothing in it ran", code_hint
+        ) from None
+    except Exception as e:  # a damaged or foreign file
+        raise UserError.one(where, f"{unreadable} ({type(e).__name__}: {str(e)[:200]})", hint) from None
+
+
 def convert(path: Path, name: str, where: str, store: Store) -> Path:
     """The safetensors blob holding the pickle's tensors (converted once per source file)."""
-    import pickle
 
     import torch
     from safetensors.torch import save_file
@@ -30,19 +47,14 @@ def convert(path: Path, name: str, where: str, store: Store) -> Path:
     marker = store.pickle_marker(source_hex)  # holds the sha256 of the safetensors blob made from it
     if marker.is_file() and store.blob_path(marker.read_text().strip()).is_file():
         return store.blob_path(marker.read_text().strip())
-    try:
-        loaded = torch.load(path, map_location="cpu", weights_only=True, mmap=False)
-    except pickle.UnpicklingError as e:
-        reason = str(e).splitlines()[0][:300]
-        raise UserError.one(
-            where,
-            f"{name} needs code to unpickle, so it was not loaded ({reason}); nothing in it ran",
-            "a checkpoint that is only weights loads with weights_only; ask for the .safetensors file instead",
-        ) from None
-    except Exception as e:  # a damaged or foreign file
-        raise UserError.one(
-            where, f"{name}: not a readable PyTorch checkpoint ({type(e).__name__}: {e})", "check the file"
-        ) from None
+    loaded = load_weights_only(
+        path,
+        name,
+        where,
+        "a checkpoint that is only weights loads with weights_only; ask for the .safetensors file instead",
+        f"{name}: not a readable PyTorch checkpoint",
+        "check the file",
+    )
     state = loaded.get("state_dict", loaded) if isinstance(loaded, dict) else None
     if not isinstance(state, dict):
         raise UserError.one(where, f"{name} holds a {type(loaded).__name__}, not a state dict", "check the file")
