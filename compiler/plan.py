@@ -109,6 +109,8 @@ class BuildPlan:
         d = asdict(self)
         d["defaults"] = self.defaults.model_dump()
         d["limits"] = self.limits.model_dump()
+        if d["limits"].get("max_frames") is None:  # video bounds: hashed only when set
+            d["limits"].pop("max_frames", None)
         d["steps"] = list(self.steps)
         d["loras"] = [asdict(lora) for lora in self.loras]
         d["vae"] = asdict(self.vae) if self.vae else None

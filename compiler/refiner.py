@@ -47,6 +47,10 @@ def detect_refiner_file(recipe: Recipe, lock: Lock, ctx: Context) -> Lock:
     return lockfile.with_entries(lock, recipe.name, {key: entry}, tuple(lock.sources))
 
 
+def _label(family: str) -> str:
+    return FAMILIES[family].label if family in FAMILIES else family  # generic:<Class> has no entry
+
+
 def plan_refiner(recipe: Recipe, entries: dict[str, lockfile.LockEntry], base_family: str) -> PlannedRefiner | None:
     """The refiner's part of the plan, after checking that it is an SDXL refiner on an SDXL base;
     ``entries``: the recipe's lock entries by role. Raises UserError with where, what and a hint."""
@@ -56,7 +60,7 @@ def plan_refiner(recipe: Recipe, entries: dict[str, lockfile.LockEntry], base_fa
     if base_family != BASE_FAMILY:
         raise UserError.one(
             where,
-            f"a refiner refines an SDXL base's latents; this base is {FAMILIES[base_family].label} ({base_family})",
+            f"a refiner refines an SDXL base's latents; this base is {_label(base_family)} ({base_family})",
             "remove `refiner:`, or use an SDXL base (hf://stabilityai/stable-diffusion-xl-base-1.0, "
             "an SDXL checkpoint)",
         )

@@ -110,7 +110,7 @@ def describe_pipeline(
     size = meta.get("native_size") or family_spec(family).native_size
     needed = set(wanted(entry, precision, configs_only))
     inputs = tuple((f.path, f.sha256) for f in entry.files if f.path in needed)
-    inpaint = meta.get("pipeline_class") == FAMILIES[family].pipelines.get("inpaint")
+    inpaint = meta.get("pipeline_class") == family_spec(family).pipelines.get("inpaint")
     return Resolved(
         pin=content_pin(entry, inputs),
         family=family,

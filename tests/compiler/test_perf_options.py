@@ -232,6 +232,7 @@ def test_layout_options_are_recorded_applied_and_draw_the_same_picture(
         "fused_qkv": True,
         "attention": "native",
         "quantize": "none",
+        "generator": "cpu",
     }
     assert runtime["compile"]["scope"] == "off"
     with caplog.at_level(logging.INFO, logger="runtime.optimize"):

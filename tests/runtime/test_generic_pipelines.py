@@ -43,6 +43,9 @@ def store(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Callable[[str], 
     recipes.mkdir()
     built: dict[str, Path] = {}
     saved = {k: os.environ.get(k) for k in ("UIW_ARTIFACTS", "UIW_HOME")}
+    # The session's service (tests/conftest.py service_env) is put back after: tests that patch it
+    # must find it still the one the handler serves with.
+    saved_service = service._service
 
     def compiled(name: str) -> Path:
         if name not in built:
@@ -63,7 +66,7 @@ def store(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Callable[[str], 
         return built[name]
 
     yield compiled
-    service._service = None
+    service._service = saved_service
     for k, v in saved.items():
         if v is None:
             os.environ.pop(k, None)
